@@ -1,0 +1,91 @@
+"""Compression algorithms as pure tensor functions, plus a registry that says which statistic each needs.
+
+This package imports only torch: the model traversal that feeds it lives in `optimum_oats.compress`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .budget import LayerBudget, layer_budget
+from .masks import nm_mask, rowwise_topk_mask, sparsity_mask
+from .oats import Decomposition, oats_decompose, truncated_svd
+from .pruning import magnitude_prune, wanda_prune
+
+# Calibration statistics an algorithm may ask for; the runner collects only these.
+INPUT_NORMS = "input_norms"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered method: `run(weight, statistics, budget, iterations) -> Decomposition`."""
+
+    name: str
+    statistics: tuple[str, ...]
+    uses_low_rank: bool
+    run: Callable[[torch.Tensor, dict[str, torch.Tensor], LayerBudget, int], Decomposition]
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(algorithm: Algorithm) -> Algorithm:
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
+
+
+register_algorithm(
+    Algorithm(
+        name="oats",
+        statistics=(INPUT_NORMS,),
+        uses_low_rank=True,
+        run=lambda weight, stats, budget, iterations: oats_decompose(
+            weight,
+            stats[INPUT_NORMS],
+            rank=budget.rank,
+            keep_per_row=budget.keep_per_row,
+            nm=budget.nm,
+            iterations=iterations,
+        ),
+    )
+)
+register_algorithm(
+    Algorithm(
+        name="wanda",
+        statistics=(INPUT_NORMS,),
+        uses_low_rank=False,
+        run=lambda weight, stats, budget, iterations: Decomposition(
+            wanda_prune(weight.float(), stats[INPUT_NORMS], keep_per_row=budget.keep_per_row, nm=budget.nm)
+        ),
+    )
+)
+register_algorithm(
+    Algorithm(
+        name="magnitude",
+        statistics=(),
+        uses_low_rank=False,
+        run=lambda weight, stats, budget, iterations: Decomposition(
+            magnitude_prune(weight.float(), keep_per_row=budget.keep_per_row, nm=budget.nm)
+        ),
+    )
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "INPUT_NORMS",
+    "Algorithm",
+    "Decomposition",
+    "LayerBudget",
+    "layer_budget",
+    "magnitude_prune",
+    "nm_mask",
+    "oats_decompose",
+    "register_algorithm",
+    "rowwise_topk_mask",
+    "sparsity_mask",
+    "truncated_svd",
+    "wanda_prune",
+]

@@ -1,0 +1,174 @@
+"""`OATSConfig`: what to compress, how hard, and with which calibration data."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "oats"
+METHODS = ("oats", "wanda", "magnitude")
+SVD_SOLVERS = ("exact",)
+NAMED_DATASETS = ("c4", "wikitext2", "self")
+_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """`"2:4"` -> `(2, 4)`; `"unstructured"` -> `None`."""
+    match = _NM_PATTERN.match(pattern)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+@dataclass
+class OATSConfig(QuantizationConfigMixin):
+    """Configuration of a sparse + low-rank (OATS) compression, or of one of its baselines.
+
+    Pass it to `from_pretrained(..., quantization_config=cfg)` (or `oats_config=cfg`) to compress while
+    loading, or to [`optimum_oats.compress`] for a model already in memory.
+
+    Args:
+        compression_rate (`float`, defaults to 0.5):
+            ρ, the fraction of each compressed layer's parameters removed, in (0, 1).
+        rank_ratio (`float`, defaults to 0.25):
+            κ, the share of the kept parameters given to the low-rank term (OATS only), in [0, 1).
+        num_iterations (`int`, defaults to 80):
+            Alternating-thresholding iterations of OATS (the reference code runs 80).
+        method (`str`, defaults to `"oats"`):
+            One of `"oats"`, `"wanda"`, `"magnitude"`.
+        sparsity_pattern (`str`, defaults to `"unstructured"`):
+            `"unstructured"` (each output row keeps the same number of weights) or `"N:M"` such as `"2:4"`.
+            With N:M the sparse part keeps exactly N of every M weights and `compression_rate` is not used:
+            the low-rank term gets `rank_ratio` of the total, so the overall kept fraction is `N/M / (1 - κ)`.
+        dataset (`str` or `list[str]`, defaults to `"c4"`):
+            Calibration text: a list of strings; a local `.txt`/`.jsonl`/`.json` file or dataset folder;
+            `"c4"` or `"wikitext2"` (read from `$OATS_DATA_DIR` when set, else from the Hub); or `"self"`
+            (text the model generates itself, so no data is needed at all).
+        num_samples (`int`, defaults to 128): calibration sequences.
+        seqlen (`int`, defaults to 2048): tokens per calibration sequence.
+        seed (`int`, defaults to 0): seeds sampling of calibration windows and any random solver.
+        modules_to_not_convert (`list[str]`, *optional*):
+            Module names (exact, or a suffix after a `.`) that stay dense. Embeddings, norms and `lm_head` are
+            never compressed.
+        svd (`str`, defaults to `"exact"`): the SVD solver used inside OATS.
+        tokenizer (`str` or tokenizer, *optional*): used to tokenize `dataset`; not serialized.
+        layer_map (`dict`, *optional*): filled by compression: per-module `rank` and `nnz`, so that a
+            checkpoint can be rebuilt on the meta device with the right shapes. Not set by users.
+
+    Example:
+    ```python
+    >>> cfg = OATSConfig(compression_rate=0.5, rank_ratio=0.25, dataset="c4")
+    ```
+    """
+
+    quant_method: str = field(default=QUANT_METHOD, init=False)
+    compression_rate: float = 0.5
+    rank_ratio: float = 0.25
+    num_iterations: int = 80
+    method: str = "oats"
+    sparsity_pattern: str = "unstructured"
+    dataset: str | list[str] = "c4"
+    num_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    modules_to_not_convert: list[str] | None = None
+    svd: str = "exact"
+    tokenizer: Any = None
+    layer_map: dict[str, dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        self.quant_method = QUANT_METHOD
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; each error names the field, the value and what is allowed."""
+        _check_float("compression_rate", self.compression_rate, 0.0, 1.0, low_inclusive=False)
+        _check_float("rank_ratio", self.rank_ratio, 0.0, 1.0, low_inclusive=True)
+        _check_int("num_iterations", self.num_iterations, 1)
+        _check_int("num_samples", self.num_samples, 1)
+        _check_int("seqlen", self.seqlen, 1)
+        _check_int("seed", self.seed, 0)
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if self.svd not in SVD_SOLVERS:
+            raise ValueError(f"`svd` must be one of {SVD_SOLVERS}, got {self.svd!r}.")
+        if not isinstance(self.sparsity_pattern, str):
+            raise TypeError(f"`sparsity_pattern` must be a string, got {type(self.sparsity_pattern).__name__}.")
+        if self.sparsity_pattern != "unstructured":
+            nm = parse_nm(self.sparsity_pattern)
+            if nm is None or not 0 < nm[0] < nm[1]:
+                raise ValueError(
+                    f"`sparsity_pattern` must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4', '2:8'), "
+                    f"got {self.sparsity_pattern!r}."
+                )
+            if self.method == "oats" and nm[0] / nm[1] / (1 - self.rank_ratio) >= 1:
+                raise ValueError(
+                    f"`sparsity_pattern={self.sparsity_pattern!r}` with `rank_ratio={self.rank_ratio}` keeps "
+                    f"{nm[0] / nm[1] / (1 - self.rank_ratio):.0%} of the weights, so nothing is compressed; "
+                    "lower `rank_ratio` or N/M."
+                )
+        if isinstance(self.dataset, (list, tuple)):
+            if not self.dataset or not all(isinstance(text, str) for text in self.dataset):
+                raise ValueError("`dataset` given as a list must be a non-empty list of strings.")
+            self.dataset = list(self.dataset)
+        elif not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(
+                f"`dataset` must be a list of strings, a local path, or one of {NAMED_DATASETS}, got {self.dataset!r}."
+            )
+        if self.modules_to_not_convert is not None:
+            if isinstance(self.modules_to_not_convert, str) or not all(
+                isinstance(name, str) for name in self.modules_to_not_convert
+            ):
+                raise ValueError(
+                    f"`modules_to_not_convert` must be a list of module names, got {self.modules_to_not_convert!r}."
+                )
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_nm(self.sparsity_pattern)
+
+    @property
+    def effective_rank_ratio(self) -> float:
+        """κ as used: baselines have no low-rank term."""
+        return self.rank_ratio if self.method == "oats" else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serializable fields only: the tokenizer object (or name) is a loading-time input, not a setting."""
+        output = copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "tokenizer"})
+        output["quant_method"] = QUANT_METHOD
+        return output
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        config_dict = {k: v for k, v in config_dict.items() if k != "quant_method"}
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        default = OATSConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "quant_method" or default.get(k) != v}
+
+    def is_skipped(self, module_name: str) -> bool:
+        """Exact or dotted-suffix match, so `layers.1.mlp` never also matches `layers.10.mlp`."""
+        for name in self.modules_to_not_convert or ():
+            if module_name == name or module_name.endswith("." + name):
+                return True
+        return False
+
+
+def _check_float(name: str, value: Any, low: float, high: float, *, low_inclusive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
+    above_low = value >= low if low_inclusive else value > low
+    if not (above_low and value < high) or value != value:
+        bracket = "[" if low_inclusive else "("
+        raise ValueError(f"`{name}` must be in {bracket}{low}, {high}), got {value}.")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")

@@ -1,0 +1,160 @@
+"""Transformers integration: registration under `"oats"`, layer swapping, and the `from_pretrained` /
+`save_pretrained` conveniences.
+
+Everything that touches transformers internals lives here (and in `quantizer.py`), so a transformers upgrade
+has one place to be checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .config import QUANT_METHOD, OATSConfig
+from .nn import LinearSparseLowRank
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+_PATCHED = "__optimum_oats_patched__"
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> None:
+    """Swap each layer named in `config.layer_map` for an empty `LinearSparseLowRank` of the recorded shape.
+
+    Runs before weights load (on the meta device under `from_pretrained`), so the checkpoint's compact
+    tensors land directly in the right places.
+    """
+    if not config.layer_map:
+        raise ValueError(
+            "This checkpoint's `quantization_config` has no `layer_map`, so its compressed layers cannot be "
+            "rebuilt. It was not written by `optimum_oats` (or was edited); re-run the compression."
+        )
+    modules = dict(model.named_modules())
+    for name, entry in config.layer_map.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"The checkpoint's `layer_map` names `{name}`, which is not a linear layer of "
+                f"{type(model).__name__} (found {type(linear).__name__ if linear is not None else 'nothing'}). "
+                "The checkpoint and its config.json disagree."
+            )
+        skeleton = LinearSparseLowRank(
+            linear.in_features,
+            linear.out_features,
+            rank=int(entry["rank"]),
+            nnz=int(entry["nnz"]),
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        _set_module(model, name, skeleton)
+
+
+def replace_with_dense(model: PreTrainedModel) -> PreTrainedModel:
+    """Merge every `LinearSparseLowRank` back to a dense `nn.Linear` (`S + U V`)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LinearSparseLowRank):
+            _set_module(model, name, module.to_linear())
+    return model
+
+
+def is_oats_model(model: nn.Module) -> bool:
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    return isinstance(config, OATSConfig)
+
+
+@contextmanager
+def staged_directory(target: str | os.PathLike):
+    """Yield a temporary sibling folder; on success move its files into `target`, config files last.
+
+    A failure while writing leaves `target` as it was, and never a folder that looks like a valid checkpoint.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        target.mkdir(exist_ok=True)
+        staged = sorted(staging.iterdir(), key=lambda p: p.name == "config.json")
+        names = {p.name for p in staged}
+        for stale in target.glob("model*.safetensors*"):
+            if stale.name not in names:
+                stale.unlink()
+        for path in staged:
+            os.replace(path, target / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _patch_save_pretrained(cls: type) -> None:
+    original = cls.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        if not is_oats_model(self):
+            return original(self, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
+        from .report import CompressionReport
+
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "token") if k in kwargs}
+        with staged_directory(save_directory) as staging:
+            original(self, staging, *args, **kwargs)
+            CompressionReport.from_model(self).save(staging)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            self.push_to_hub(repo_id, **hub_kwargs)
+
+    setattr(save_pretrained, _PATCHED, True)
+    cls.save_pretrained = save_pretrained
+
+
+def _patch_from_pretrained(cls: type) -> None:
+    original = cls.from_pretrained.__func__
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, oats_config: OATSConfig | None = None, **kwargs):
+        if oats_config is not None:
+            if kwargs.get("quantization_config") is not None:
+                raise ValueError("Pass either `oats_config` or `quantization_config` to `from_pretrained`, not both.")
+            kwargs["quantization_config"] = oats_config
+        return original(cls, *args, **kwargs)
+
+    setattr(from_pretrained, _PATCHED, True)
+    cls.from_pretrained = classmethod(from_pretrained)
+
+
+def register() -> None:
+    """Register `OATSConfig` and `OATSHfQuantizer` under `"oats"`; safe to call any number of times."""
+    from transformers import PreTrainedModel
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    from .quantizer import OATSHfQuantizer
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(OATSConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(OATSHfQuantizer)
+    if not getattr(PreTrainedModel.from_pretrained.__func__, _PATCHED, False):
+        _patch_from_pretrained(PreTrainedModel)
+    if not getattr(PreTrainedModel.save_pretrained, _PATCHED, False):
+        _patch_save_pretrained(PreTrainedModel)

@@ -1,0 +1,33 @@
+"""Packed bitmask storage of a sparsity pattern: 1 bit per weight, row-major, little-endian within a byte.
+
+Values are kept separately in the same row-major order, so `values` + `bitmask` is a complete, compact and
+dtype-independent encoding (safetensors stores only dense tensors). At 50% compression a bitmask costs
+1/8 byte per weight, far below an int16/int32 index per kept weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BIT_WEIGHTS = [1 << i for i in range(8)]
+
+
+def packed_columns(in_features: int) -> int:
+    """Bytes per row of a packed mask."""
+    return (in_features + 7) // 8
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool `(rows, cols)` mask into uint8 `(rows, ceil(cols / 8))`."""
+    rows, cols = mask.shape
+    padded = torch.zeros(rows, packed_columns(cols) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :cols] = mask.to(torch.uint8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (padded.view(rows, -1, 8) * weights).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bitmask(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of [`pack_bitmask`]: uint8 `(rows, ceil(cols / 8))` to bool `(rows, cols)`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.view(packed.shape[0], -1)[:, :cols].bool()

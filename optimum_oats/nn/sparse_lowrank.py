@@ -1,0 +1,174 @@
+"""`LinearSparseLowRank`: the drop-in replacement for `nn.Linear` holding `W ≈ S + U V`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .execution import EXECUTION_MODES
+from .packing import pack_bitmask, packed_columns, unpack_bitmask
+
+
+class LinearSparseLowRank(nn.Module):
+    """A linear layer whose weight is a sparse matrix plus a low-rank product: `y = x (S + U V)^T + b`.
+
+    Storage is compact in memory and on disk: the kept entries of S as a 1-D `sparse_values` tensor in
+    row-major order plus a packed bitmask `sparse_mask` (1 bit per weight), and the factors
+    `lowrank_u` `(out_features, rank)` and `lowrank_v` `(rank, in_features)`. A rank of 0 is a plain pruned
+    layer (Wanda, magnitude).
+
+    It is deliberately not an `nn.Linear` subclass: PEFT and other tools treat any `nn.Linear` as dense and
+    would merge adapters into the wrong tensor. `in_features`/`out_features` are exposed for them.
+
+    Args:
+        in_features (`int`), out_features (`int`): the shape of the replaced linear layer.
+        rank (`int`): columns of U / rows of V.
+        nnz (`int`): number of kept entries of S.
+        bias (`bool`): whether the layer has a bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        nnz: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= nnz <= in_features * out_features:
+            raise ValueError(f"`nnz` must be in [0, {in_features * out_features}], got {nnz}.")
+        if not 0 <= rank <= min(in_features, out_features):
+            raise ValueError(f"`rank` must be in [0, {min(in_features, out_features)}], got {rank}.")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.sparse_values = nn.Parameter(torch.zeros(nnz, **factory))
+        self.register_buffer(
+            "sparse_mask", torch.zeros(out_features, packed_columns(in_features), dtype=torch.uint8, device=device)
+        )
+        self.lowrank_u = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        self.lowrank_v = nn.Parameter(torch.zeros(rank, in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.execution_mode = "decompress"
+        self._merged_cache: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank_u.shape[1]
+
+    @property
+    def sparse_nnz(self) -> int:
+        return self.sparse_values.numel()
+
+    @property
+    def num_parameters(self) -> int:
+        """Counted parameters `nnz + rank (d_in + d_out)`: what the compression budget limits (bias excluded)."""
+        return self.sparse_nnz + self.rank * (self.in_features + self.out_features)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.sparse_values.dtype
+
+    def dense_mask(self) -> torch.Tensor:
+        """The sparsity pattern of S as a bool `(out_features, in_features)` tensor."""
+        return unpack_bitmask(self.sparse_mask, self.in_features)
+
+    def sparse_weight(self) -> torch.Tensor:
+        """S as a dense tensor (differentiable with respect to `sparse_values`)."""
+        dense = self.sparse_values.new_zeros(self.out_features, self.in_features)
+        return dense.masked_scatter(self.dense_mask(), self.sparse_values)
+
+    def to_dense(self) -> torch.Tensor:
+        """The effective weight `S + U V`, in the layer's dtype (the product is formed in float32)."""
+        weight = self.sparse_weight().float()
+        if self.rank:
+            weight = weight + self.lowrank_u.float() @ self.lowrank_v.float()
+        return weight.to(self.weight_dtype)
+
+    def set_execution_mode(self, mode: str) -> None:
+        if mode not in EXECUTION_MODES:
+            raise ValueError(f"`mode` must be one of {sorted(EXECUTION_MODES)}, got {mode!r}.")
+        self.execution_mode = mode
+        self._merged_cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return EXECUTION_MODES[self.execution_mode](self, x)
+
+    @torch.no_grad()
+    def load_decomposition(
+        self, sparse: torch.Tensor, lowrank_u: torch.Tensor | None = None, lowrank_v: torch.Tensor | None = None
+    ) -> None:
+        """Fill the layer from a dense-with-zeros S and factors; the nnz and rank must match the layer's."""
+        mask = sparse != 0
+        if int(mask.sum()) != self.sparse_nnz:
+            raise ValueError(f"S has {int(mask.sum())} non-zeros but the layer holds {self.sparse_nnz}.")
+        self.sparse_values.copy_(sparse[mask])
+        self.sparse_mask.copy_(pack_bitmask(mask))
+        if self.rank:
+            self.lowrank_u.copy_(lowrank_u)
+            self.lowrank_v.copy_(lowrank_v)
+        self._merged_cache = None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        sparse: torch.Tensor,
+        lowrank_u: torch.Tensor | None = None,
+        lowrank_v: torch.Tensor | None = None,
+    ) -> LinearSparseLowRank:
+        """Build the replacement of `linear` from a decomposition; bias, dtype and device come from `linear`.
+
+        Args:
+            linear (`nn.Linear`): the layer being replaced.
+            sparse (`torch.Tensor`): S, `(out_features, in_features)`, zeros where pruned.
+            lowrank_u (`torch.Tensor`, *optional*): `(out_features, rank)`.
+            lowrank_v (`torch.Tensor`, *optional*): `(rank, in_features)`.
+        """
+        if sparse.shape != linear.weight.shape:
+            raise ValueError(f"S has shape {tuple(sparse.shape)}, expected {tuple(linear.weight.shape)}.")
+        dtype, device = linear.weight.dtype, linear.weight.device
+        sparse = sparse.to(device=device, dtype=dtype)
+        rank = 0 if lowrank_u is None else lowrank_u.shape[1]
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            rank=rank,
+            nnz=int((sparse != 0).sum()),
+            bias=linear.bias is not None,
+            device=device,
+            dtype=dtype,
+        )
+        if rank:
+            lowrank_u, lowrank_v = lowrank_u.to(device=device, dtype=dtype), lowrank_v.to(device=device, dtype=dtype)
+        layer.load_decomposition(sparse, lowrank_u, lowrank_v)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """The dense equivalent (`S + U V`), e.g. for `dequantize()`."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.sparse_values.device,
+            dtype=self.weight_dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        density = self.sparse_nnz / max(1, self.in_features * self.out_features)
+        kept = self.num_parameters / max(1, self.in_features * self.out_features)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"sparse_density={density:.3f}, kept={kept:.3f}, bias={self.bias is not None}, mode={self.execution_mode}"
+        )

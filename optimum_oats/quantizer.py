@@ -1,0 +1,46 @@
+"""`OATSHfQuantizer`: lifecycle glue between `from_pretrained` and the compression engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from transformers.quantizers.base import HfQuantizer
+
+from .config import OATSConfig
+from .integration import replace_with_skeletons, replace_with_dense
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+
+class OATSHfQuantizer(HfQuantizer):
+    """Compress after the dense weights load (as GPTQ calibrates), or rebuild compressed layers before a
+    compressed checkpoint loads, from the per-layer shapes recorded in `config.layer_map`."""
+
+    requires_calibration = False
+    quantization_config: OATSConfig
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
+        if self.pre_quantized:
+            replace_with_skeletons(model, self.quantization_config)
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
+        if self.pre_quantized:
+            return
+        from .compress import compress_loaded_model
+
+        compress_loaded_model(model, self.quantization_config)
+        self.pre_quantized = True
+
+    def _dequantize(self, model: PreTrainedModel, dtype=None) -> PreTrainedModel:
+        return replace_with_dense(model)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
