@@ -70,7 +70,8 @@ def find_linear_layers(block: nn.Module, prefix: str, skip: Any = None) -> dict[
         if type(module).__name__ in _UNSUPPORTED_PROJECTIONS:
             raise UnsupportedArchitectureError(
                 f"`{full_name}` is a {type(module).__name__} (GPT-2 style transposed linear), which is not "
-                "supported yet. Supported blocks use `nn.Linear` projections (Llama, Mistral, Qwen, Gemma, Phi-3, OPT)."
+                "supported yet. Supported blocks use `nn.Linear` projections "
+                "(Llama, Mistral, Qwen, Gemma, Phi-3, OPT)."
             )
         if isinstance(module, nn.Linear):
             if skip is None or not skip(full_name):
@@ -124,7 +125,7 @@ def capture_block_inputs(
 def block_forward(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """Run every captured sample through one block; returns its output hidden states."""
     outputs = []
-    for hidden, kwargs in zip(inputs.hidden_states, inputs.kwargs):
+    for hidden, kwargs in zip(inputs.hidden_states, inputs.kwargs, strict=True):
         out = block(hidden, **kwargs)
         outputs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
     return outputs

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from transformers.quantizers.base import HfQuantizer
 
 from .config import OATSConfig
-from .integration import replace_with_skeletons, replace_with_dense
+from .integration import replace_with_dense, replace_with_skeletons
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

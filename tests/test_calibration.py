@@ -1,0 +1,58 @@
+import pytest
+import torch
+from torch import nn
+
+from optimum_oats.calibration import (
+    UnsupportedArchitectureError,
+    capture_block_inputs,
+    find_decoder_blocks,
+    find_linear_layers,
+)
+
+from tiny_models import ARCHITECTURES, build_tiny_model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_finds_blocks_and_linears(arch, tiny_configs):
+    model = build_tiny_model(tiny_configs[arch])
+    name, blocks = find_decoder_blocks(model)
+    assert len(blocks) == 2 and name.endswith("layers")
+    linears = find_linear_layers(blocks[0], f"{name}.0")
+    expected = {n for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
+    assert {k.split(".0.", 1)[1] for k in linears} == expected
+    assert len(linears) >= 4
+
+
+def test_captures_every_keyword_argument(tiny_configs):
+    model = build_tiny_model(tiny_configs["llama"])
+    _, blocks = find_decoder_blocks(model)
+    ids = torch.randint(0, 100, (3, 16))
+    captured = capture_block_inputs(model, blocks[0], ids)
+    assert len(captured.hidden_states) == 3 and captured.hidden_states[0].shape == (1, 16, 64)
+    assert "position_embeddings" in captured.kwargs[0]
+
+
+def test_gpt2_conv1d_is_refused_by_name():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100))
+    name, blocks = find_decoder_blocks(model)
+    with pytest.raises(UnsupportedArchitectureError, match="Conv1D"):
+        find_linear_layers(blocks[0], f"{name}.0")
+
+
+def test_model_without_blocks_is_refused():
+    with pytest.raises(UnsupportedArchitectureError, match="no list of repeated blocks"):
+        find_decoder_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_fused_experts_are_refused():
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(4, 8, 16))
+
+    block = nn.Module()
+    block.experts = Experts()
+    with pytest.raises(UnsupportedArchitectureError, match="expert"):
+        find_linear_layers(block, "model.layers.0")

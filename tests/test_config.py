@@ -1,0 +1,64 @@
+import pytest
+
+from optimum_oats import OATSConfig
+
+
+def test_defaults_and_quant_method():
+    cfg = OATSConfig()
+    assert cfg.quant_method == "oats"
+    assert (cfg.compression_rate, cfg.rank_ratio, cfg.num_iterations) == (0.5, 0.25, 80)
+    assert (cfg.method, cfg.sparsity_pattern, cfg.num_samples, cfg.seqlen) == ("oats", "unstructured", 128, 2048)
+
+
+def test_round_trip_without_tokenizer():
+    cfg = OATSConfig(compression_rate=0.3, method="wanda", sparsity_pattern="2:4", dataset=["a", "b"],
+                     modules_to_not_convert=["layers.1.mlp.down_proj"], tokenizer=object(), seed=3)
+    data = cfg.to_dict()
+    assert "tokenizer" not in data and data["quant_method"] == "oats"
+    again = OATSConfig.from_dict(data)
+    assert again.to_dict() == data
+    assert OATSConfig.from_dict(OATSConfig().to_dict()).to_dict() == OATSConfig().to_dict()
+
+
+def test_diff_dict_only_holds_changes():
+    assert OATSConfig(seed=7).to_diff_dict() == {"quant_method": "oats", "seed": 7}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"compression_rate": 0.0}, r"`compression_rate` must be in \(0.0, 1.0\), got 0.0"),
+        ({"compression_rate": 1.0}, r"`compression_rate` must be in \(0.0, 1.0\), got 1.0"),
+        ({"compression_rate": float("nan")}, "compression_rate"),
+        ({"rank_ratio": -0.1}, r"`rank_ratio` must be in \[0.0, 1.0\), got -0.1"),
+        ({"rank_ratio": 1.0}, "rank_ratio"),
+        ({"num_iterations": 0}, "`num_iterations` must be >= 1, got 0"),
+        ({"num_samples": 0}, "`num_samples` must be >= 1"),
+        ({"seqlen": -5}, "`seqlen` must be >= 1"),
+        ({"method": "svd"}, "`method` must be one of"),
+        ({"sparsity_pattern": "4:2"}, "`sparsity_pattern` must be 'unstructured' or 'N:M'"),
+        ({"sparsity_pattern": "half"}, "sparsity_pattern"),
+        ({"sparsity_pattern": "6:8", "rank_ratio": 0.3}, "nothing is compressed"),
+        ({"dataset": []}, "non-empty list of strings"),
+        ({"dataset": ""}, "`dataset` must be"),
+        ({"modules_to_not_convert": "lm_head"}, "list of module names"),
+        ({"svd": "magic"}, "`svd` must be one of"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OATSConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"compression_rate": "0.5"}, {"num_iterations": 2.5}, {"seed": True}])
+def test_wrong_types(kwargs):
+    with pytest.raises(TypeError):
+        OATSConfig(**kwargs)
+
+
+def test_skip_matching_is_exact_or_dotted_suffix():
+    cfg = OATSConfig(modules_to_not_convert=["layers.1.mlp.down_proj", "o_proj"])
+    assert cfg.is_skipped("model.layers.1.mlp.down_proj")
+    assert not cfg.is_skipped("model.layers.10.mlp.down_proj")
+    assert cfg.is_skipped("model.layers.3.self_attn.o_proj")
+    assert not cfg.is_skipped("model.layers.3.self_attn.xo_proj")
