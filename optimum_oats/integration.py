@@ -34,11 +34,11 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> None:
+def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> dict[str, tuple[int, int]]:
     """Swap each layer named in `config.layer_map` for an empty `LinearSparseLowRank` of the recorded shape.
 
     Runs before weights load (on the meta device under `from_pretrained`), so the checkpoint's compact
-    tensors land directly in the right places.
+    tensors land directly in the right places. Returns `{module: (in_features, out_features)}`.
     """
     if not config.layer_map:
         raise ValueError(
@@ -46,6 +46,7 @@ def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> None:
             "rebuilt. It was not written by `optimum_oats` (or was edited); re-run the compression."
         )
     modules = dict(model.named_modules())
+    shapes = {}
     for name, entry in config.layer_map.items():
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
@@ -64,6 +65,8 @@ def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> None:
             dtype=linear.weight.dtype,
         )
         _set_module(model, name, skeleton)
+        shapes[name] = (linear.in_features, linear.out_features)
+    return shapes
 
 
 def replace_with_dense(model: PreTrainedModel) -> PreTrainedModel:

@@ -9,6 +9,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .config import OATSConfig
 from .integration import replace_with_dense, replace_with_skeletons
+from .serialization import validate_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -23,9 +24,11 @@ class OATSHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: OATSConfig
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None, **kwargs) -> None:
         if self.pre_quantized:
-            replace_with_skeletons(model, self.quantization_config)
+            shapes = replace_with_skeletons(model, self.quantization_config)
+            if checkpoint_files:
+                validate_checkpoint(checkpoint_files, self.quantization_config.layer_map, shapes)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
         if self.pre_quantized:

@@ -12,10 +12,14 @@ from .packing import pack_bitmask, packed_columns, unpack_bitmask
 class LinearSparseLowRank(nn.Module):
     """A linear layer whose weight is a sparse matrix plus a low-rank product: `y = x (S + U V)^T + b`.
 
-    Storage is compact in memory and on disk: the kept entries of S as a 1-D `sparse_values` tensor in
-    row-major order plus a packed bitmask `sparse_mask` (1 bit per weight), and the factors
+    Storage is compact in memory and on disk: the kept entries of S as a 1-D `weight` tensor in
+    row-major order plus a packed bitmask `weight_mask` (1 bit per weight), and the factors
     `lowrank_u` `(out_features, rank)` and `lowrank_v` `(rank, in_features)`. A rank of 0 is a plain pruned
     layer (Wanda, magnitude).
+
+    The kept values are deliberately stored under the name `weight`: tools that read `module.weight.dtype` or
+    `.device` see the right ones, and a checkpoint loaded by transformers *without* this plugin hits a shape
+    mismatch on every `*.weight` (an error) instead of silently initialising dense weights at random.
 
     It is deliberately not an `nn.Linear` subclass: PEFT and other tools treat any `nn.Linear` as dense and
     would merge adapters into the wrong tensor. `in_features`/`out_features` are exposed for them.
@@ -45,9 +49,9 @@ class LinearSparseLowRank(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
-        self.sparse_values = nn.Parameter(torch.zeros(nnz, **factory))
+        self.weight = nn.Parameter(torch.zeros(nnz, **factory))
         self.register_buffer(
-            "sparse_mask", torch.zeros(out_features, packed_columns(in_features), dtype=torch.uint8, device=device)
+            "weight_mask", torch.zeros(out_features, packed_columns(in_features), dtype=torch.uint8, device=device)
         )
         self.lowrank_u = nn.Parameter(torch.zeros(out_features, rank, **factory))
         self.lowrank_v = nn.Parameter(torch.zeros(rank, in_features, **factory))
@@ -61,7 +65,7 @@ class LinearSparseLowRank(nn.Module):
 
     @property
     def sparse_nnz(self) -> int:
-        return self.sparse_values.numel()
+        return self.weight.numel()
 
     @property
     def num_parameters(self) -> int:
@@ -70,16 +74,16 @@ class LinearSparseLowRank(nn.Module):
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return self.sparse_values.dtype
+        return self.weight.dtype
 
     def dense_mask(self) -> torch.Tensor:
         """The sparsity pattern of S as a bool `(out_features, in_features)` tensor."""
-        return unpack_bitmask(self.sparse_mask, self.in_features)
+        return unpack_bitmask(self.weight_mask, self.in_features)
 
     def sparse_weight(self) -> torch.Tensor:
-        """S as a dense tensor (differentiable with respect to `sparse_values`)."""
-        dense = self.sparse_values.new_zeros(self.out_features, self.in_features)
-        return dense.masked_scatter(self.dense_mask(), self.sparse_values)
+        """S as a dense tensor (differentiable with respect to `weight`)."""
+        dense = self.weight.new_zeros(self.out_features, self.in_features)
+        return dense.masked_scatter(self.dense_mask(), self.weight)
 
     def to_dense(self) -> torch.Tensor:
         """The effective weight `S + U V`, in the layer's dtype (the product is formed in float32)."""
@@ -105,8 +109,8 @@ class LinearSparseLowRank(nn.Module):
         mask = sparse != 0
         if int(mask.sum()) != self.sparse_nnz:
             raise ValueError(f"S has {int(mask.sum())} non-zeros but the layer holds {self.sparse_nnz}.")
-        self.sparse_values.copy_(sparse[mask])
-        self.sparse_mask.copy_(pack_bitmask(mask))
+        self.weight.copy_(sparse[mask])
+        self.weight_mask.copy_(pack_bitmask(mask))
         if self.rank:
             self.lowrank_u.copy_(lowrank_u)
             self.lowrank_v.copy_(lowrank_v)
@@ -156,7 +160,7 @@ class LinearSparseLowRank(nn.Module):
             self.in_features,
             self.out_features,
             bias=self.bias is not None,
-            device=self.sparse_values.device,
+            device=self.weight.device,
             dtype=self.weight_dtype,
         )
         with torch.no_grad():

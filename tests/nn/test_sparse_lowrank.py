@@ -35,8 +35,8 @@ def test_forward_equals_dense_weight(bias):
 def test_storage_is_compact():
     *_, layer = _layer()
     shapes = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
-    assert shapes["sparse_values"] == (layer.sparse_nnz,)
-    assert shapes["sparse_mask"] == (10, 3) and layer.sparse_mask.dtype == torch.uint8
+    assert shapes["weight"] == (layer.sparse_nnz,)
+    assert shapes["weight_mask"] == (10, 3) and layer.weight_mask.dtype == torch.uint8
     assert not isinstance(layer, nn.Linear)
 
 
@@ -54,7 +54,7 @@ def test_merged_mode_matches_and_to_linear():
 def test_gradients_reach_values_and_factors():
     *_, layer = _layer()
     layer(torch.randn(4, 24)).sum().backward()
-    assert layer.sparse_values.grad is not None and layer.lowrank_u.grad is not None
+    assert layer.weight.grad is not None and layer.lowrank_u.grad is not None
     assert layer.lowrank_v.grad is not None
 
 

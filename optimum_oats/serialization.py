@@ -1,0 +1,106 @@
+"""The on-disk layout of compressed layers, and the checks run on a checkpoint before any tensor is loaded.
+
+Per compressed module `<name>` the safetensors files hold:
+
+| key                   | dtype          | shape                          |
+|-----------------------|----------------|--------------------------------|
+| `<name>.weight`       | model float    | `(nnz,)` kept values of S, row-major |
+| `<name>.weight_mask`  | uint8          | `(out_features, ceil(in_features / 8))` packed bitmask |
+| `<name>.lowrank_u`    | model float    | `(out_features, rank)`         |
+| `<name>.lowrank_v`    | model float    | `(rank, in_features)`          |
+| `<name>.bias`         | model float    | `(out_features,)` when present |
+
+`config.json`'s `quantization_config.layer_map` records `rank` and `nnz` per module, so the skeleton is built
+with the right shapes before loading. Checkpoints are read through safetensors only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_HEADER_LENGTH_BYTES = 8
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint is truncated, corrupted, or disagrees with its config."""
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header without reading tensor data.
+
+    Raises:
+        CheckpointError: naming the file, when the header is unreadable or the data is shorter than declared.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw_length = handle.read(_HEADER_LENGTH_BYTES)
+        if len(raw_length) < _HEADER_LENGTH_BYTES:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, too short to hold a safetensors header.")
+        (length,) = struct.unpack("<Q", raw_length)
+        if length > min(_MAX_HEADER_BYTES, size - _HEADER_LENGTH_BYTES):
+            raise CheckpointError(
+                f"{path} is corrupted or truncated: it declares a {length}-byte header in {size} bytes."
+            )
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path} has a corrupted safetensors header ({error}).") from error
+    data_bytes = size - _HEADER_LENGTH_BYTES - length
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if end > data_bytes:
+        raise CheckpointError(
+            f"{path} is truncated: its header declares {end} bytes of tensor data but the file holds {data_bytes}. "
+            "Download or copy the checkpoint again."
+        )
+    return header
+
+
+def expected_shapes(name: str, in_features: int, out_features: int, rank: int, nnz: int) -> dict[str, tuple]:
+    return {
+        f"{name}.weight": (nnz,),
+        f"{name}.weight_mask": (out_features, (in_features + 7) // 8),
+        f"{name}.lowrank_u": (out_features, rank),
+        f"{name}.lowrank_v": (rank, in_features),
+    }
+
+
+def validate_checkpoint(
+    files: Iterable[str | os.PathLike], layer_map: dict[str, dict[str, Any]], layer_shapes: dict[str, tuple[int, int]]
+) -> None:
+    """Check every file's integrity and that each compressed tensor has the shape `layer_map` promises.
+
+    Args:
+        files: the checkpoint's safetensors files.
+        layer_map: `{module: {"rank", "nnz"}}` from the saved config.
+        layer_shapes: `{module: (in_features, out_features)}` from the model skeleton.
+    """
+    found: dict[str, tuple[tuple, str]] = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            raise CheckpointError(
+                f"{file} is not a safetensors file; compressed checkpoints are read as safetensors only."
+            )
+        for key, entry in read_safetensors_header(file).items():
+            if key != "__metadata__":
+                found[key] = (tuple(entry["shape"]), str(file))
+    for name, entry in layer_map.items():
+        in_features, out_features = layer_shapes[name]
+        shapes = expected_shapes(name, in_features, out_features, int(entry["rank"]), int(entry["nnz"]))
+        for key, shape in shapes.items():
+            if key not in found:
+                raise CheckpointError(
+                    f"Tensor `{key}` is missing from the checkpoint but config.json's `layer_map` lists `{name}`. "
+                    "The checkpoint is incomplete or does not belong to this config."
+                )
+            if found[key][0] != shape:
+                raise CheckpointError(
+                    f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but config.json's "
+                    f"`layer_map` implies {list(shape)}. The checkpoint and its config disagree."
+                )
