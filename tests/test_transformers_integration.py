@@ -18,6 +18,7 @@ import optimum_oats
 from optimum_oats import LinearSparseLowRank, OATSConfig
 from optimum_oats.integration import register
 from optimum_oats.serialization import CheckpointError
+
 from tiny_models import build_tiny_model
 
 IDS = torch.tensor([[1, 5, 99, 300, 7, 42, 1000, 3]])

@@ -62,6 +62,9 @@ def wikitext2_rows(data_dir: str | os.PathLike | None = None, split: str = "test
 
 def _rows_from_hub(split: str) -> list[str]:
     hub_split = "validation" if split == "valid" else split
+    logger.warning(
+        "No data_dir and no $%s: loading WikiText-2 (%s) from the Hugging Face Hub", DATA_DIR_ENV, hub_split
+    )
     try:
         import datasets
 

@@ -187,9 +187,7 @@ def load_hellaswag(data_dir: str | None = None, **kwargs: Any) -> datasets.Datas
     for i in range(0, len(lines), 6):
         head, label, endings = lines[i], lines[i + 1].strip(), lines[i + 2 : i + 6]
         activity_label, _, ctx = head.partition(": ")
-        rows.append(
-            {"ind": i // 6, "activity_label": activity_label, "ctx": ctx, "endings": endings, "label": label}
-        )
+        rows.append({"ind": i // 6, "activity_label": activity_label, "ctx": ctx, "endings": endings, "label": label})
     return _dataset(validation=rows)
 
 
@@ -294,5 +292,8 @@ def load_piqa(data_dir: str | None = None, **kwargs: Any) -> datasets.DatasetDic
     labels = _read_lines(_file(data_dir, "piqa/valid-labels.lst"))
     if len(docs) != len(labels):
         raise ValueError(f"PIQA has {len(docs)} questions but {len(labels)} labels")
-    rows = [{"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": int(y)} for d, y in zip(docs, labels)]
+    rows = [
+        {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": int(y)}
+        for d, y in zip(docs, labels, strict=True)
+    ]
     return _dataset(validation=rows)
