@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import INPUT_NORMS
+from .algorithms import HESSIAN, INPUT_NORMS
+from .hessian import HessianAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class InputNormAccumulator:
         return self.sum_squares.sqrt().float()
 
 
-STATISTICS = {INPUT_NORMS: InputNormAccumulator}
+STATISTICS = {INPUT_NORMS: InputNormAccumulator, HESSIAN: HessianAccumulator}
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS, layer_budget
+from .algorithms import ALGORITHMS, INPUT_NORMS, layer_budget, outlier_ratios, owl_block_rates
 from .calibration import (
     BlockInputs,
     block_forward,
@@ -57,17 +57,44 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, input_norms: torc
 
 
 @torch.no_grad()
-def compress_linear(linear: nn.Linear, statistics: dict[str, torch.Tensor], config: OATSConfig):
-    """Compress one layer; returns the replacement and its `layer_map` entry."""
+def compress_linear(
+    linear: nn.Linear, statistics: dict[str, torch.Tensor], config: OATSConfig, compression_rate: float | None = None
+):
+    """Compress one layer at `compression_rate` (default: the config's); returns it and its `layer_map` entry."""
     algorithm = ALGORITHMS[config.method]
+    rate = config.compression_rate if compression_rate is None else compression_rate
     d_out, d_in = linear.weight.shape
-    budget = layer_budget(d_out, d_in, config.compression_rate, config.effective_rank_ratio, config.nm)
+    budget = layer_budget(d_out, d_in, rate, config.effective_rank_ratio, config.nm)
     decomposition = algorithm.run(linear.weight, statistics, budget, config.num_iterations)
     layer = LinearSparseLowRank.from_linear(
         linear, decomposition.sparse, decomposition.lowrank_u, decomposition.lowrank_v
     )
-    error = relative_error(linear.weight, layer.to_dense(), statistics.get("input_norms"))
-    return layer, {"rank": layer.rank, "nnz": layer.sparse_nnz, "relative_error": round(error, 6)}
+    error = relative_error(linear.weight, layer.to_dense(), statistics.get(INPUT_NORMS))
+    entry = {"rank": layer.rank, "nnz": layer.sparse_nnz, "relative_error": round(error, 6)}
+    if config.nm is None:
+        entry["compression_rate"] = round(rate, 6)
+    return layer, entry
+
+
+@torch.no_grad()
+def owl_rates(
+    blocks_name: str, blocks: nn.ModuleList, inputs: BlockInputs, config: OATSConfig
+) -> tuple[list[float], list[float]]:
+    """OWL's per-block rates from the outlier ratios (%) of the *dense* model's Wanda scores (one extra pass).
+
+    Returns `(rates, outlier_ratios)`, one entry per block."""
+    ratios = []
+    for index, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{index}"
+        local = {n[len(prefix) + 1 :]: m for n, m in find_linear_layers(block, prefix, config.is_skipped).items()}
+        with collect_statistics(local, (INPUT_NORMS,)) as accumulators:
+            outputs = block_forward(block, inputs)
+        scores = [m.weight.abs().float() * accumulators[n][INPUT_NORMS].finalize() for n, m in local.items()]
+        ratios.append(float(outlier_ratios(scores, config.owl_threshold)))
+        inputs = BlockInputs(outputs, inputs.kwargs)
+    rates = owl_block_rates(torch.tensor(ratios), config.compression_rate, config.owl_lambda)
+    logger.info("OWL outlier ratios %s -> block rates %s", [round(r, 3) for r in ratios], [round(r, 3) for r in rates])
+    return rates, ratios
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -81,10 +108,12 @@ def compress_with_inputs(model: nn.Module, config: OATSConfig, input_ids: torch.
     from tqdm.auto import tqdm
 
     blocks_name, blocks = find_decoder_blocks(model)
-    needed = ALGORITHMS[config.method].statistics
+    # Input norms are always collected: the report's error is measured in the same D-scaled norm for every method.
+    needed = tuple(dict.fromkeys((*ALGORITHMS[config.method].statistics, INPUT_NORMS)))
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, blocks[0], input_ids, progress=progress)
+    rates, ratios = owl_rates(blocks_name, blocks, inputs, config) if config.layerwise == "owl" else (None, None)
     layer_map: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(blocks), desc=f"Compressing ({config.method})", disable=not progress)
     try:
@@ -93,13 +122,14 @@ def compress_with_inputs(model: nn.Module, config: OATSConfig, input_ids: torch.
             linears = find_linear_layers(block, prefix, skip=config.is_skipped)
             local = {name[len(prefix) + 1 :]: layer for name, layer in linears.items()}
             with collect_statistics(local, needed) as accumulators:
-                if needed:
-                    block_forward(block, inputs)
+                block_forward(block, inputs)
             for name, linear in local.items():
                 statistics = {stat: acc.finalize() for stat, acc in accumulators[name].items()}
                 _check_statistics(f"{prefix}.{name}", statistics)
-                layer, entry = compress_linear(linear, statistics, config)
+                layer, entry = compress_linear(linear, statistics, config, rates[index] if rates else None)
                 _replace_module(block, name, layer)
+                if ratios:
+                    entry["owl_outlier_ratio"] = round(ratios[index], 6)
                 layer_map[f"{prefix}.{name}"] = entry
             if index + 1 < len(blocks):
                 inputs = BlockInputs(block_forward(block, inputs), inputs.kwargs)

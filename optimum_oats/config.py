@@ -10,7 +10,8 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "oats"
-METHODS = ("oats", "wanda", "magnitude")
+METHODS = ("oats", "wanda", "sparsegpt", "magnitude")
+LAYERWISE = ("uniform", "owl")
 SVD_SOLVERS = ("exact",)
 NAMED_DATASETS = ("c4", "wikitext2", "self")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -37,7 +38,7 @@ class OATSConfig(QuantizationConfigMixin):
         num_iterations (`int`, defaults to 80):
             Alternating-thresholding iterations of OATS (the reference code runs 80).
         method (`str`, defaults to `"oats"`):
-            One of `"oats"`, `"wanda"`, `"magnitude"`.
+            One of `"oats"`, `"wanda"`, `"sparsegpt"`, `"magnitude"`.
         sparsity_pattern (`str`, defaults to `"unstructured"`):
             `"unstructured"` (each output row keeps the same number of weights) or `"N:M"` such as `"2:4"`.
             With N:M the sparse part keeps exactly N of every M weights and `compression_rate` is not used:
@@ -53,6 +54,12 @@ class OATSConfig(QuantizationConfigMixin):
             Module names (exact, or a suffix after a `.`) that stay dense. Embeddings, norms and `lm_head` are
             never compressed.
         svd (`str`, defaults to `"exact"`): the SVD solver used inside OATS.
+        layerwise (`str`, defaults to `"uniform"`):
+            `"uniform"`: every block gets `compression_rate`. `"owl"`: per-block rates from the outlier ratios of
+            the dense model (OWL, Yin et al. 2024); the mean over blocks equals `compression_rate` and the
+            spread is `2 * owl_lambda`. Works with every method; not with N:M patterns.
+        owl_threshold (`float`, defaults to 5.0): OWL's `M`, a score is an outlier above `M ×` the block mean.
+        owl_lambda (`float`, defaults to 0.08): OWL's `λ`, half the spread of the per-block rates.
         tokenizer (`str` or tokenizer, *optional*): used to tokenize `dataset`; not serialized.
         layer_map (`dict`, *optional*): filled by compression: per-module `rank` and `nnz`, so that a
             checkpoint can be rebuilt on the meta device with the right shapes. Not set by users.
@@ -75,6 +82,9 @@ class OATSConfig(QuantizationConfigMixin):
     seed: int = 0
     modules_to_not_convert: list[str] | None = None
     svd: str = "exact"
+    layerwise: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
     tokenizer: Any = None
     layer_map: dict[str, dict[str, Any]] | None = None
 
@@ -94,6 +104,15 @@ class OATSConfig(QuantizationConfigMixin):
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         if self.svd not in SVD_SOLVERS:
             raise ValueError(f"`svd` must be one of {SVD_SOLVERS}, got {self.svd!r}.")
+        if self.layerwise not in LAYERWISE:
+            raise ValueError(f"`layerwise` must be one of {LAYERWISE}, got {self.layerwise!r}.")
+        _check_float("owl_threshold", self.owl_threshold, 0.0, float("inf"), low_inclusive=False)
+        _check_float("owl_lambda", self.owl_lambda, 0.0, 0.5, low_inclusive=True)
+        if self.layerwise == "owl" and self.sparsity_pattern != "unstructured":
+            raise ValueError(
+                f"`layerwise='owl'` varies the rate per block, which a fixed `sparsity_pattern="
+                f"{self.sparsity_pattern!r}` cannot; use `sparsity_pattern='unstructured'` or `layerwise='uniform'`."
+            )
         if not isinstance(self.sparsity_pattern, str):
             raise TypeError(f"`sparsity_pattern` must be a string, got {type(self.sparsity_pattern).__name__}.")
         if self.sparsity_pattern != "unstructured":

@@ -26,6 +26,7 @@ class LayerReport:
     nnz: int
     kept_fraction: float
     relative_error: float | None
+    compression_rate: float | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -96,6 +97,7 @@ class CompressionReport:
                         nnz=module.sparse_nnz,
                         kept_fraction=module.num_parameters / (module.in_features * module.out_features),
                         relative_error=entry.get("relative_error"),
+                        compression_rate=entry.get("compression_rate"),
                     )
                 )
         return cls(config={k: v for k, v in config.to_dict().items() if k != "layer_map"}, layers=layers)

@@ -39,7 +39,7 @@ def test_every_block_linear_is_replaced_within_budget(arch, tiny_configs, tokeni
     assert torch.isfinite(model(ids).logits).all()
 
 
-@pytest.mark.parametrize("method", ["oats", "wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["oats", "wanda", "sparsegpt", "magnitude"])
 def test_methods_report(method, tiny_llama, tokenizer, calibration_texts):
     compress(tiny_llama, _cfg(method=method, dataset=calibration_texts), tokenizer, progress=False)
     report = compression_report(tiny_llama)
@@ -128,3 +128,30 @@ def test_named_dataset_from_data_dir(tiny_llama, tokenizer, monkeypatch, data_di
 def test_missing_tokenizer_is_explained(tiny_llama):
     with pytest.raises(ValueError, match="tokenizer"):
         compress(tiny_llama, _cfg(dataset=["some text"]), progress=False)
+
+
+@pytest.mark.parametrize("method", ["oats", "wanda", "sparsegpt", "magnitude"])
+def test_owl_rates_vary_per_block_and_average_to_target(method, tiny_configs, tokenizer, calibration_texts):
+    config = copy.deepcopy(tiny_configs["llama"])
+    config.num_hidden_layers = 4
+    model = build_tiny_model(config)
+    cfg = _cfg(dataset=calibration_texts, method=method, layerwise="owl", owl_lambda=0.1, owl_threshold=3.0,
+               compression_rate=0.6)
+    compress(model, cfg, tokenizer, progress=False)
+    layer_map = model.config.quantization_config.layer_map
+    rates = [layer_map[f"model.layers.{i}.mlp.up_proj"]["compression_rate"] for i in range(4)]
+    ratios = [layer_map[f"model.layers.{i}.mlp.up_proj"]["owl_outlier_ratio"] for i in range(4)]
+    assert abs(sum(rates) / 4 - 0.6) < 1e-5
+    assert abs(max(rates) - min(rates) - 0.2) < 1e-5
+    assert sorted(range(4), key=rates.__getitem__) == sorted(range(4), key=lambda i: -ratios[i])
+    for i, rate in enumerate(rates):
+        layer = model.model.layers[i].mlp.up_proj
+        target = (1 - rate) * layer.in_features * layer.out_features
+        assert target - layer.out_features < layer.num_parameters <= target
+    report = compression_report(model)
+    assert {round(layer.compression_rate, 6) for layer in report.layers} == {round(r, 6) for r in rates}
+
+
+def test_owl_with_nm_is_refused():
+    with pytest.raises(ValueError, match="layerwise='owl'"):
+        OATSConfig(layerwise="owl", sparsity_pattern="2:4")

