@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -65,7 +66,7 @@ def compress_linear(
     rate = config.compression_rate if compression_rate is None else compression_rate
     d_out, d_in = linear.weight.shape
     budget = layer_budget(d_out, d_in, rate, config.effective_rank_ratio, config.nm)
-    decomposition = algorithm.run(linear.weight, statistics, budget, config.num_iterations)
+    decomposition = algorithm.run(linear.weight, statistics, budget, config)
     layer = LinearSparseLowRank.from_linear(
         linear, decomposition.sparse, decomposition.lowrank_u, decomposition.lowrank_v
     )
@@ -191,6 +192,9 @@ def compress_loaded_model(model: nn.Module, config: OATSConfig, tokenizer: Any =
     tokenizer = resolve_tokenizer(model, config, tokenizer)
     input_ids = calibration_inputs(model, config, tokenizer)
     logger.info("Calibrating on %d windows of %d tokens", *input_ids.shape)
+    if isinstance(config.dataset, list):  # keep config.json small: record what was used, not the texts themselves
+        digest = hashlib.sha256("\x00".join(config.dataset).encode()).hexdigest()[:16]
+        config.dataset = f"<{len(config.dataset)} texts given in memory, sha256 {digest}>"
     config.layer_map = compress_with_inputs(model, config, input_ids, progress=progress)
 
 

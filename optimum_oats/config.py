@@ -12,7 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 QUANT_METHOD = "oats"
 METHODS = ("oats", "wanda", "sparsegpt", "magnitude")
 LAYERWISE = ("uniform", "owl")
-SVD_SOLVERS = ("exact",)
+SVD_SOLVERS = ("exact", "fast")
 NAMED_DATASETS = ("c4", "wikitext2", "self")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -53,7 +53,13 @@ class OATSConfig(QuantizationConfigMixin):
         modules_to_not_convert (`list[str]`, *optional*):
             Module names (exact, or a suffix after a `.`) that stay dense. Embeddings, norms and `lm_head` are
             never compressed.
-        svd (`str`, defaults to `"exact"`): the SVD solver used inside OATS.
+        svd (`str`, defaults to `"exact"`):
+            The rank-r step inside OATS. `"exact"`: a full thin SVD every iteration, as in the reference code.
+            `"fast"`: one warm-started block power step with Rayleigh–Ritz per iteration (the sparse part moves
+            little between iterations, so the previous subspace is nearly right), a warm-started top-k, and an
+            early stop once the sparse support is fixed and the error stalls. Several times faster, with the same
+            error up to the run-to-run sensitivity of the iteration itself (`benchmarks/oats_solver.py`); seeded
+            by `seed`.
         layerwise (`str`, defaults to `"uniform"`):
             `"uniform"`: every block gets `compression_rate`. `"owl"`: per-block rates from the outlier ratios of
             the dense model (OWL, Yin et al. 2024); the mean over blocks equals `compression_rate` and the

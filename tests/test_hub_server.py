@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from hub_server import DEFAULT_TOKEN, HubServer
 
 # Fixtures `hub`, `hub_env`, `hub_home`, `hub_server` (harmless if tests/conftest.py also lists the plugin).
@@ -180,8 +181,9 @@ def test_in_process_commit_failure_raises_http_error(hub: HubServer) -> None:
 
 
 def test_multipart_lfs_upload(hub_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hub_fixtures import point_hf_clients_at
     from huggingface_hub import HfApi, hf_hub_download
+
+    from hub_fixtures import point_hf_clients_at
 
     data = os.urandom(3 * 1024 * 1024 + 7)
     with HubServer(lfs_multipart_chunk_size=1024 * 1024) as server:
@@ -195,9 +197,10 @@ def test_multipart_lfs_upload(hub_home: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_token_checks_when_tokens_are_configured(hub_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hub_fixtures import point_hf_clients_at
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
+
+    from hub_fixtures import point_hf_clients_at
 
     with HubServer(accepted_tokens={"hf_good"}) as server:
         point_hf_clients_at(server, monkeypatch, hub_home, token="hf_good")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -22,14 +23,22 @@ INPUT_NORMS = "input_norms"
 HESSIAN = "hessian"
 
 
+class RunSettings(Protocol):
+    """The solver settings an algorithm may read; `OATSConfig` has them, and this package need not import it."""
+
+    num_iterations: int
+    svd: str
+    seed: int
+
+
 @dataclass(frozen=True)
 class Algorithm:
-    """A registered method: `run(weight, statistics, budget, iterations) -> Decomposition`."""
+    """A registered method: `run(weight, statistics, budget, settings) -> Decomposition`."""
 
     name: str
     statistics: tuple[str, ...]
     uses_low_rank: bool
-    run: Callable[[torch.Tensor, dict[str, torch.Tensor], LayerBudget, int], Decomposition]
+    run: Callable[[torch.Tensor, dict[str, torch.Tensor], LayerBudget, RunSettings], Decomposition]
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -45,13 +54,15 @@ register_algorithm(
         name="oats",
         statistics=(INPUT_NORMS,),
         uses_low_rank=True,
-        run=lambda weight, stats, budget, iterations: oats_decompose(
+        run=lambda weight, stats, budget, settings: oats_decompose(
             weight,
             stats[INPUT_NORMS],
             rank=budget.rank,
             keep_per_row=budget.keep_per_row,
             nm=budget.nm,
-            iterations=iterations,
+            iterations=settings.num_iterations,
+            solver=settings.svd,
+            seed=settings.seed,
         ),
     )
 )
@@ -60,7 +71,7 @@ register_algorithm(
         name="wanda",
         statistics=(INPUT_NORMS,),
         uses_low_rank=False,
-        run=lambda weight, stats, budget, iterations: Decomposition(
+        run=lambda weight, stats, budget, settings: Decomposition(
             wanda_prune(weight.float(), stats[INPUT_NORMS], keep_per_row=budget.keep_per_row, nm=budget.nm)
         ),
     )
@@ -70,7 +81,7 @@ register_algorithm(
         name="sparsegpt",
         statistics=(HESSIAN,),
         uses_low_rank=False,
-        run=lambda weight, stats, budget, iterations: Decomposition(
+        run=lambda weight, stats, budget, settings: Decomposition(
             sparsegpt_prune(weight, stats[HESSIAN], keep_per_row=budget.keep_per_row, nm=budget.nm)
         ),
     )
@@ -80,7 +91,7 @@ register_algorithm(
         name="magnitude",
         statistics=(),
         uses_low_rank=False,
-        run=lambda weight, stats, budget, iterations: Decomposition(
+        run=lambda weight, stats, budget, settings: Decomposition(
             magnitude_prune(weight.float(), keep_per_row=budget.keep_per_row, nm=budget.nm)
         ),
     )
@@ -91,6 +102,7 @@ __all__ = [
     "HESSIAN",
     "INPUT_NORMS",
     "Algorithm",
+    "RunSettings",
     "Decomposition",
     "LayerBudget",
     "layer_budget",

@@ -1,0 +1,160 @@
+"""OATS solver benchmark: `svd="exact"` vs `svd="fast"` on real SmolLM2-135M weight matrices, per shape.
+
+Input norms `D` are real: a few C4 sequences from `$OATS_DATA_DIR/c4/c4_sample.jsonl` are run through the dense
+model with forward hooks (`D_j = ||X_j||_2`). Every selected matrix is decomposed by both solvers at the OATS
+budget for each rate; the error is the scaled relative error `||(W - S - L) D||_F / ||W D||_F`. Times are
+summed over the matrices of a shape; errors are averaged, `Δ` is the per-matrix relative error difference
+`fast / exact - 1` (mean and the worst, i.e. largest, over the matrices).
+
+With `--noise` the exact solver is also run on `W (1 + 1e-6 ε)`: the worst `|Δ|` of that run is the
+exact solver's own sensitivity (OATS's thresholding path is chaotic), the yardstick for the fast one's `Δ`.
+
+    OMP_NUM_THREADS=1 python benchmarks/oats_solver.py --noise
+    python benchmarks/oats_solver.py --iterations 40 --rates 0.5 --layers 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optimum_oats.algorithms import layer_budget, oats_decompose
+from optimum_oats.config import parse_nm
+from optimum_oats.default_model import default_model_path
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=80)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--rank-ratio", type=float, default=0.25)
+    parser.add_argument("--sparsity-pattern", default="unstructured", help='"unstructured" or "N:M", e.g. "2:8"')
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 15, 28], help="decoder blocks to sample")
+    parser.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS)
+    parser.add_argument("--tol", type=float, default=None, help="fast solver's early-stop tolerance (its default)")
+    parser.add_argument("--noise", action="store_true", help="also measure the exact solver's own sensitivity")
+    parser.add_argument("--num-sequences", type=int, default=8, help="C4 sequences for the input norms")
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--json", default=None, help="also write every per-matrix result to this file")
+    return parser.parse_args()
+
+
+def input_norms(model, tokenizer, names: list[str], data: Path, sequences: int, seqlen: int) -> dict:
+    """`D` of every named linear layer from `sequences` consecutive C4 windows through the dense model."""
+    texts = []
+    with data.open() as handle:
+        for line in handle:
+            texts.append(json.loads(line)["text"])
+            if sum(len(t) for t in texts) > 8 * sequences * seqlen:  # ~4 characters a token, with margin
+                break
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    if ids.numel() < sequences * seqlen:
+        raise SystemExit(f"{data} holds {ids.numel()} tokens, fewer than {sequences} x {seqlen}")
+    squares: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        def fn(_module, args, _output) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            squares[name] = squares.get(name, 0) + (x * x).sum(0)
+
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    with torch.no_grad():
+        for i in range(sequences):
+            model(ids[i * seqlen : (i + 1) * seqlen][None])
+    for handle in handles:
+        handle.remove()
+    return {name: value.sqrt() for name, value in squares.items()}
+
+
+def scaled_error(weight: torch.Tensor, out, norms: torch.Tensor) -> float:
+    approx = out.sparse + out.lowrank_u @ out.lowrank_v
+    return float(((weight - approx) * norms).norm() / (weight * norms).norm())
+
+
+def timed(*args, **kwargs):
+    """`oats_decompose(*args, **kwargs)` and its wall time."""
+    start = time.perf_counter()
+    out = oats_decompose(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    nm = parse_nm(args.sparsity_pattern)
+    data_dir = Path(os.environ.get("OATS_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    path = args.model or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    blocks = model.model.layers
+    names = {}
+    for layer in args.layers:
+        for proj in args.projections:
+            group = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            names[f"model.layers.{layer}.{group}.{proj}"] = getattr(getattr(blocks[layer], group), proj)
+    norms = input_norms(model, tokenizer, list(names), data_dir / "c4" / "c4_sample.jsonl", args.num_sequences,
+                        args.seqlen)
+
+    rows: dict[tuple, list[dict]] = defaultdict(list)
+    for name, linear in names.items():
+        weight = linear.weight.detach().float()
+        d_out, d_in = weight.shape
+        for rate in args.rates:
+            budget = layer_budget(d_out, d_in, rate, args.rank_ratio, nm)
+            kwargs = dict(rank=budget.rank, keep_per_row=budget.keep_per_row, nm=nm, iterations=args.iterations)
+            exact, exact_s = timed(weight, norms[name], **kwargs)
+            fast, fast_s = timed(weight, norms[name], solver="fast", tol=args.tol, seed=args.seed, **kwargs)
+            result = {
+                "name": name, "rate": rate, "rank": budget.rank, "exact_s": exact_s, "fast_s": fast_s,
+                "exact_err": scaled_error(weight, exact, norms[name]),
+                "fast_err": scaled_error(weight, fast, norms[name]), "iterations": fast.iterations,
+            }
+            if args.noise:
+                g = torch.Generator().manual_seed(args.seed)
+                perturbed = weight * (1 + 1e-6 * torch.randn(weight.shape, generator=g))
+                result["noise_err"] = scaled_error(weight, oats_decompose(perturbed, norms[name], **kwargs),
+                                                   norms[name])
+            rows[(d_out, d_in, rate)].append(result)
+            print(json.dumps(result), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r for group in rows.values() for r in group], indent=1))
+
+    print(f"\n## OATS solver: SmolLM2-135M-Instruct blocks {args.layers}, {platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"kappa={args.rank_ratio}, pattern={args.sparsity_pattern}, {args.iterations} iterations max, fast tol="
+          f"{'default' if args.tol is None else args.tol}, seed {args.seed}; D from {args.num_sequences} x "
+          f"{args.seqlen} C4 tokens\n")
+    noise = " exact noise worst \\|Δ\\| |" if args.noise else ""
+    print(f"| shape | rho | rank | matrices | exact s | fast s | speed-up | exact err | fast err | Δ mean | Δ worst |"
+          f"{noise} fast iterations |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.noise else "") + "---|")
+    for (d_out, d_in, rate), group in sorted(rows.items()):
+        exact_s, fast_s = sum(r["exact_s"] for r in group), sum(r["fast_s"] for r in group)
+        deltas = [r["fast_err"] / r["exact_err"] - 1 for r in group]
+        iterations = [r["iterations"] for r in group]
+        its = f"{min(iterations)}" if min(iterations) == max(iterations) else f"{min(iterations)}–{max(iterations)}"
+        line = (f"| {d_out}x{d_in} | {rate} | {group[0]['rank']} | {len(group)} | {exact_s:.2f} | {fast_s:.2f} | "
+                f"{exact_s / fast_s:.1f}x | {sum(r['exact_err'] for r in group) / len(group):.5f} | "
+                f"{sum(r['fast_err'] for r in group) / len(group):.5f} | {sum(deltas) / len(deltas):+.3%} | "
+                f"{max(deltas):+.3%} |")
+        if args.noise:
+            line += f" {max(abs(r['noise_err'] / r['exact_err'] - 1) for r in group):.3%} |"
+        print(line + f" {its} |")
+
+
+if __name__ == "__main__":
+    main()

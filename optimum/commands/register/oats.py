@@ -1,0 +1,178 @@
+"""`optimum-cli oats {compress,evaluate,push}`, registered through optimum's `optimum.commands.register` namespace.
+
+optimum-cli imports every module of this namespace at start-up, whatever command is run, so this file only
+declares arguments: importing `optimum_oats` (torch, transformers) costs seconds and happens when an `oats` command
+actually runs (`optimum_oats.commands.runner.execute`). The same classes back the `optimum-oats` console script.
+"""
+
+from __future__ import annotations
+
+from argparse import ArgumentParser
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+# OATSConfig's defaults, for the help text only (arguments default to None so that OATSConfig stays the single
+# source of the values actually used; a test keeps this table in sync).
+CONFIG_DEFAULTS = {
+    "compression_rate": 0.5,
+    "rank_ratio": 0.25,
+    "method": "oats",
+    "sparsity_pattern": "unstructured",
+    "dataset": "c4",
+    "num_samples": 128,
+    "seqlen": 2048,
+    "num_iterations": 80,
+    "seed": 0,
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model_argument(parser: ArgumentParser, name: str, what: str) -> None:
+    parser.add_argument(
+        name, metavar=name.upper(), help=f"{what}: a Hub id, a local folder, or `default` (embedded SmolLM2-135M)."
+    )
+
+
+def _runtime_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="Weights dtype (default: float32).")
+    parser.add_argument(
+        "--device", default=None, metavar="DEVICE", help="Torch device (default: cuda when available, else cpu)."
+    )
+
+
+def add_compress_arguments(parser: ArgumentParser) -> None:
+    _model_argument(parser, "model", "Dense model to compress")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="DIR", help="Folder to write the compressed checkpoint to."
+    )
+    config = parser.add_argument_group("compression (OATSConfig)")
+
+    def option(flag: str, kind: type, metavar: str, help_text: str) -> None:
+        default = CONFIG_DEFAULTS[flag[2:].replace("-", "_")]
+        config.add_argument(flag, type=kind, default=None, metavar=metavar, help=f"{help_text} (default: {default}).")
+
+    option("--compression-rate", float, "RHO", "Fraction of each layer's parameters removed")
+    option("--rank-ratio", float, "KAPPA", "Share of the kept parameters given to the low-rank term")
+    option("--method", str, "NAME", "Algorithm: `oats`, or a pruning baseline such as `wanda`")
+    option("--sparsity-pattern", str, "PATTERN", "`unstructured`, or N:M such as `2:4`")
+    option("--dataset", str, "DATA", "Calibration text: `c4`, `wikitext2`, `self`, or a local .txt/.jsonl/.json file")
+    option("--num-samples", int, "N", "Calibration sequences")
+    option("--seqlen", int, "N", "Tokens per calibration sequence")
+    option("--num-iterations", int, "N", "Alternating-thresholding iterations (OATS)")
+    option("--seed", int, "N", "Seed for calibration sampling")
+    config.add_argument(
+        "--modules-to-not-convert", nargs="+", default=None, metavar="NAME", help="Module names to keep dense."
+    )
+    _runtime_arguments(parser)
+
+
+def add_evaluate_arguments(parser: ArgumentParser) -> None:
+    _model_argument(parser, "model", "Model to evaluate (usually a compressed checkpoint)")
+    parser.add_argument(
+        "--dense",
+        default=None,
+        metavar="BASE",
+        help="Dense base model evaluated alongside (Hub id, folder, `default`).",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="lm-eval tasks, space- or comma-separated (default: the 8 zero-shot tasks of the pruning papers); "
+        "`none` skips them.",
+    )
+    parser.add_argument(
+        "--limit", type=float, default=None, metavar="N", help="Score only the first N documents of each task."
+    )
+    parser.add_argument(
+        "--seqlen", type=int, default=2048, metavar="N", help="Perplexity window in tokens (default: 2048)."
+    )
+    parser.add_argument(
+        "--max-windows", type=int, default=None, metavar="N", help="Score at most N perplexity windows."
+    )
+    parser.add_argument("--no-perplexity", action="store_true", help="Skip WikiText-2 token perplexity.")
+    parser.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="Offline data folder (default: $OATS_DATA_DIR)."
+    )
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="lm-eval batch size (default: 1).")
+    parser.add_argument(
+        "--output", default=None, metavar="FILE", help="Also write the results to this JSON file (for `push`)."
+    )
+    _runtime_arguments(parser)
+
+
+def add_push_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="Compressed checkpoint folder (written by `compress`).")
+    parser.add_argument(
+        "--repo-id", required=True, metavar="ID", help="Hub repository, e.g. `user/SmolLM2-135M-oats`."
+    )
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument(
+        "--eval-json", default=None, metavar="FILE", help="Results written by `evaluate --output`, for the card."
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        metavar="ID",
+        help="Hub id of the dense model (default: the `--dense` of --eval-json).",
+    )
+    parser.add_argument(
+        "--license", default=None, metavar="ID", help="License (default: the base model's, else `other`)."
+    )
+    parser.add_argument("--commit-message", default=None, metavar="TEXT", help="Commit message.")
+
+
+class _OATSLeafCommand(BaseOptimumCLICommand):
+    NAME = ""
+
+    def run(self) -> None:
+        from optimum_oats.commands.runner import execute
+
+        execute(self.NAME, self.args)
+
+
+class CompressCommand(_OATSLeafCommand):
+    NAME = "compress"
+
+    @staticmethod
+    def parse_args(parser: ArgumentParser) -> None:
+        add_compress_arguments(parser)
+
+
+class EvaluateCommand(_OATSLeafCommand):
+    NAME = "evaluate"
+
+    @staticmethod
+    def parse_args(parser: ArgumentParser) -> None:
+        add_evaluate_arguments(parser)
+
+
+class PushCommand(_OATSLeafCommand):
+    NAME = "push"
+
+    @staticmethod
+    def parse_args(parser: ArgumentParser) -> None:
+        add_push_arguments(parser)
+
+
+class OATSCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="oats", help="Sparse + low-rank (OATS) compression: compress, evaluate, push.")
+    SUBCOMMANDS = (
+        CommandInfo(
+            name="compress", help="Compress a model and save the checkpoint.", subcommand_class=CompressCommand
+        ),
+        CommandInfo(
+            name="evaluate",
+            help="Token perplexity and zero-shot accuracy, next to the dense model.",
+            subcommand_class=EvaluateCommand,
+        ),
+        CommandInfo(
+            name="push",
+            help="Push a checkpoint with its model card to the Hub in one commit.",
+            subcommand_class=PushCommand,
+        ),
+    )
+
+
+REGISTER_COMMANDS = [OATSCommand]

@@ -1,0 +1,138 @@
+"""The fast OATS solver (`solver="fast"`): same budget and nearly the same error as the exact one, in less work."""
+
+import pytest
+import torch
+
+from optimum_oats.algorithms import ALGORITHMS, INPUT_NORMS, layer_budget, oats_decompose, truncated_svd
+from optimum_oats.algorithms.masks import sparsity_mask
+from optimum_oats.algorithms.oats import ritz_step, warm_sparsity_mask
+from optimum_oats.config import OATSConfig
+
+
+def _structured_matrix(d_out=96, d_in=128, rank=6, seed=0):
+    """Low-rank + sparse + noise, with a few outlier input features: the case OATS is built for."""
+    g = torch.Generator().manual_seed(seed)
+    low_rank = torch.randn(d_out, rank, generator=g) @ torch.randn(rank, d_in, generator=g)
+    sparse = torch.randn(d_out, d_in, generator=g) * (torch.rand(d_out, d_in, generator=g) < 0.1) * 3
+    weight = low_rank + sparse + 0.05 * torch.randn(d_out, d_in, generator=g)
+    norms = torch.rand(d_in, generator=g) + 0.5
+    norms[:3] *= 20  # outlier features
+    return weight, norms
+
+
+def _scaled_error(weight, out, norms):
+    approx = out.sparse + out.lowrank_u @ out.lowrank_v
+    return float(((weight - approx) * norms).norm() / (weight * norms).norm())
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (128, 96)])  # wide and tall: the Ritz step works on the short side
+@pytest.mark.parametrize("rate", [0.3, 0.5, 0.7])
+def test_fast_error_matches_exact(shape, rate):
+    weight, norms = _structured_matrix(*shape, seed=1)
+    budget = layer_budget(*shape, rate, 0.25)
+    kwargs = dict(rank=budget.rank, keep_per_row=budget.keep_per_row, iterations=40)
+    exact = _scaled_error(weight, oats_decompose(weight, norms, **kwargs), norms)
+    fast = _scaled_error(weight, oats_decompose(weight, norms, solver="fast", **kwargs), norms)
+    assert fast <= 1.01 * exact
+
+
+def test_fast_objective_never_rises():
+    weight, norms = _structured_matrix(seed=3)
+    out = oats_decompose(weight, norms, rank=6, keep_per_row=30, iterations=40, solver="fast", tol=0, track_error=True)
+    history = torch.tensor(out.history)
+    assert len(history) == out.iterations == 40
+    assert (history[1:] <= history[:-1] * (1 + 1e-5) + 1e-7).all()
+    assert history[-1] < history[0]
+
+
+def test_fast_is_deterministic_given_the_seed():
+    weight, norms = _structured_matrix(seed=4)
+    a, b = (oats_decompose(weight, norms, rank=5, keep_per_row=40, iterations=8, solver="fast", seed=7) for _ in "ab")
+    assert torch.equal(a.sparse, b.sparse) and torch.equal(a.lowrank_u, b.lowrank_u)
+    assert torch.equal(a.lowrank_v, b.lowrank_v) and a.iterations == b.iterations
+
+
+@pytest.mark.parametrize("nm", [None, (2, 8)])
+def test_fast_keeps_the_exact_budget(nm):
+    weight, norms = _structured_matrix(seed=2)
+    budget = layer_budget(96, 128, 0.5, 0.25, nm)
+    kwargs = dict(rank=budget.rank, keep_per_row=budget.keep_per_row, nm=nm, iterations=10)
+    exact = oats_decompose(weight, norms, **kwargs)
+    fast = oats_decompose(weight, norms, solver="fast", **kwargs)
+    assert fast.lowrank_u.shape == exact.lowrank_u.shape and fast.lowrank_v.shape == exact.lowrank_v.shape
+    assert torch.equal((fast.sparse != 0).sum(1), (exact.sparse != 0).sum(1))
+    assert torch.linalg.matrix_rank(fast.lowrank_u @ fast.lowrank_v) <= budget.rank
+    if nm is not None:
+        assert ((fast.sparse != 0).view(96, -1, 8).sum(-1) == 2).all()
+    assert _scaled_error(weight, fast, norms) <= 1.01 * _scaled_error(weight, exact, norms)
+
+
+def test_early_stop_on_an_easy_matrix():
+    """Exactly low-rank + row-sparse: the support settles at once and the error stalls, so the loop stops."""
+    g = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(64, 3, generator=g) @ torch.randn(3, 96, generator=g)
+    spikes = torch.zeros(64, 96).scatter_(1, torch.rand(64, 96, generator=g).argsort(1)[:, :8], 3.0)
+    weight, norms = low_rank + spikes, torch.ones(96)
+    fast = oats_decompose(weight, norms, rank=3, keep_per_row=8, solver="fast")
+    assert fast.iterations < 80
+    assert _scaled_error(weight, fast, norms) < 1e-5
+    exact = oats_decompose(weight, norms, rank=3, keep_per_row=8)
+    assert exact.iterations == 80  # the exact solver keeps the reference's fixed count unless given `tol`
+    assert oats_decompose(weight, norms, rank=3, keep_per_row=8, tol=1e-5).iterations < 80
+
+
+def test_rank_zero_is_the_same_for_both_solvers():
+    weight, norms = _structured_matrix(seed=5)
+    fast = oats_decompose(weight, norms, rank=0, keep_per_row=16, solver="fast")
+    exact = oats_decompose(weight, norms, rank=0, keep_per_row=16)
+    assert torch.equal(fast.sparse, exact.sparse) and fast.lowrank_u is None
+
+
+def test_rank_deficient_input_stays_finite():
+    """More Ritz vectors than the matrix has rank: no division by a zero singular value."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 2, generator=g) @ torch.randn(2, 60, generator=g)
+    out = oats_decompose(weight, torch.ones(60), rank=4, keep_per_row=5, iterations=5, solver="fast", tol=0)
+    assert torch.isfinite(out.lowrank_u).all() and torch.isfinite(out.lowrank_v).all()
+    assert _scaled_error(weight, out, torch.ones(60)) < 1e-3
+
+
+def test_ritz_step_converges_to_the_truncated_svd_and_never_loses_ground():
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.randn(50, 80, generator=g) * torch.logspace(0, -2, 80)
+    basis, errors = torch.randn(80, 12, generator=g), []
+    for _ in range(30):
+        u, v, basis = ritz_step(matrix, basis, 6)
+        errors.append(float((matrix - u @ v).norm()))
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:], strict=False))
+    best_u, best_v = truncated_svd(matrix, 6)
+    assert errors[-1] <= float((matrix - best_u @ best_v).norm()) * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 8)])
+def test_warm_mask_equals_the_plain_mask(nm):
+    g = torch.Generator().manual_seed(0)
+    scores, threshold = torch.rand(30, 64, generator=g), None
+    for _ in range(6):  # small drifts between calls, as between OATS iterations
+        mask, threshold = warm_sparsity_mask(scores, 20, nm, threshold)
+        assert torch.equal(mask, sparsity_mask(scores, 20, nm))
+        scores = (scores + 0.02 * torch.randn(30, 64, generator=g)).abs()
+
+
+def test_registry_passes_the_solver_and_seed_from_the_config():
+    weight, norms = _structured_matrix(seed=6)
+    budget = layer_budget(96, 128, 0.5, 0.25)
+    config = OATSConfig(svd="fast", num_iterations=12, seed=3)
+    out = ALGORITHMS["oats"].run(weight, {INPUT_NORMS: norms}, budget, config)
+    direct = oats_decompose(
+        weight, norms, rank=budget.rank, keep_per_row=budget.keep_per_row, iterations=12, solver="fast", seed=3
+    )
+    assert torch.equal(out.sparse, direct.sparse)
+
+
+def test_invalid_solver_and_tolerance_are_rejected():
+    weight, norms = _structured_matrix()
+    with pytest.raises(ValueError, match="`solver` must be one of"):
+        oats_decompose(weight, norms, rank=2, keep_per_row=10, solver="magic")
+    with pytest.raises(ValueError, match="`tol` must be >= 0"):
+        oats_decompose(weight, norms, rank=2, keep_per_row=10, solver="fast", tol=-1.0)
