@@ -28,7 +28,6 @@ class RunSettings(Protocol):
 
     num_iterations: int
     svd: str
-    seed: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,6 @@ register_algorithm(
             nm=budget.nm,
             iterations=settings.num_iterations,
             solver=settings.svd,
-            seed=settings.seed,
         ),
     )
 )

@@ -20,8 +20,6 @@ FAST_TOL = 1e-5
 # Extra Ritz vectors carried by the fast solver, so the top-r subspace is still tracked when singular values
 # near the r-th one cross as S changes.
 FAST_OVERSAMPLE = 8
-# Block power steps from a random start before the first iteration: an exact SVD would cost ~20 iterations.
-FAST_INIT_STEPS = 4
 
 
 @dataclass
@@ -97,15 +95,15 @@ def warm_sparsity_mask(
     if threshold is None:
         mask = sparsity_mask(scores, keep_per_row, nm)  # also validates keep_per_row / N:M
         groups, group_mask = _grouped(scores, nm), _grouped(mask, nm)
-        return mask, _midpoints(groups, group_mask)
+        lowest_kept = groups.masked_fill(~group_mask, float("inf")).amin(1)
+        highest_dropped = groups.masked_fill(group_mask, float("-inf")).amax(1)
+        return mask, (lowest_kept + highest_dropped) / 2
     groups, keep = _grouped(scores, nm), (nm[0] if nm is not None else keep_per_row)
     group_mask = groups > threshold[:, None]
     redo = (group_mask.sum(1) != keep).nonzero().squeeze(1)
     if redo.numel():
-        fresh = rowwise_topk_mask(groups[redo], keep)
-        group_mask[redo] = fresh
         threshold = threshold.clone()
-        threshold[redo] = _midpoints(groups[redo], fresh)
+        group_mask[redo], threshold[redo] = _topk_and_midpoints(groups[redo], keep)
     return group_mask.reshape(scores.shape), threshold
 
 
@@ -113,11 +111,19 @@ def _grouped(matrix: torch.Tensor, nm: tuple[int, int] | None) -> torch.Tensor:
     return matrix.reshape(-1, nm[1]) if nm is not None else matrix
 
 
-def _midpoints(groups: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Halfway between the lowest kept and the highest dropped score: the widest margin for the next iteration."""
-    lowest_kept = groups.masked_fill(~mask, float("inf")).amin(1)
-    highest_dropped = groups.masked_fill(mask, float("-inf")).amax(1)
-    return (lowest_kept + highest_dropped) / 2
+def _topk_and_midpoints(groups: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`keep` mask of each row, and the midpoint between its `keep`-th and `keep+1`-th scores.
+
+    The midpoint leaves the widest margin for the next iteration; one `topk(keep + 1)` finds both.
+    """
+    if not 0 < keep < groups.shape[1]:  # all or nothing kept: any threshold outside the scores separates them
+        fill = float("-inf") if keep else float("inf")
+        return rowwise_topk_mask(groups, keep), groups.new_full((groups.shape[0],), fill)
+    values, indices = groups.topk(keep + 1, dim=1, sorted=False)
+    boundary = values.topk(2, dim=1, largest=False)  # the (keep+1)-th and the keep-th largest
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, indices, True)
+    mask.scatter_(1, indices.gather(1, boundary.indices[:, :1]), False)
+    return mask, boundary.values.sum(1) / 2
 
 
 def oats_decompose(
@@ -131,7 +137,6 @@ def oats_decompose(
     track_error: bool = False,
     solver: str = "exact",
     tol: float | None = None,
-    seed: int = 0,
 ) -> Decomposition:
     """Decompose `weight` into sparse + low-rank after scaling columns by the inputs' norms.
 
@@ -157,7 +162,6 @@ def oats_decompose(
         tol: stop once the support of S did not change and the error fell by less than this fraction in one
             step; `0` never stops early. `None`: `0` for `"exact"` (the reference behaviour), [`FAST_TOL`] for
             `"fast"`.
-        seed: seeds the fast solver's random starting basis (same seed, same device: same result).
 
     Returns:
         [`Decomposition`] with `sparse (d_out, d_in)`, `lowrank_u (d_out, r)`, `lowrank_v (r, d_in)` in
@@ -175,9 +179,7 @@ def oats_decompose(
         return Decomposition(sparse=sparse / norms)
 
     fast = solver == "fast"
-    if fast:
-        basis = _random_start(scaled, rank, seed)
-        threshold: torch.Tensor | None = None
+    threshold: torch.Tensor | None = None
     sparse = torch.zeros_like(scaled)
     history: list[float] = []
     scale = scaled.norm()
@@ -185,13 +187,16 @@ def oats_decompose(
     steps = 0
     while steps < iterations:
         steps += 1
-        if fast:
+        if fast and steps == 1:
+            u, v, basis = _exact_start(scaled, rank)
+        elif fast:
             u, v, basis = ritz_step(scaled - sparse, basis, rank)
-            residual = scaled - u @ v
-            mask, threshold = warm_sparsity_mask(residual.abs(), keep_per_row, nm, threshold)
         else:
             u, v = truncated_svd(scaled - sparse, rank)
-            residual = scaled - u @ v
+        residual = scaled - u @ v
+        if fast:
+            mask, threshold = warm_sparsity_mask(residual.abs(), keep_per_row, nm, threshold)
+        else:
             mask = sparsity_mask(residual.abs(), keep_per_row, nm)
         sparse = residual * mask
         if track_error or tol:
@@ -205,11 +210,13 @@ def oats_decompose(
     return Decomposition(sparse=sparse / norms, lowrank_u=u, lowrank_v=v / norms, history=history, iterations=steps)
 
 
-def _random_start(scaled: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
-    """Long-side basis for the fast solver: a seeded random block refined by a few power steps on `W_s`."""
+def _exact_start(scaled: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First step of the fast solver: one full SVD, so the first support of S is the exact solver's.
+
+    A cheaper randomized start picks a slightly different first support, and the thresholding path never
+    recovers from it (on SmolLM2 weights up to +1.5% final error, against +0.3% from an exact start).
+    """
+    u, s, vh = torch.linalg.svd(scaled, full_matrices=False)
     width = min(rank + FAST_OVERSAMPLE, *scaled.shape)
-    generator = torch.Generator(device=scaled.device).manual_seed(seed)
-    basis = torch.randn(max(scaled.shape), width, generator=generator, device=scaled.device, dtype=scaled.dtype)
-    for _ in range(FAST_INIT_STEPS):
-        basis = ritz_step(scaled, basis, rank)[2]
-    return basis
+    basis = u[:, :width] if scaled.shape[0] > scaled.shape[1] else vh[:width].T
+    return u[:, :rank] * s[:rank], vh[:rank], basis

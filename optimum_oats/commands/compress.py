@@ -17,6 +17,9 @@ CONFIG_FIELDS = (
     "seqlen",
     "num_iterations",
     "seed",
+    "layerwise",
+    "owl_threshold",
+    "owl_lambda",
     "modules_to_not_convert",
 )
 
@@ -53,5 +56,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rank_ratio": config.rank_ratio,
         "sparsity_pattern": config.sparsity_pattern,
         **report["summary"],
+        "checkpoint_bytes": sum(p.stat().st_size for p in output.glob("*.safetensors")),
         "seconds": round(seconds, 2),
     }
