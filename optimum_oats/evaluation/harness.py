@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .data import resolve_data_dir
-from .tasks_path import OFFLINE_TASKS, lm_eval_tasks_dir
+from .tasks_path import OFFLINE_TASKS, ZERO_SHOT_TASKS, lm_eval_tasks_dir
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -30,17 +30,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ZERO_SHOT_TASKS: tuple[str, ...] = (
-    "boolq",
-    "rte",
-    "hellaswag",
-    "winogrande",
-    "arc_easy",
-    "arc_challenge",
-    "openbookqa",
-    "piqa",
-)
-"""The 8 zero-shot tasks of the pruning papers (Wanda, OWL, OATS), averaged into `zero_shot_mean`."""
 
 
 _NON_METRICS = frozenset({"alias", "name", "sample_len", "samples"})

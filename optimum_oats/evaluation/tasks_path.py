@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-OFFLINE_TASKS: tuple[str, ...] = (
-    "wikitext",
+ZERO_SHOT_TASKS: tuple[str, ...] = (
     "boolq",
     "rte",
     "hellaswag",
@@ -22,6 +21,9 @@ OFFLINE_TASKS: tuple[str, ...] = (
     "openbookqa",
     "piqa",
 )
+"""The 8 zero-shot tasks of the pruning papers (Wanda, OWL, OATS), averaged into `zero_shot_mean`."""
+
+OFFLINE_TASKS: tuple[str, ...] = ("wikitext", *ZERO_SHOT_TASKS)
 """The lm-eval task names defined offline in `optimum_oats/lm_eval_tasks/`."""
 
 
