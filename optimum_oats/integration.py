@@ -112,12 +112,14 @@ def _patch_save_pretrained(cls: type) -> None:
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         if not is_oats_model(self):
             return original(self, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
+        from .remote_code import write_remote_code
         from .report import CompressionReport
 
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "token") if k in kwargs}
         with staged_directory(save_directory) as staging:
             original(self, staging, *args, **kwargs)
             CompressionReport.from_model(self).save(staging)
+            write_remote_code(self, staging)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             self.push_to_hub(repo_id, **hub_kwargs)

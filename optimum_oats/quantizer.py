@@ -35,7 +35,10 @@ class OATSHfQuantizer(HfQuantizer):
             return
         from .compress import compress_loaded_model
 
-        compress_loaded_model(model, self.quantization_config)
+        # Work on a copy: the caller's config object may be reused for another `from_pretrained`.
+        config = OATSConfig.from_dict(self.quantization_config.to_dict())
+        compress_loaded_model(model, config, self.quantization_config.tokenizer)
+        self.quantization_config = model.config.quantization_config = config
         self.pre_quantized = True
 
     def _dequantize(self, model: PreTrainedModel, dtype=None) -> PreTrainedModel:

@@ -70,6 +70,7 @@ def test_compress_on_load(dense_dir, oats_cfg, spelling, cls):
     assert isinstance(model.config.quantization_config, OATSConfig)
     assert len(model.config.quantization_config.layer_map) == 14
     assert isinstance(model.lm_head, nn.Linear)
+    assert oats_cfg.layer_map is None and isinstance(oats_cfg.dataset, list)  # the caller's config is untouched
 
 
 def test_both_spellings_at_once_is_refused(dense_dir, oats_cfg):
@@ -179,6 +180,23 @@ def test_dequantize_gives_plain_checkpoint(compressed_dir, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(plain.model.layers[0].mlp.up_proj, nn.Linear)
     torch.testing.assert_close(plain(IDS).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_trust_remote_code_loads_without_importing_the_plugin(compressed_dir):
+    config = json.loads((compressed_dir / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling_oats.OATSLlamaConfig",
+        "AutoModelForCausalLM": "modeling_oats.OATSLlamaForCausalLM",
+    }
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(compressed_dir)!r}, trust_remote_code=True)\n"
+        "assert 'optimum_oats' in sys.modules\n"
+        f"ids = torch.tensor({IDS.tolist()})\n"
+        f"assert torch.equal(m(ids).logits, torch.load({str(compressed_dir / 'expected_logits.pt')!r}))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
 
 
 def test_load_without_plugin_fails_loudly(compressed_dir):

@@ -285,7 +285,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run_stock_cli(model_dir: str, output: Path, env: dict[str, str]) -> dict:
+def _run_stock_cli(model_dir: str, output: Path, env: dict[str, str], model_args: str = "dtype=float32") -> dict:
     """Run the documented command:
 
     OATS_DATA_DIR=... lm_eval --model hf --model_args pretrained=DIR,dtype=float32 --tasks boolq,arc_easy \
@@ -305,7 +305,7 @@ def _run_stock_cli(model_dir: str, output: Path, env: dict[str, str]) -> dict:
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "lm_eval"]
     command += [
         "--model", "hf",
-        "--model_args", f"pretrained={model_dir},dtype=float32",
+        "--model_args", f"pretrained={model_dir},{model_args}",
         "--tasks", "boolq,arc_easy",
         "--device", "cpu",
         "--limit", "5",
@@ -329,3 +329,18 @@ def _check_cli_results(results: dict) -> None:
 def test_stock_lm_eval_cli(tiny_model_dir, data_dir, tmp_path):
     env = _cli_env(OATS_DATA_DIR=str(data_dir))
     _check_cli_results(_run_stock_cli(tiny_model_dir, tmp_path / "out", env))
+
+
+def test_stock_lm_eval_cli_scores_compressed_checkpoint(tiny_model_dir, smollm2_tokenizer, data_dir, tmp_path):
+    """The stock CLI cannot import the plugin; the checkpoint's `modeling_oats.py` does, under trust_remote_code."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_oats import OATSConfig
+
+    cfg = OATSConfig(dataset=["calibration text " * 200], num_samples=1, seqlen=32, num_iterations=2)
+    compressed = tmp_path / "compressed"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=cfg).save_pretrained(compressed)
+    smollm2_tokenizer.save_pretrained(compressed)
+    env = _cli_env(OATS_DATA_DIR=str(data_dir))
+    results = _run_stock_cli(str(compressed), tmp_path / "out", env, "dtype=float32,trust_remote_code=True")
+    _check_cli_results(results)
