@@ -31,10 +31,17 @@ class UnsupportedArchitectureError(NotImplementedError):
 
 @dataclass
 class BlockInputs:
-    """Positional hidden states of each calibration sample plus the keyword arguments the block received."""
+    """What the blocks receive: each calibration sample's hidden states at the first block, and the keyword
+    arguments the model passes to *each* block.
+
+    Keyword arguments differ between blocks in some architectures (Gemma 2/3, Qwen with sliding layers: a
+    sliding-window or full mask and local or global rotary embeddings per layer), so they are recorded per block.
+    They do not depend on the hidden states, and every calibration window has the same length, so one forward
+    pass of one sample records them for all samples.
+    """
 
     hidden_states: list[torch.Tensor] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    block_kwargs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _StopForward(Exception):
@@ -88,25 +95,41 @@ def find_linear_layers(block: nn.Module, prefix: str, skip: Any = None) -> dict[
 
 
 def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, progress: bool = False
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, progress: bool = False
 ) -> BlockInputs:
-    """Run the embeddings on each calibration sample and record what the first block receives.
+    """Record the first block's input for every calibration sample, and every block's keyword arguments.
 
-    Every keyword argument (attention mask, position embeddings, cache position, ...) is kept, so the blocks
-    are later called exactly as the model would call them.
+    Samples stop at the first block (a forward pre-hook raises), so only the embeddings run for them; one extra
+    full forward of the first sample records what the model passes to each block.
     """
     from tqdm.auto import tqdm
 
-    captured = BlockInputs()
+    device = next(model.parameters()).device
+    captured = BlockInputs(block_kwargs=[None] * len(blocks))
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden_states.append(hidden.detach())
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+    def record_kwargs(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.block_kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(record_kwargs(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        model(input_ids[:1].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(kwargs is None for kwargs in captured.block_kwargs):
+        raise UnsupportedArchitectureError(
+            f"Not every block of {type(model).__name__} was reached by the forward pass; "
+            "the block structure is not the one this engine expects."
+        )
+
+    def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.hidden_states.append((args[0] if args else kwargs["hidden_states"]).detach())
         raise _StopForward
 
-    device = next(model.parameters()).device
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
     try:
         for sample in tqdm(input_ids, desc="Capturing block inputs", disable=not progress, leave=False):
             try:
@@ -115,18 +138,13 @@ def capture_block_inputs(
                 pass
     finally:
         handle.remove()
-    if len(captured.hidden_states) != len(input_ids):
-        raise UnsupportedArchitectureError(
-            f"The first block of {type(model).__name__} was not reached by the forward pass; "
-            "the block structure is not the one this engine expects."
-        )
     return captured
 
 
-def block_forward(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Run every captured sample through one block; returns its output hidden states."""
+def block_forward(block: nn.Module, hidden_states: list[torch.Tensor], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Run every sample through one block with that block's keyword arguments; returns the outputs."""
     outputs = []
-    for hidden, kwargs in zip(inputs.hidden_states, inputs.kwargs, strict=True):
+    for hidden in hidden_states:
         out = block(hidden, **kwargs)
         outputs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
     return outputs

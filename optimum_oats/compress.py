@@ -85,14 +85,14 @@ def owl_rates(
 
     Returns `(rates, outlier_ratios)`, one entry per block."""
     ratios = []
+    hidden = inputs.hidden_states
     for index, block in enumerate(blocks):
         prefix = f"{blocks_name}.{index}"
         local = {n[len(prefix) + 1 :]: m for n, m in find_linear_layers(block, prefix, config.is_skipped).items()}
         with collect_statistics(local, (INPUT_NORMS,)) as accumulators:
-            outputs = block_forward(block, inputs)
+            hidden = block_forward(block, hidden, inputs.block_kwargs[index])
         scores = [m.weight.abs().float() * accumulators[n][INPUT_NORMS].finalize() for n, m in local.items()]
         ratios.append(float(outlier_ratios(scores, config.owl_threshold)))
-        inputs = BlockInputs(outputs, inputs.kwargs)
     rates = owl_block_rates(torch.tensor(ratios), config.compression_rate, config.owl_lambda)
     logger.info("OWL outlier ratios %s -> block rates %s", [round(r, 3) for r in ratios], [round(r, 3) for r in rates])
     return rates, ratios
@@ -113,8 +113,9 @@ def compress_with_inputs(model: nn.Module, config: OATSConfig, input_ids: torch.
     needed = tuple(dict.fromkeys((*ALGORITHMS[config.method].statistics, INPUT_NORMS)))
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, blocks[0], input_ids, progress=progress)
+    inputs = capture_block_inputs(model, blocks, input_ids, progress=progress)
     rates, ratios = owl_rates(blocks_name, blocks, inputs, config) if config.layerwise == "owl" else (None, None)
+    hidden = inputs.hidden_states
     layer_map: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(blocks), desc=f"Compressing ({config.method})", disable=not progress)
     try:
@@ -122,8 +123,9 @@ def compress_with_inputs(model: nn.Module, config: OATSConfig, input_ids: torch.
             prefix = f"{blocks_name}.{index}"
             linears = find_linear_layers(block, prefix, skip=config.is_skipped)
             local = {name[len(prefix) + 1 :]: layer for name, layer in linears.items()}
+            kwargs = inputs.block_kwargs[index]
             with collect_statistics(local, needed) as accumulators:
-                block_forward(block, inputs)
+                block_forward(block, hidden, kwargs)
             for name, linear in local.items():
                 statistics = {stat: acc.finalize() for stat, acc in accumulators[name].items()}
                 _check_statistics(f"{prefix}.{name}", statistics)
@@ -133,7 +135,7 @@ def compress_with_inputs(model: nn.Module, config: OATSConfig, input_ids: torch.
                     entry["owl_outlier_ratio"] = round(ratios[index], 6)
                 layer_map[f"{prefix}.{name}"] = entry
             if index + 1 < len(blocks):
-                inputs = BlockInputs(block_forward(block, inputs), inputs.kwargs)
+                hidden = block_forward(block, hidden, kwargs)
             bar.update(1)
     finally:
         bar.close()

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from optimum_oats.calibration import (
     UnsupportedArchitectureError,
+    block_forward,
     capture_block_inputs,
     find_decoder_blocks,
     find_linear_layers,
@@ -27,9 +30,40 @@ def test_captures_every_keyword_argument(tiny_configs):
     model = build_tiny_model(tiny_configs["llama"])
     _, blocks = find_decoder_blocks(model)
     ids = torch.randint(0, 100, (3, 16))
-    captured = capture_block_inputs(model, blocks[0], ids)
+    captured = capture_block_inputs(model, blocks, ids)
     assert len(captured.hidden_states) == 3 and captured.hidden_states[0].shape == (1, 16, 64)
-    assert "position_embeddings" in captured.kwargs[0]
+    assert len(captured.block_kwargs) == 2 and "position_embeddings" in captured.block_kwargs[0]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_block_replay_matches_the_model_forward(arch, tiny_configs):
+    """Replaying the blocks one by one from the captured inputs must reproduce the model's own last block output,
+    including architectures whose blocks get different masks/rotary embeddings (Gemma 2/3 sliding layers)."""
+    config = copy.deepcopy(tiny_configs[arch])
+    if arch in ("gemma2", "gemma3"):
+        config.sliding_window = 4  # shorter than the sequence, so local and global layers really differ
+        config.num_hidden_layers = 2
+        config.layer_types = ["sliding_attention", "full_attention"]
+    model = build_tiny_model(config)
+    name, blocks = find_decoder_blocks(model)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    last = {}
+    handle = blocks[-1].register_forward_hook(
+        lambda m, a, out: last.__setitem__("out", out[0] if isinstance(out, tuple) else out)
+    )
+    expected = []
+    with torch.no_grad():
+        for sample in ids:
+            model(sample[None], use_cache=False)
+            expected.append(last["out"])
+    handle.remove()
+    with torch.no_grad():
+        captured = capture_block_inputs(model, blocks, ids)
+        hidden = captured.hidden_states
+        for index, block in enumerate(blocks):
+            hidden = block_forward(block, hidden, captured.block_kwargs[index])
+    for got, want in zip(hidden, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_gpt2_conv1d_is_refused_by_name():
