@@ -6,10 +6,11 @@ budget for each rate; the error is the scaled relative error `||(W - S - L) D||_
 summed over the matrices of a shape; errors are averaged, `Δ` is the per-matrix relative error difference
 `fast / exact - 1` (mean and the worst, i.e. largest, over the matrices).
 
-With `--noise` the exact solver is also run on `W (1 + 1e-6 ε)`: the worst `|Δ|` of that run is the
+With `--noise` the exact solver is also run on `W (1 + 1e-6 ε)`; the same `Δ` of that run (`noise Δ`) is the
 exact solver's own sensitivity (OATS's thresholding path is chaotic), the yardstick for the fast one's `Δ`.
 
-    OMP_NUM_THREADS=1 python benchmarks/oats_solver.py --noise
+    OMP_NUM_THREADS=1 python benchmarks/oats_solver.py --noise --json solver.json
+    python benchmarks/oats_solver.py --table-only --json solver.json    # reprint a stored run
     python benchmarks/oats_solver.py --iterations 40 --rates 0.5 --layers 15
 """
 
@@ -45,9 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--noise", action="store_true", help="also measure the exact solver's own sensitivity")
     parser.add_argument("--num-sequences", type=int, default=8, help="C4 sequences for the input norms")
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the --noise perturbation")
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--json", default=None, help="also write every per-matrix result to this file")
+    parser.add_argument("--table-only", action="store_true", help="print the table from --json, compute nothing")
     return parser.parse_args()
 
 
@@ -93,9 +95,8 @@ def timed(*args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def main() -> None:
-    args = parse_args()
-    nm = parse_nm(args.sparsity_pattern)
+def run(args: argparse.Namespace, nm: tuple[int, int] | None) -> list[dict]:
+    """Decompose every selected matrix at every rate with both solvers; one result per (matrix, rate)."""
     data_dir = Path(os.environ.get("OATS_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -109,7 +110,7 @@ def main() -> None:
     norms = input_norms(model, tokenizer, list(names), data_dir / "c4" / "c4_sample.jsonl", args.num_sequences,
                         args.seqlen)
 
-    rows: dict[tuple, list[dict]] = defaultdict(list)
+    results = []
     for name, linear in names.items():
         weight = linear.weight.detach().float()
         d_out, d_in = weight.shape
@@ -117,10 +118,10 @@ def main() -> None:
             budget = layer_budget(d_out, d_in, rate, args.rank_ratio, nm)
             kwargs = dict(rank=budget.rank, keep_per_row=budget.keep_per_row, nm=nm, iterations=args.iterations)
             exact, exact_s = timed(weight, norms[name], **kwargs)
-            fast, fast_s = timed(weight, norms[name], solver="fast", tol=args.tol, seed=args.seed, **kwargs)
+            fast, fast_s = timed(weight, norms[name], solver="fast", tol=args.tol, **kwargs)
             result = {
-                "name": name, "rate": rate, "rank": budget.rank, "exact_s": exact_s, "fast_s": fast_s,
-                "exact_err": scaled_error(weight, exact, norms[name]),
+                "name": name, "shape": [d_out, d_in], "rate": rate, "rank": budget.rank, "exact_s": exact_s,
+                "fast_s": fast_s, "exact_err": scaled_error(weight, exact, norms[name]),
                 "fast_err": scaled_error(weight, fast, norms[name]), "iterations": fast.iterations,
             }
             if args.noise:
@@ -128,31 +129,56 @@ def main() -> None:
                 perturbed = weight * (1 + 1e-6 * torch.randn(weight.shape, generator=g))
                 result["noise_err"] = scaled_error(weight, oats_decompose(perturbed, norms[name], **kwargs),
                                                    norms[name])
-            rows[(d_out, d_in, rate)].append(result)
+            results.append(result)
             print(json.dumps(result), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps([r for group in rows.values() for r in group], indent=1))
+    return results
 
-    print(f"\n## OATS solver: SmolLM2-135M-Instruct blocks {args.layers}, {platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"kappa={args.rank_ratio}, pattern={args.sparsity_pattern}, {args.iterations} iterations max, fast tol="
-          f"{'default' if args.tol is None else args.tol}, seed {args.seed}; D from {args.num_sequences} x "
-          f"{args.seqlen} C4 tokens\n")
-    noise = " exact noise worst \\|Δ\\| |" if args.noise else ""
+
+def main() -> None:
+    args = parse_args()
+    nm = parse_nm(args.sparsity_pattern)
+    if nm is not None:  # N:M fixes the sparse part's density: the rate plays no role
+        args.rates = args.rates[:1]
+    if args.table_only:
+        stored = json.loads(Path(args.json).read_text())
+        settings, results = stored["settings"], stored["results"]
+    else:
+        settings = {
+            "layers": args.layers, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "rank_ratio": args.rank_ratio, "pattern": args.sparsity_pattern,
+            "iterations": args.iterations, "tol": args.tol, "num_sequences": args.num_sequences,
+            "seqlen": args.seqlen,
+        }
+        results = run(args, nm)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    rows: dict[tuple, list[dict]] = defaultdict(list)
+    for result in results:
+        rows[(*result["shape"], result["rate"])].append(result)
+    noise = any("noise_err" in result for result in results)
+
+    s = settings
+    print(f"\n## OATS solver: SmolLM2-135M-Instruct blocks {s['layers']}, {s['machine']}, {s['threads']} threads, "
+          f"torch {s['torch']}")
+    print(f"kappa={s['rank_ratio']}, pattern={s['pattern']}, {s['iterations']} iterations max, fast tol="
+          f"{'default' if s['tol'] is None else s['tol']}; D from {s['num_sequences']} x {s['seqlen']} C4 tokens\n")
+    header = " noise Δ mean | noise Δ worst |" if noise else ""
     print(f"| shape | rho | rank | matrices | exact s | fast s | speed-up | exact err | fast err | Δ mean | Δ worst |"
-          f"{noise} fast iterations |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.noise else "") + "---|")
+          f"{header} fast iterations |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if noise else "") + "---|")
     for (d_out, d_in, rate), group in sorted(rows.items()):
         exact_s, fast_s = sum(r["exact_s"] for r in group), sum(r["fast_s"] for r in group)
         deltas = [r["fast_err"] / r["exact_err"] - 1 for r in group]
         iterations = [r["iterations"] for r in group]
         its = f"{min(iterations)}" if min(iterations) == max(iterations) else f"{min(iterations)}–{max(iterations)}"
-        line = (f"| {d_out}x{d_in} | {rate} | {group[0]['rank']} | {len(group)} | {exact_s:.2f} | {fast_s:.2f} | "
+        label = rate if s["pattern"] == "unstructured" else s["pattern"]
+        line = (f"| {d_out}x{d_in} | {label} | {group[0]['rank']} | {len(group)} | {exact_s:.2f} | {fast_s:.2f} | "
                 f"{exact_s / fast_s:.1f}x | {sum(r['exact_err'] for r in group) / len(group):.5f} | "
                 f"{sum(r['fast_err'] for r in group) / len(group):.5f} | {sum(deltas) / len(deltas):+.3%} | "
                 f"{max(deltas):+.3%} |")
-        if args.noise:
-            line += f" {max(abs(r['noise_err'] / r['exact_err'] - 1) for r in group):.3%} |"
+        if noise:
+            drift = [r["noise_err"] / r["exact_err"] - 1 for r in group]
+            line += f" {sum(drift) / len(drift):+.3%} | {max(drift):+.3%} |"
         print(line + f" {its} |")
 
 

@@ -55,10 +55,10 @@ class OATSConfig(QuantizationConfigMixin):
             never compressed.
         svd (`str`, defaults to `"exact"`):
             The rank-r step inside OATS. `"exact"`: a full thin SVD every iteration, as in the reference code.
-            `"fast"`: one warm-started block power step with Rayleigh–Ritz per iteration (the sparse part moves
-            little between iterations, so the previous subspace is nearly right), a warm-started top-k, and an
-            early stop once the sparse support is fixed and the error stalls. Several times faster, with the same
-            error up to the run-to-run sensitivity of the iteration itself (`benchmarks/oats_solver.py`).
+            `"fast"`: one full SVD, then warm-started block power steps with Rayleigh–Ritz (one per iteration
+            once the sparse part settles), a warm-started top-k, and an early stop once the sparse support is
+            fixed and the error stalls. Several times faster, with the same error up to the run-to-run
+            sensitivity of the iteration itself (`benchmarks/oats_solver.py`).
         layerwise (`str`, defaults to `"uniform"`):
             `"uniform"`: every block gets `compression_rate`. `"owl"`: per-block rates from the outlier ratios of
             the dense model (OWL, Yin et al. 2024); the mean over blocks equals `compression_rate` and the

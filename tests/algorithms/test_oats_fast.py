@@ -5,8 +5,8 @@ import torch
 
 from optimum_oats.algorithms import ALGORITHMS, INPUT_NORMS, layer_budget, oats_decompose, truncated_svd
 from optimum_oats.algorithms.masks import sparsity_mask
-from optimum_oats.algorithms.oats import ritz_step, warm_sparsity_mask
-from optimum_oats.config import OATSConfig
+from optimum_oats.algorithms.oats import _power_steps, ritz_step, warm_sparsity_mask
+from optimum_oats.config import SVD_SOLVERS, OATSConfig
 
 
 def _structured_matrix(d_out=96, d_in=128, rank=6, seed=0):
@@ -110,11 +110,25 @@ def test_ritz_step_converges_to_the_truncated_svd_and_never_loses_ground():
     matrix = torch.randn(50, 80, generator=g) * torch.logspace(0, -2, 80)
     basis, errors = torch.randn(80, 12, generator=g), []
     for _ in range(30):
-        u, v, basis = ritz_step(matrix, basis, 6)
+        u, v, basis, _ = ritz_step(matrix, basis, 6)
         errors.append(float((matrix - u @ v).norm()))
     assert all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:], strict=False))
     best_u, best_v = truncated_svd(matrix, 6)
     assert errors[-1] <= float((matrix - best_u @ best_v).norm()) * (1 + 1e-4)
+
+
+def test_power_steps_repeat_only_while_they_pay():
+    g = torch.Generator().manual_seed(1)
+    matrix = torch.randn(50, 80, generator=g) * torch.logspace(0, -2, 80)
+    basis = torch.randn(80, 12, generator=g)
+    one_u, one_v, _, _ = ritz_step(matrix, basis, 6)
+    one_error = float((matrix - one_u @ one_v).norm())
+    # The previous L was far off (S jumped): keep stepping (up to FAST_MAX_STEPS) and get closer.
+    u, v, _ = _power_steps(matrix, basis, 6, stale=float("inf"))
+    assert float((matrix - u @ v).norm()) < one_error
+    # The first step gained nothing over the previous L (S settled): stop after it.
+    u, v, _ = _power_steps(matrix, basis, 6, stale=one_error**2)
+    assert torch.equal(u, one_u) and torch.equal(v, one_v)
 
 
 @pytest.mark.parametrize("nm", [None, (2, 8)])
@@ -146,3 +160,23 @@ def test_invalid_solver_and_tolerance_are_rejected():
         oats_decompose(weight, norms, rank=2, keep_per_row=10, solver="magic")
     with pytest.raises(ValueError, match="`tol` must be >= 0"):
         oats_decompose(weight, norms, rank=2, keep_per_row=10, solver="fast", tol=-1.0)
+
+
+def test_fast_solver_end_to_end(tiny_configs, tokenizer, calibration_texts):
+    """`OATSConfig(svd="fast")` reaches `oats_decompose` through `compress`: same layer budgets, same quality."""
+    from optimum_oats import compress, compression_report
+
+    from tiny_models import build_tiny_model
+
+    reports, layer_maps = {}, {}
+    for svd in SVD_SOLVERS:
+        torch.manual_seed(0)
+        model = build_tiny_model(tiny_configs["llama"])
+        config = OATSConfig(svd=svd, dataset=calibration_texts, num_samples=2, seqlen=32, num_iterations=20)
+        compress(model, config, tokenizer, progress=False)
+        reports[svd] = compression_report(model)
+        layer_map = model.config.quantization_config.layer_map
+        layer_maps[svd] = {name: (entry["rank"], entry["nnz"]) for name, entry in layer_map.items()}
+    assert layer_maps["fast"] == layer_maps["exact"]
+    assert reports["fast"].kept_fraction == reports["exact"].kept_fraction
+    assert reports["fast"].mean_relative_error <= 1.02 * reports["exact"].mean_relative_error
