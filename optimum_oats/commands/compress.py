@@ -17,6 +17,7 @@ CONFIG_FIELDS = (
     "seqlen",
     "num_iterations",
     "seed",
+    "svd",
     "layerwise",
     "owl_threshold",
     "owl_lambda",

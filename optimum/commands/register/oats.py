@@ -23,6 +23,7 @@ CONFIG_DEFAULTS = {
     "seqlen": 2048,
     "num_iterations": 80,
     "seed": 0,
+    "svd": "exact",
     "layerwise": "uniform",
     "owl_threshold": 5.0,
     "owl_lambda": 0.08,
@@ -63,6 +64,7 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
     option("--seqlen", int, "N", "Tokens per calibration sequence")
     option("--num-iterations", int, "N", "Alternating-thresholding iterations (OATS)")
     option("--seed", int, "N", "Seed for calibration sampling")
+    option("--svd", str, "SOLVER", "SVD solver inside OATS: `exact`, or `fast` (warm-started, several times faster)")
     option("--layerwise", str, "MODE", "Per-block rates: `uniform`, or `owl` (outlier-weighted, OWL)")
     option("--owl-threshold", float, "M", "OWL outlier threshold M")
     option("--owl-lambda", float, "LAMBDA", "OWL half-spread of the per-block rates")
