@@ -3,16 +3,7 @@ import torch
 
 from optimum_oats.algorithms import layer_budget, oats_decompose, wanda_prune
 
-
-def _structured_matrix(d_out=48, d_in=64, rank=4, seed=0):
-    """Low-rank + sparse + noise, with a few outlier input features: the case OATS is built for."""
-    g = torch.Generator().manual_seed(seed)
-    low_rank = torch.randn(d_out, rank, generator=g) @ torch.randn(rank, d_in, generator=g)
-    sparse = torch.randn(d_out, d_in, generator=g) * (torch.rand(d_out, d_in, generator=g) < 0.1) * 3
-    weight = low_rank + sparse + 0.05 * torch.randn(d_out, d_in, generator=g)
-    norms = torch.rand(d_in, generator=g) + 0.5
-    norms[:3] *= 20  # outlier features
-    return weight, norms
+from structured import structured_matrix as _structured_matrix
 
 
 def _scaled_error(weight, approx, norms):

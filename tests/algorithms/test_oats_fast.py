@@ -8,16 +8,11 @@ from optimum_oats.algorithms.masks import sparsity_mask
 from optimum_oats.algorithms.oats import _power_steps, ritz_step, warm_sparsity_mask
 from optimum_oats.config import SVD_SOLVERS, OATSConfig
 
+from structured import structured_matrix
+
 
 def _structured_matrix(d_out=96, d_in=128, rank=6, seed=0):
-    """Low-rank + sparse + noise, with a few outlier input features: the case OATS is built for."""
-    g = torch.Generator().manual_seed(seed)
-    low_rank = torch.randn(d_out, rank, generator=g) @ torch.randn(rank, d_in, generator=g)
-    sparse = torch.randn(d_out, d_in, generator=g) * (torch.rand(d_out, d_in, generator=g) < 0.1) * 3
-    weight = low_rank + sparse + 0.05 * torch.randn(d_out, d_in, generator=g)
-    norms = torch.rand(d_in, generator=g) + 0.5
-    norms[:3] *= 20  # outlier features
-    return weight, norms
+    return structured_matrix(d_out, d_in, rank, seed)
 
 
 def _scaled_error(weight, out, norms):
