@@ -56,3 +56,12 @@ def tiny_configs(tokenizer) -> dict:
 @pytest.fixture
 def tiny_llama(tiny_configs):
     return build_tiny_model(tiny_configs["llama"])
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory, tiny_configs, tokenizer) -> Path:
+    """A tiny random Llama saved with the SmolLM2 tokenizer: a dense checkpoint folder to compress."""
+    path = tmp_path_factory.mktemp("dense")
+    build_tiny_model(tiny_configs["llama"]).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -19,17 +19,7 @@ from optimum_oats import LinearSparseLowRank, OATSConfig
 from optimum_oats.integration import register
 from optimum_oats.serialization import CheckpointError
 
-from tiny_models import build_tiny_model
-
 IDS = torch.tensor([[1, 5, 99, 300, 7, 42, 1000, 3]])
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory, tiny_configs, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("dense")
-    build_tiny_model(tiny_configs["llama"]).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from optimum_oats import LinearSparseLowRank, OATSConfig
 from optimum_oats.hub import DEFAULT_MODEL_HUB_ID
 
 from hub_server import DEFAULT_TOKEN
-from tiny_models import build_tiny_model
 
 # Small enough that compressing the tiny model takes about a second.
 FAST_COMPRESS = ["--num-samples", "2", "--seqlen", "32", "--num-iterations", "4"]
@@ -43,14 +42,6 @@ def last_json(lines: list[str]) -> dict:
     """The JSON summary every command prints as its last stdout line."""
     assert lines, "the command printed nothing on stdout"
     return json.loads(lines[-1])
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory, tiny_configs, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("dense")
-    build_tiny_model(tiny_configs["llama"]).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
