@@ -7,6 +7,7 @@ compressed checkpoints reload.
 
 from .compress import compress, compression_report
 from .config import OATSConfig
+from .hub import publish
 from .integration import register as _register
 from .nn import LinearSparseLowRank
 from .report import CompressionReport
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 
 _register()
 
-__all__ = ["CompressionReport", "LinearSparseLowRank", "OATSConfig", "compress", "compression_report"]
+__all__ = ["CompressionReport", "LinearSparseLowRank", "OATSConfig", "compress", "compression_report", "publish"]
