@@ -194,7 +194,8 @@ def _fmt(value: float | None, sign: str = "") -> str:
 
 
 def _row(task: str, metric: str, compressed: float | None, dense: float | None) -> dict[str, str]:
-    delta = None if compressed is None or dense is None else compressed - dense
+    # Rounded so that equal scores show +0, not float residue such as -5.551e-17.
+    delta = None if compressed is None or dense is None else round(compressed - dense, 10)
     return {
         "task": task,
         "metric": metric,
