@@ -20,6 +20,7 @@ from .calibration import (
 )
 from .config import OATSConfig
 from .data import generate_self_texts, load_calibration_texts, sample_calibration_windows
+from .integration import set_module
 from .nn import LinearSparseLowRank
 from .report import CompressionReport
 
@@ -98,11 +99,6 @@ def owl_rates(
     return rates, ratios
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 @torch.no_grad()
 def compress_with_inputs(model: nn.Module, config: OATSConfig, input_ids: torch.Tensor, progress: bool = True):
     """Compress `model` in place from calibration token ids; returns the `layer_map`."""
@@ -130,7 +126,7 @@ def compress_with_inputs(model: nn.Module, config: OATSConfig, input_ids: torch.
                 statistics = {stat: acc.finalize() for stat, acc in accumulators[name].items()}
                 _check_statistics(f"{prefix}.{name}", statistics)
                 layer, entry = compress_linear(linear, statistics, config, rates[index] if rates else None)
-                _replace_module(block, name, layer)
+                set_module(block, name, layer)
                 if ratios:
                     entry["owl_outlier_ratio"] = round(ratios[index], 6)
                 layer_map[f"{prefix}.{name}"] = entry

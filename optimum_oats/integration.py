@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 _PATCHED = "__optimum_oats_patched__"
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule `name` (dotted path) of `root` by `new`."""
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
@@ -64,7 +65,7 @@ def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> dict[s
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        _set_module(model, name, skeleton)
+        set_module(model, name, skeleton)
         shapes[name] = (linear.in_features, linear.out_features)
     return shapes
 
@@ -73,7 +74,7 @@ def replace_with_dense(model: PreTrainedModel) -> PreTrainedModel:
     """Merge every `LinearSparseLowRank` back to a dense `nn.Linear` (`S + U V`)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LinearSparseLowRank):
-            _set_module(model, name, module.to_linear())
+            set_module(model, name, module.to_linear())
     return model
 
 
