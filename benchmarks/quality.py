@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_oats import OATSConfig, compress, compression_report
+from optimum_oats.config import parse_nm
 from optimum_oats.default_model import default_model_path
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
 
@@ -44,6 +45,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=80)
     parser.add_argument("--rank-ratio", type=float, default=0.25)
+    parser.add_argument("--svd", default="exact", choices=["exact", "fast"], help="OATS's rank-r step")
+    parser.add_argument(
+        "--patterns",
+        nargs="+",
+        default=["unstructured"],
+        help="sparsity patterns, e.g. unstructured 2:4 (N:M runs ignore --rates and --layerwise)",
+    )
+    parser.add_argument("--owl-threshold", type=float, default=None, help="OWL's M (default: the config's)")
+    parser.add_argument("--owl-lambda", type=float, default=None, help="OWL's lambda (default: the config's)")
+    parser.add_argument("--plot", default=None, help="write perplexity vs rate (one line per method) to this PNG")
     parser.add_argument("--output", default="bench_results/quality")
     parser.add_argument("--quick", action="store_true", help="4 x 256 calibration, 4 x 512 evaluation, 10 iterations")
     args = parser.parse_args()
@@ -81,19 +92,24 @@ def main() -> None:
     def dense() -> dict:
         return {"perplexity": evaluate(AutoModelForCausalLM.from_pretrained(model_path)), "seconds": 0.0}
 
-    def compressed(method: str, rate: float, layerwise: str):
+    owl = {k: v for k, v in (("owl_threshold", args.owl_threshold), ("owl_lambda", args.owl_lambda)) if v is not None}
+
+    def compressed(method: str, rate: float, layerwise: str, pattern: str):
         def fn() -> dict:
             model = AutoModelForCausalLM.from_pretrained(model_path)
             config = OATSConfig(
                 compression_rate=rate,
                 rank_ratio=args.rank_ratio,
                 method=method,
+                sparsity_pattern=pattern,
                 dataset="c4",
                 num_samples=args.num_samples,
                 seqlen=args.seqlen,
                 num_iterations=args.iterations,
                 seed=0,
                 layerwise=layerwise,
+                svd=args.svd,
+                **(owl if layerwise == "owl" else {}),
             )
             start = time.perf_counter()
             compress(model, config, tokenizer)
@@ -111,29 +127,98 @@ def main() -> None:
     def missing() -> dict:
         raise SystemExit("--table-only: a result is missing; run without it first")
 
-    runs = [(m, r, lw) for r in args.rates for lw in args.layerwise for m in args.methods]
+    runs = [
+        (m, r, lw, "unstructured")
+        for r in args.rates
+        for lw in args.layerwise
+        for m in args.methods
+        if "unstructured" in args.patterns
+    ]
+    runs += [(m, nm_rate(p), "uniform", p) for p in args.patterns if p != "unstructured" for m in args.methods]
     results = {}
     if not args.skip_dense:
         results["dense"] = run_one("dense", out, missing if args.table_only else dense)
-    for method, rate, layerwise in runs:
-        key = f"{method}-{layerwise}-{rate}"
-        results[key] = run_one(key, out, missing if args.table_only else compressed(method, rate, layerwise))
+    for method, rate, layerwise, pattern in runs:
+        key = entry_key(method, rate, layerwise, pattern, args)
+        results[key] = run_one(key, out, missing if args.table_only else compressed(method, rate, layerwise, pattern))
     if args.skip_dense:
         return
 
-    print(f"\n## Quality: SmolLM2-135M-Instruct, {date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"calibration: {args.num_samples} x {args.seqlen} C4 tokens, seed 0; OATS kappa={args.rank_ratio}, "
-          f"{args.iterations} iterations, exact SVD")
+    print(
+        f"\n## Quality: SmolLM2-135M-Instruct, {date.today()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"calibration: {args.num_samples} x {args.seqlen} C4 tokens, seed 0; OATS kappa={args.rank_ratio}, "
+        f"{args.iterations} iterations, {args.svd} SVD; OWL M={args.owl_threshold or OATSConfig.owl_threshold}, "
+        f"lambda={args.owl_lambda or OATSConfig.owl_lambda}"
+    )
     print(f"evaluation: WikiText-2 test token perplexity, first {args.windows} windows of {args.eval_seqlen} tokens\n")
     dense_ppl = results["dense"]["perplexity"]
-    print("| method | layerwise | rho | kept | perplexity | ppl / dense | mean rel. error | compress time (s) |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| dense | - | 0 | 1.000 | {dense_ppl:.2f} | 1.00 | - | - |")
-    for method, rate, layerwise in runs:
-        r = results[f"{method}-{layerwise}-{rate}"]
-        print(f"| {method} | {layerwise} | {rate} | {r['kept_fraction']:.3f} | {r['perplexity']:.2f} | "
-              f"{r['perplexity'] / dense_ppl:.2f} | {r['mean_relative_error']:.4f} | {r['seconds']:.0f} |")
+    print("| method | pattern | layerwise | rho | kept | perplexity | ppl / dense | mean rel. error | compress s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| dense | - | - | 0 | 1.000 | {dense_ppl:.2f} | 1.00 | - | - |")
+    for method, rate, layerwise, pattern in runs:
+        r = results[entry_key(method, rate, layerwise, pattern, args)]
+        print(
+            f"| {method} | {pattern} | {layerwise} | {rate} | {r['kept_fraction']:.3f} | {r['perplexity']:.2f} | "
+            f"{r['perplexity'] / dense_ppl:.2f} | {r['mean_relative_error']:.4f} | {r['seconds']:.0f} |"
+        )
+    if args.plot:
+        print(f"\nplot: {plot_sweep(runs, results, dense_ppl, args, Path(args.plot))}")
+
+
+def nm_rate(pattern: str) -> float:
+    """The nominal rate of an N:M pattern (its sparse part's; OATS adds the low-rank term on top)."""
+    n, m = parse_nm(pattern)
+    return round(1 - n / m, 4)
+
+
+def entry_key(method: str, rate: float, layerwise: str, pattern: str, args: argparse.Namespace) -> str:
+    """File name of one result; settings that differ from the original protocol are part of it."""
+    key = f"{method}-{layerwise}-{rate}"
+    if pattern != "unstructured":
+        key += f"-{pattern.replace(':', 'of')}"
+    if method == "oats" and args.svd != "exact":
+        key += f"-{args.svd}"
+    if method == "oats" and args.rank_ratio != 0.25:
+        key += f"-k{args.rank_ratio}"
+    if layerwise == "owl" and (args.owl_threshold is not None or args.owl_lambda is not None):
+        key += f"-M{args.owl_threshold or OATSConfig.owl_threshold}-l{args.owl_lambda or OATSConfig.owl_lambda}"
+    return key
+
+
+def plot_sweep(runs: list, results: dict, dense_ppl: float, args: argparse.Namespace, path: Path) -> Path:
+    """Perplexity against compression rate, one line per (method, layerwise); N:M entries as markers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for method, rate, layerwise, pattern in runs:
+        ppl = results[entry_key(method, rate, layerwise, pattern, args)]["perplexity"]
+        if pattern == "unstructured":
+            lines.setdefault((method, layerwise), []).append((rate, ppl))
+        else:
+            ax.scatter([rate], [ppl], marker="x", color=f"C{METHODS.index(method)}", label=f"{method} {pattern}")
+    for (method, layerwise), points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        style = "-" if layerwise == "uniform" else "--"
+        color = f"C{METHODS.index(method)}"
+        ax.plot(xs, ys, marker="o", color=color, linestyle=style, label=f"{method} ({layerwise})")
+    ax.axhline(dense_ppl, color="black", linewidth=0.8, label=f"dense ({dense_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression rate rho (fraction of each layer's parameters removed)")
+    ax.set_ylabel("WikiText-2 token perplexity (log)")
+    ax.set_title(f"SmolLM2-135M: calib {args.num_samples}x{args.seqlen} C4, eval {args.windows}x{args.eval_seqlen}")
+    ax.legend(fontsize=7, ncol=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 if __name__ == "__main__":
