@@ -1,0 +1,403 @@
+"""Inference speed and memory of compressed layers and models on the CPU (issue 7), printed as markdown tables.
+
+Sections (run one or several; each is a function registered in SECTIONS, so more can be added):
+
+    python benchmarks/speed.py --section floor              # bytes each storage format reads per forward
+    python benchmarks/speed.py --section layers             # per-layer forward time, SmolLM2 shapes, every mode
+    python benchmarks/speed.py --section generate           # end-to-end greedy generation tokens/s
+    python benchmarks/speed.py --section memory             # peak resident memory, dense vs compressed
+
+Timing rules: `torch.set_num_threads(--threads)` (default 1: the machine may be shared), the variants of one
+measurement are interleaved in a rotating order within every repetition, and ratios are ratios of medians.
+
+`layers` uses layers built like real ones at rho=0.5, kappa=0.25 (Wanda-style row-wise top-k mask of a random
+weight scaled by random input norms, the budget rule's rank and nnz). With `--cache cold` (default) every timed
+pass walks over enough distinct copies of the layer to exceed the last-level cache, as in a real model where
+each layer's weights are evicted before the next token needs them; `--cache hot` reuses one layer (weights stay
+in L2/L3), the best case for dense.
+
+`generate` and `memory` use a compressed SmolLM2-135M: OATS with the fast solver and a tiny calibration (speed and
+memory do not depend on compression quality), saved once to `--checkpoint` and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from optimum_oats.algorithms.budget import layer_budget
+from optimum_oats.algorithms.pruning import wanda_prune
+from optimum_oats.default_model import default_model_path
+from optimum_oats.nn import LinearSparseLowRank
+from optimum_oats.nn.kernels import kernel_available
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = ("decompress", "merged", "sparse_kernel", "auto")
+COLD_BYTES = 96e6  # > 2x a 32 MB L3: every pass reads the weights from DRAM
+
+
+def smollm2_shapes(model_path: Path) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each distinct linear layer of a Llama-style block, from config.json."""
+    config = json.loads((model_path / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
+    return {"q/o": (hidden, hidden), "k/v": (kv, hidden), "gate/up": (inter, hidden), "down": (hidden, inter)}
+
+
+# ---------------------------------------------------------------- floor
+
+
+def format_bytes(d_out: int, d_in: int, rho: float, kappa: float, dtype_bytes: int) -> dict[str, float]:
+    """Bytes one forward pass must read for each storage format (weights only; activations are tiny at decode)."""
+    budget = layer_budget(d_out, d_in, rho, kappa)
+    nnz, lowrank = budget.keep_per_row * d_out, budget.rank * (d_out + d_in) * dtype_bytes
+    return {
+        "dense": d_out * d_in * dtype_bytes,
+        "bitmask": nnz * dtype_bytes + d_out * ((d_in + 7) // 8) + lowrank + 8 * (d_out + 1),
+        "csr-u16": nnz * (dtype_bytes + 2) + 8 * (d_out + 1) + lowrank,
+        "csr-i32": nnz * (dtype_bytes + 4) + 8 * (d_out + 1) + lowrank,
+    }
+
+
+def section_floor(args: argparse.Namespace) -> None:
+    shapes = smollm2_shapes(args.model)
+    print(
+        f"\n### Bytes read per forward at rho={args.rho}, kappa={args.kappa} (weights, MB; floor speedup vs dense)\n"
+    )
+    print("| shape | dtype | dense | bitmask + values (used) | CSR uint16 idx | CSR int32 idx |")
+    print("|---|---|---|---|---|---|")
+    for name, (d_out, d_in) in shapes.items():
+        for dtype_name, dtype in DTYPES.items():
+            sizes = format_bytes(d_out, d_in, args.rho, args.kappa, dtype.itemsize)
+            cells = [
+                f"{sizes[k] / 1e6:.3f} ({sizes['dense'] / sizes[k]:.2f}x)" for k in ("bitmask", "csr-u16", "csr-i32")
+            ]
+            print(f"| {name} {d_out}x{d_in} | {dtype_name} | {sizes['dense'] / 1e6:.3f} | " + " | ".join(cells) + " |")
+
+
+# ---------------------------------------------------------------- layers
+
+
+def compressed_layer(d_out: int, d_in: int, rho: float, kappa: float, dtype: torch.dtype, seed: int):
+    """A dense `nn.Linear` and its compressed replacement with a Wanda-style mask and the budget's rank."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(d_in, d_out, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(d_out, d_in, generator=generator) * 0.02)
+    norms = torch.rand(d_in, generator=generator) + 0.5
+    budget = layer_budget(d_out, d_in, rho, kappa)
+    sparse = wanda_prune(linear.weight.detach(), norms, keep_per_row=budget.keep_per_row)
+    u = torch.randn(d_out, budget.rank, generator=generator) * 0.02
+    v = torch.randn(budget.rank, d_in, generator=generator) * 0.02
+    return linear.to(dtype), LinearSparseLowRank.from_linear(linear.to(dtype), sparse, u, v)
+
+
+def time_variants(variants: dict[str, Callable[[], None]], reps: int, inner: int) -> dict[str, float]:
+    """Median seconds per call of each variant; the order rotates every repetition (interleaved)."""
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # warm-up: caches built (merged), kernel loaded, pages touched
+        variants[name]()
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            start = time.perf_counter()
+            for _ in range(inner):
+                variants[name]()
+            samples[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def section_layers(args: argparse.Namespace) -> None:
+    shapes = smollm2_shapes(args.model)
+    print(
+        f"\n### Per-layer forward time, rho={args.rho}, kappa={args.kappa}, threads={torch.get_num_threads()}, "
+        f"cache={args.cache}, median of {args.reps} interleaved repetitions (us per layer call)\n"
+    )
+    print("| shape | dtype | tokens | dense nn.Linear | " + " | ".join(args.modes) + " | best mode | auto speedup |")
+    print("|---|---|---|---|" + "---|" * len(args.modes) + "---|---|")
+    speedups: dict[tuple[str, int], list[float]] = {}
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for name, (d_out, d_in) in shapes.items():
+            copies = 1 if args.cache == "hot" else max(1, int(COLD_BYTES // (d_out * d_in * dtype.itemsize)))
+            pairs = [compressed_layer(d_out, d_in, args.rho, args.kappa, dtype, seed) for seed in range(copies)]
+            for tokens in args.tokens:
+                x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+                variants = {"dense": _dense_runner([dense for dense, _ in pairs], x)}
+                for mode in args.modes:
+                    variants[mode] = _mode_runner([layer for _, layer in pairs], mode, x)
+                with torch.no_grad():
+                    inner = max(1, int(args.min_pass_s // _estimate(variants["dense"])))
+                    times = time_variants(variants, args.reps, inner)
+                times = {k: v / copies for k, v in times.items()}
+                ratios = {mode: times["dense"] / times[mode] for mode in args.modes}
+                best = max(ratios, key=ratios.get)
+                speedups.setdefault((dtype_name, tokens), []).append(ratios.get("auto", ratios[best]))
+                cells = " | ".join(f"{times[m] * 1e6:.1f} ({ratios[m]:.2f}x)" for m in args.modes)
+                print(
+                    f"| {name} {d_out}x{d_in} | {dtype_name} | {tokens} | {times['dense'] * 1e6:.1f} | {cells} | "
+                    f"{best} {ratios[best]:.2f}x | {ratios.get('auto', float('nan')):.2f}x |",
+                    flush=True,
+                )
+                del variants
+            del pairs
+    print("\nMedian over the layer shapes of dense time / auto time:\n")
+    print("| dtype | tokens | median speedup (auto vs dense) |")
+    print("|---|---|---|")
+    for (dtype_name, tokens), values in speedups.items():
+        print(f"| {dtype_name} | {tokens} | {statistics.median(values):.2f}x |")
+
+
+def _dense_runner(linears: list[nn.Linear], x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        for linear in linears:
+            linear(x)
+
+    return run
+
+
+def _mode_runner(layers: list[LinearSparseLowRank], mode: str, x: torch.Tensor) -> Callable[[], None]:
+    for layer in layers:
+        layer.set_execution_mode(mode)
+
+    def run() -> None:
+        for layer in layers:
+            layer.execution_mode = mode  # the layers are shared by several modes; keep any merged cache
+            layer(x)
+
+    return run
+
+
+def _estimate(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return max(time.perf_counter() - start, 1e-6)
+
+
+# ---------------------------------------------------------------- generate / memory
+
+
+def compressed_checkpoint(args: argparse.Namespace) -> Path:
+    """A compressed SmolLM2 saved once (fast OATS solver, tiny calibration: speed does not depend on quality)."""
+    folder = args.checkpoint
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_oats import OATSConfig, compress
+
+    data_dir = Path(os.environ.get("OATS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = OATSConfig(
+        compression_rate=args.rho,
+        rank_ratio=args.kappa,
+        method="oats",
+        svd="fast",
+        num_iterations=2,
+        num_samples=4,
+        seqlen=256,
+        dataset=str(data_dir / "c4" / "c4_sample.jsonl"),
+    )
+    start = time.perf_counter()
+    compress(model, config, tokenizer)
+    print(f"compressed SmolLM2 in {time.perf_counter() - start:.0f} s -> {folder}", file=sys.stderr)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _load(path: Path, dtype: torch.dtype, mode: str | None):
+    from transformers import AutoModelForCausalLM
+
+    import optimum_oats  # noqa: F401  (registers the "oats" quantization method)
+    from optimum_oats.nn import set_execution_mode
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if mode is not None:
+        set_execution_mode(model, mode)
+    return model
+
+
+def section_generate(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    checkpoint = compressed_checkpoint(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    print(
+        f"\n### Greedy generation of {args.new_tokens} new tokens, prompt of {prompt.input_ids.shape[1]} tokens, "
+        f"threads={torch.get_num_threads()}, median of {args.reps_generate} interleaved runs\n"
+    )
+    print("| dtype | model | tokens/s | speedup vs dense |")
+    print("|---|---|---|---|")
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        models = {"dense": _load(args.model, dtype, None)}
+        for mode in args.generate_modes:
+            models[f"compressed ({mode})"] = _load(checkpoint, dtype, mode)
+
+        def runner(model):
+            def run() -> None:
+                model.generate(
+                    **prompt,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id,
+                )
+
+            return run
+
+        with torch.no_grad():
+            times = time_variants({name: runner(m) for name, m in models.items()}, args.reps_generate, 1)
+        for name, seconds in times.items():
+            print(
+                f"| {dtype_name} | {name} | {args.new_tokens / seconds:.1f} | {times['dense'] / seconds:.2f}x |",
+                flush=True,
+            )
+        del models
+
+
+def _measure_memory(path: str, dtype_name: str, mode: str, new_tokens: int) -> None:
+    """Child process: load, generate, print peak RSS. A fresh process so ru_maxrss is this variant's own peak."""
+    import psutil
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    base = psutil.Process().memory_info().rss
+    model = _load(Path(path), DTYPES[dtype_name], None if mode == "none" else mode)
+    loaded = psutil.Process().memory_info().rss
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    status = _proc_status()
+    print(
+        json.dumps(
+            {
+                "base": base,
+                "loaded": loaded,
+                "after": psutil.Process().memory_info().rss,
+                "anon": status.get("RssAnon", 0),
+                "file": status.get("RssFile", 0),
+                "peak": peak,
+            }
+        )
+    )
+
+
+def _proc_status() -> dict[str, int]:
+    """Resident anonymous / file-backed bytes (Linux): mmap'd checkpoint pages count in RSS but are reclaimable."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines) if v.strip().endswith("kB")}
+
+
+def section_memory(args: argparse.Namespace) -> None:
+    checkpoint = compressed_checkpoint(args)
+    print(f"\n### Resident memory (MB) while generating {args.new_tokens} tokens, one fresh process per row\n")
+    print(
+        "| dtype | model | after import | after load | after generate | of which anonymous | of which file-backed "
+        "(mmap'd checkpoint) | peak (ru_maxrss) | peak - import |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype_name in args.dtypes:
+        rows = [("dense", str(args.model), "none")] + [
+            (f"compressed ({mode})", str(checkpoint), mode) for mode in args.generate_modes
+        ]
+        for name, path, mode in rows:
+            code = (
+                "import sys; sys.path.insert(0, sys.argv[1]); import speed; "
+                "speed._measure_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))"
+            )
+            out = (
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        code,
+                        str(Path(__file__).parent),
+                        path,
+                        dtype_name,
+                        mode,
+                        str(args.new_tokens),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            mem = {k: v / 1e6 for k, v in json.loads(out).items()}
+            print(
+                f"| {dtype_name} | {name} | {mem['base']:.0f} | {mem['loaded']:.0f} | {mem['after']:.0f} | "
+                f"{mem['anon']:.0f} | {mem['file']:.0f} | {mem['peak']:.0f} | {mem['peak'] - mem['base']:.0f} |",
+                flush=True,
+            )
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "floor": section_floor,
+    "layers": section_layers,
+    "generate": section_generate,
+    "memory": section_memory,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", nargs="+", choices=sorted(SECTIONS), default=["floor", "layers"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 128])
+    parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--kappa", type=float, default=0.25)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--min-pass-s", type=float, default=0.02, help="time per timed repetition (layers)")
+    parser.add_argument("--cache", choices=["cold", "hot"], default="cold")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="execution modes (layers)")
+    parser.add_argument("--model", type=Path, default=None, help="dense SmolLM2 folder (default: the local copy)")
+    parser.add_argument("--checkpoint", type=Path, default=Path.home() / ".cache" / "optimum_oats" / "speed-oats-r0.5")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--reps-generate", type=int, default=3)
+    parser.add_argument("--generate-modes", nargs="+", choices=MODES, default=["auto"])
+    args = parser.parse_args()
+    args.model = Path(args.model or default_model_path())
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, threads={args.threads}, compiled kernel available: {kernel_available()}, "
+        f"CPU: {_cpu_name()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    for section in args.section:
+        SECTIONS[section](args)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The compiled `"sparse_kernel"` execution mode, the `"auto"` mode choosing per call, and a model-wide setter.
+
+`"sparse_kernel"` reads S straight from the stored kept values and packed bitmask (plus a per-row offset table
+derived on first use, 8 bytes per output row), so a decode step reads about half the bytes of the dense matrix.
+It is inference-only: whenever autograd would need gradients, or the kernel cannot run (not CPU, a dtype other
+than float32/bfloat16, extension unavailable), it falls back to the differentiable `"decompress"` path.
+
+`"auto"` (the default) picks per call from the number of tokens, see [`choose_mode`]; the rule and the measured
+crossover are documented in docs/inference.md.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .execution import decompress_forward, merged_forward, register_execution_mode
+from .kernels import load_kernel
+from .sparse_lowrank import LinearSparseLowRank
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# Largest number of tokens (rows of x) for which "auto" uses the kernel, per dtype; above it the dense-equivalent
+# "merged" mode is as fast or faster on the measured CPU (benchmarks/speed.py --section layers; docs/inference.md).
+AUTO_MAX_KERNEL_TOKENS = {torch.float32: 16, torch.bfloat16: 8}
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+_OFFSETS_ATTR = "_oats_row_offsets"  # plain attribute in the layer's __dict__: (cache key, offsets)
+
+
+def row_offsets(layer: LinearSparseLowRank) -> torch.Tensor:
+    """Start of each row's kept values in `layer.weight`, int64 `(out_features + 1,)`; cached until the mask changes.
+
+    This is the only derived inference data (8 bytes per output row): the kernel reads the stored values and
+    packed bitmask as they are.
+    """
+    mask = layer.weight_mask
+    key = (mask.data_ptr(), mask._version)
+    cached = layer.__dict__.get(_OFFSETS_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    counts = _POPCOUNT.to(mask.device)[mask.long()].sum(dim=1)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    if int(offsets[-1]) != layer.sparse_nnz:
+        raise ValueError(
+            f"`weight_mask` marks {int(offsets[-1])} kept weights but `weight` holds {layer.sparse_nnz}: the layer's "
+            "storage is inconsistent (a corrupted or mismatched checkpoint)."
+        )
+    layer.__dict__[_OFFSETS_ATTR] = (key, offsets)
+    return offsets
+
+
+def _needs_grad(layer: LinearSparseLowRank, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+
+
+def _usable_kernel(layer: LinearSparseLowRank, x: torch.Tensor) -> ModuleType | None:
+    # Cheap checks first: this runs on every decode step of every layer.
+    dtype = x.dtype
+    if not (x.is_cpu and dtype in KERNEL_DTYPES and dtype == layer.weight.dtype) or _needs_grad(layer, x):
+        return None
+    return load_kernel()
+
+
+def kernel_supports(layer: LinearSparseLowRank, x: torch.Tensor) -> bool:
+    """Whether the compiled kernel can compute this call (else the PyTorch path is used)."""
+    return _usable_kernel(layer, x) is not None
+
+
+def _run_kernel(kernel: ModuleType, layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
+    # Parameters go in as they are: the call is outside autograd (checked by _usable_kernel), and the C++ side
+    # checks contiguity and reshapes x, which is cheaper than doing it here per call.
+    return kernel.sparse_lowrank_forward(
+        x, layer.weight, layer.weight_mask, row_offsets(layer), layer.lowrank_u, layer.lowrank_v, layer.bias
+    )
+
+
+@register_execution_mode("sparse_kernel")
+def sparse_kernel_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
+    """Compiled CPU kernel on the compact storage (no dense matrix formed); falls back to "decompress"."""
+    kernel = _usable_kernel(layer, x)
+    return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)
+
+
+def choose_mode(layer: LinearSparseLowRank, x: torch.Tensor) -> str:
+    """The mode "auto" runs for this call.
+
+    - autograd needs gradients, or the kernel cannot run (not CPU, dtype other than float32/bfloat16, extension
+      unavailable or disabled): "decompress" (differentiable, always correct);
+    - at most `AUTO_MAX_KERNEL_TOKENS[dtype]` tokens (decode, short prompts): "sparse_kernel", bound by bytes read;
+    - more tokens (prefill): "merged", the dense GEMM on `S + U V` cached at first use. This spends a dense matrix
+      of memory per layer that ran a long prompt; set the mode to "sparse_kernel" to keep memory compact instead.
+    """
+    if _usable_kernel(layer, x) is None:
+        return "decompress"
+    return "sparse_kernel" if x.numel() <= AUTO_MAX_KERNEL_TOKENS[x.dtype] * layer.in_features else "merged"
+
+
+@register_execution_mode("auto")
+def auto_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
+    """Per call: the compiled kernel for few tokens, dense-equivalent for many, "decompress" for training."""
+    kernel = _usable_kernel(layer, x)
+    if kernel is None:
+        return decompress_forward(layer, x)
+    if x.numel() <= AUTO_MAX_KERNEL_TOKENS[x.dtype] * layer.in_features:
+        return _run_kernel(kernel, layer, x)
+    return merged_forward(layer, x)
+
+
+def set_execution_mode(model: nn.Module, mode: str) -> int:
+    """Set `mode` on every `LinearSparseLowRank` in `model`; returns how many layers were set.
+
+    Example:
+        >>> from optimum_oats.nn import set_execution_mode
+        >>> set_execution_mode(model, "sparse_kernel")  # or "auto", "merged", "decompress"
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LinearSparseLowRank):
+            module.set_execution_mode(mode)
+            count += 1
+    return count

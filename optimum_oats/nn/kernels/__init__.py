@@ -1,0 +1,104 @@
+"""Compiled CPU kernel for `LinearSparseLowRank`, built from the shipped C++ source on first use and cached.
+
+The extension is compiled once per (source, compiler flags, CPU, torch version) into a cache folder
+(`OATS_KERNEL_CACHE`, default `~/.cache/optimum_oats/kernels`); later processes load the cached library. If
+the compiler is missing or the build fails, a warning is emitted once and callers fall back to the pure-PyTorch
+path, which is always correct. Setting `OATS_DISABLE_KERNELS=1` takes that fallback path on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import warnings
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "OATS_DISABLE_KERNELS"
+CACHE_ENV = "OATS_KERNEL_CACHE"
+SOURCE = "sparse_lowrank.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+_lock = threading.Lock()
+_loaded: ModuleType | None = None
+_failed = False
+
+
+def kernels_disabled() -> bool:
+    """Whether the user turned the compiled kernel off with `OATS_DISABLE_KERNELS` (read at every call)."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _cpu_signature() -> str:
+    # `-march=native` code must not be reused on another CPU sharing the cache folder (e.g. a network home).
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    source = resources.files(__name__).joinpath(SOURCE)
+    text = source.read_text()
+    digest = hashlib.sha256(
+        "|".join([text, " ".join(CFLAGS), _cpu_signature(), torch.__version__]).encode()
+    ).hexdigest()[:16]
+    name = f"oats_sparse_lowrank_{digest}"
+    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "optimum_oats" / "kernels") / name
+    cache.mkdir(parents=True, exist_ok=True)
+    with resources.as_file(source) as path:
+        logger.info("Building the optimum-oats CPU kernel in %s (once per machine)", cache)
+        return load(
+            name=name,
+            sources=[str(path)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(cache),
+            verbose=False,
+        )
+
+
+def load_kernel() -> ModuleType | None:
+    """The compiled extension, or `None` when it is disabled or could not be built (warned once)."""
+    global _loaded, _failed
+    if kernels_disabled():
+        return None
+    if _loaded is not None or _failed:
+        return _loaded
+    with _lock:
+        if _loaded is None and not _failed:
+            try:
+                _loaded = _build()
+            except Exception as err:  # any build or import failure means: use the PyTorch path
+                _failed = True
+                warnings.warn(
+                    f"optimum-oats could not build its CPU kernel ({type(err).__name__}: {err}); "
+                    "LinearSparseLowRank falls back to the PyTorch 'decompress' path (correct, slower). "
+                    f"Install a C++ compiler (g++) and ninja, or set {DISABLE_ENV}=1 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _loaded
+
+
+def kernel_available() -> bool:
+    return load_kernel() is not None
+
+
+__all__ = ["CACHE_ENV", "DISABLE_ENV", "kernel_available", "kernels_disabled", "load_kernel"]

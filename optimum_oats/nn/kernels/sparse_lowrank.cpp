@@ -1,0 +1,450 @@
+// CPU kernel for LinearSparseLowRank: y = x S^T + (x V^T) U^T + b, computed straight from the compact storage.
+//
+// S is read as stored: the kept values (row-major, 1-D) and the packed bitmask (1 bit per weight, little-endian
+// within a byte). Only a per-row offset into the values (int64, out_features + 1) is derived at first use. Decode
+// is bound by the bytes read, so the kernel never materialises S: each 16 (fp32) or 32 (bf16) columns of a row
+// are expanded from the compressed values into a register with the mask bits (AVX-512 VEXPAND), then multiplied
+// with the dense activations. Products are accumulated in fp32 for both dtypes. The low-rank term is fused:
+// t = x V^T is computed first, then each output row adds U[row] . t before the single store.
+//
+// Without AVX-512 (F, BW, VBMI2, BF16) a portable path decodes each row into an fp32 scratch row instead.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI2__) && \
+    defined(__AVX512BF16__)
+#define OATS_AVX512 1
+#include <immintrin.h>
+#else
+#define OATS_AVX512 0
+#endif
+
+namespace {
+
+constexpr int kRows = 4;    // output rows per register tile
+constexpr int kTokens = 4;  // tokens per register tile
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// `nbits` (<= 32) mask bits of a row starting at column `col` (a multiple of 8); bits past `in_features` are 0.
+inline uint32_t mask_bits(const uint8_t* row, int64_t col, int64_t in_features, int nbits) {
+  int64_t avail = in_features - col;
+  int take = avail < nbits ? static_cast<int>(avail) : nbits;
+  int bytes = (take + 7) / 8;
+  uint32_t bits = 0;
+  std::memcpy(&bits, row + col / 8, bytes);  // little-endian: byte 0 holds columns col..col+7
+  return take >= 32 ? bits : bits & ((1u << take) - 1u);
+}
+
+#if OATS_AVX512
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// Mask bits of `nbits` columns from `col`: a fixed-size read on full chunks (inlined, no call that would spill the
+// vector registers), the bounded read of mask_bits() only on the last partial chunk.
+template <typename bits_t, bool FULL>
+inline bits_t chunk_bits(const uint8_t* row, int64_t col, int64_t in_features) {
+  if (FULL) {
+    bits_t bits;
+    std::memcpy(&bits, row + col / 8, sizeof(bits_t));
+    return bits;
+  }
+  return static_cast<bits_t>(mask_bits(row, col, in_features, 8 * sizeof(bits_t)));
+}
+
+// One 16-column step of the fp32 tile: acc[r][t] += row_r[c:c+16] * x_t[c:c+16].
+template <int R, int T, bool MASKED, bool FULL>
+__attribute__((always_inline)) inline void step_f32(const float** wp, const uint8_t* const* mask, int64_t c,
+                                                    int64_t in_features, const float* x, int64_t ldx, bool safe,
+                                                    __m512 (&acc)[R][T]) {
+  const __mmask16 tail = FULL ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (in_features - c)) - 1u);
+  __m512 wv[R];
+  for (int r = 0; r < R; ++r) {
+    if (MASKED) {
+      const __mmask16 m = chunk_bits<uint16_t, FULL>(mask[r], c, in_features);
+      const int kept = __builtin_popcount(m);
+      // Register-form expand after a load: the memory form of VEXPANDPS is microcoded (slow) on AMD. The full
+      // 64-byte load may read past this row's values; `safe` says 16 more values exist, else it is masked.
+      const __m512 packed =
+          safe ? _mm512_loadu_ps(wp[r]) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << kept) - 1u), wp[r]);
+      wv[r] = _mm512_maskz_expand_ps(m, packed);
+      wp[r] += kept;
+    } else {
+      wv[r] = FULL ? _mm512_loadu_ps(wp[r] + c) : _mm512_maskz_loadu_ps(tail, wp[r] + c);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m512 xv = FULL ? _mm512_loadu_ps(x + t * ldx + c) : _mm512_maskz_loadu_ps(tail, x + t * ldx + c);
+    for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+  }
+}
+
+// out[r][t] = row_r . x_t over all columns (row_r of S, expanded from values + bitmask, or a dense row), fp32.
+template <int R, int T, bool MASKED>
+inline void tile_f32(const float* const* w, const uint8_t* const* mask, int64_t in_features, const float* x,
+                     int64_t ldx, bool safe, float out[kRows][kTokens]) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const float* wp[R];
+  for (int r = 0; r < R; ++r) wp[r] = w[r];
+  int64_t c = 0;
+  for (; c + 16 <= in_features; c += 16) step_f32<R, T, MASKED, true>(wp, mask, c, in_features, x, ldx, safe, acc);
+  if (c < in_features) step_f32<R, T, MASKED, false>(wp, mask, c, in_features, x, ldx, safe, acc);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r][t] = hsum(acc[r][t]);
+}
+
+// One 32-column step for bf16 storage: pairs multiplied and summed in fp32 by VDPBF16PS.
+template <int R, int T, bool MASKED, bool FULL>
+__attribute__((always_inline)) inline void step_bf16(const uint16_t** wp, const uint8_t* const* mask, int64_t c,
+                                                     int64_t in_features, const uint16_t* x, int64_t ldx, bool safe,
+                                                     __m512 (&acc)[R][T]) {
+  const __mmask32 tail =
+      FULL ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << (in_features - c)) - 1u);
+  __m512i wv[R];
+  for (int r = 0; r < R; ++r) {
+    if (MASKED) {
+      const __mmask32 m = chunk_bits<uint32_t, FULL>(mask[r], c, in_features);
+      const int kept = __builtin_popcount(m);
+      const __mmask32 first = static_cast<__mmask32>(kept >= 32 ? 0xffffffffu : (1u << kept) - 1u);
+      wv[r] = _mm512_maskz_expand_epi16(m, safe ? _mm512_loadu_si512(wp[r]) : _mm512_maskz_loadu_epi16(first, wp[r]));
+      wp[r] += kept;
+    } else {
+      wv[r] = FULL ? _mm512_loadu_si512(wp[r] + c) : _mm512_maskz_loadu_epi16(tail, wp[r] + c);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m512i xv = FULL ? _mm512_loadu_si512(x + t * ldx + c) : _mm512_maskz_loadu_epi16(tail, x + t * ldx + c);
+    for (int r = 0; r < R; ++r)
+      acc[r][t] = _mm512_dpbf16_ps(acc[r][t], reinterpret_cast<__m512bh>(wv[r]), reinterpret_cast<__m512bh>(xv));
+  }
+}
+
+template <int R, int T, bool MASKED>
+inline void tile_bf16(const uint16_t* const* w, const uint8_t* const* mask, int64_t in_features, const uint16_t* x,
+                      int64_t ldx, bool safe, float out[kRows][kTokens]) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const uint16_t* wp[R];
+  for (int r = 0; r < R; ++r) wp[r] = w[r];
+  int64_t c = 0;
+  for (; c + 32 <= in_features; c += 32) step_bf16<R, T, MASKED, true>(wp, mask, c, in_features, x, ldx, safe, acc);
+  if (c < in_features) step_bf16<R, T, MASKED, false>(wp, mask, c, in_features, x, ldx, safe, acc);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r][t] = hsum(acc[r][t]);
+}
+
+// Decode one row of S (values + mask bits) to a dense row in `dst`, for reuse across many tokens.
+inline void expand_row(const float* w, const uint8_t* mask, int64_t in_features, bool safe, float* dst) {
+  int64_t c = 0;
+  for (; c + 16 <= in_features; c += 16) {
+    const __mmask16 m = chunk_bits<uint16_t, true>(mask, c, in_features);
+    const int kept = __builtin_popcount(m);
+    const __m512 packed =
+        safe ? _mm512_loadu_ps(w) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << kept) - 1u), w);
+    _mm512_storeu_ps(dst + c, _mm512_maskz_expand_ps(m, packed));
+    w += kept;
+  }
+  if (c < in_features) {
+    const __mmask16 m = chunk_bits<uint16_t, false>(mask, c, in_features);
+    const __m512 packed = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u), w);
+    _mm512_mask_storeu_ps(dst + c, static_cast<__mmask16>((1u << (in_features - c)) - 1u),
+                          _mm512_maskz_expand_ps(m, packed));
+  }
+}
+
+inline void expand_row(const uint16_t* w, const uint8_t* mask, int64_t in_features, bool safe, uint16_t* dst) {
+  int64_t c = 0;
+  for (; c + 32 <= in_features; c += 32) {
+    const __mmask32 m = chunk_bits<uint32_t, true>(mask, c, in_features);
+    const int kept = __builtin_popcount(m);
+    const __mmask32 first = static_cast<__mmask32>(kept >= 32 ? 0xffffffffu : (1u << kept) - 1u);
+    const __m512i packed = safe ? _mm512_loadu_si512(w) : _mm512_maskz_loadu_epi16(first, w);
+    _mm512_storeu_si512(dst + c, _mm512_maskz_expand_epi16(m, packed));
+    w += kept;
+  }
+  if (c < in_features) {
+    const __mmask32 m = chunk_bits<uint32_t, false>(mask, c, in_features);
+    const __mmask32 first = static_cast<__mmask32>((1u << __builtin_popcount(m)) - 1u);
+    _mm512_mask_storeu_epi16(dst + c, static_cast<__mmask32>((1u << (in_features - c)) - 1u),
+                             _mm512_maskz_expand_epi16(m, _mm512_maskz_loadu_epi16(first, w)));
+  }
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t left = n - i;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return hsum(acc);
+}
+
+inline float dot_bf16_f32(const uint16_t* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t left = n - i;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m256i half = _mm256_maskz_loadu_epi16(m, a + i);
+    const __m512 av = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    acc = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return hsum(acc);
+}
+
+#endif  // OATS_AVX512
+
+// Portable tile: decode each row to fp32 (zeros where pruned), then plain dot products.
+template <typename scalar_t>
+inline float load_value(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, uint16_t>) {
+    return bf16_to_float(*p);
+  } else {
+    return *p;
+  }
+}
+
+template <typename scalar_t, bool MASKED>
+void tile_portable(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_t in_features,
+                   const scalar_t* x, int64_t ldx, int tokens, float out[kRows][kTokens], std::vector<float>& scratch) {
+  scratch.resize(in_features);
+  for (int r = 0; r < rows; ++r) {
+    const scalar_t* wp = w[r];
+    for (int64_t c = 0; c < in_features; ++c) {
+      if (MASKED) {
+        scratch[c] = (mask[r][c >> 3] >> (c & 7)) & 1 ? load_value(wp++) : 0.0f;
+      } else {
+        scratch[c] = load_value(wp + c);
+      }
+    }
+    for (int t = 0; t < tokens; ++t) {
+      const scalar_t* xt = x + t * ldx;
+      float s = 0.0f;
+      for (int64_t c = 0; c < in_features; ++c) s += scratch[c] * load_value(xt + c);
+      out[r][t] = s;
+    }
+  }
+}
+
+template <typename scalar_t, bool MASKED>
+void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_t in_features, const scalar_t* x,
+          int64_t ldx, int tokens, bool safe, float out[kRows][kTokens], std::vector<float>& scratch) {
+#if OATS_AVX512
+#define OATS_DISPATCH(R, T)                                                                            \
+  if (rows == R && tokens == T) {                                                                      \
+    if constexpr (std::is_same_v<scalar_t, float>) {                                                   \
+      tile_f32<R, T, MASKED>(w, mask, in_features, x, ldx, safe, out);                                      \
+    } else {                                                                                           \
+      tile_bf16<R, T, MASKED>(w, mask, in_features, x, ldx, safe, out);                                     \
+    }                                                                                                  \
+    return;                                                                                            \
+  }
+  OATS_DISPATCH(4, 1)
+  OATS_DISPATCH(4, 2)
+  OATS_DISPATCH(4, 3)
+  OATS_DISPATCH(4, 4)
+  OATS_DISPATCH(1, 1)
+  OATS_DISPATCH(1, 2)
+  OATS_DISPATCH(1, 3)
+  OATS_DISPATCH(1, 4)
+#undef OATS_DISPATCH
+  (void)scratch;
+  for (int r = 0; r < rows; ++r) {
+    tile<scalar_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, safe, out + r, scratch);
+  }
+#else
+  tile_portable<scalar_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
+#endif
+}
+
+// U[row] . t for one token; t is fp32.
+template <typename scalar_t>
+inline float lowrank_dot(const scalar_t* u_row, const float* t, int64_t rank) {
+#if OATS_AVX512
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return dot_f32(u_row, t, rank);
+  } else {
+    return dot_bf16_f32(u_row, t, rank);
+  }
+#else
+  float s = 0.0f;
+  for (int64_t j = 0; j < rank; ++j) s += load_value(u_row + j) * t[j];
+  return s;
+#endif
+}
+
+template <typename scalar_t>
+inline scalar_t store_value(float v) {
+  if constexpr (std::is_same_v<scalar_t, uint16_t>) {
+    return float_to_bf16(v);
+  } else {
+    return v;
+  }
+}
+
+// Rows [row_begin, row_end) of `weight` (dense, or compressed with `mask`/`offsets`) times every token:
+// out[n][row] = w_row . x_n (+ U[row] . t_n + bias[row]) for the output stage, fp32 `raw` for the V stage.
+template <typename scalar_t, bool MASKED, bool FINAL>
+void rows_times_tokens(const scalar_t* weight, const uint8_t* mask, const int64_t* offsets, int64_t mask_stride,
+                       int64_t row_begin, int64_t row_end, int64_t in_features, const scalar_t* x, int64_t tokens,
+                       const scalar_t* u, const float* t, int64_t rank, const scalar_t* bias, scalar_t* y, float* raw,
+                       int64_t ld_out) {
+  std::vector<float> scratch;
+  std::vector<scalar_t> dense_rows;
+  float out[kRows][kTokens];
+  const int64_t nnz = MASKED ? offsets[ld_out] : 0;
+  constexpr int64_t kLane = 64 / sizeof(scalar_t);  // values in one 64-byte load
+  for (int64_t row = row_begin; row < row_end; row += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - row));
+    const scalar_t* w[kRows];
+    const uint8_t* m[kRows];
+    for (int r = 0; r < rows; ++r) {
+      w[r] = MASKED ? weight + offsets[row + r] : weight + (row + r) * in_features;
+      m[r] = MASKED ? mask + (row + r) * mask_stride : nullptr;
+    }
+    const bool safe = !MASKED || offsets[row + rows] + kLane <= nnz;
+    if (MASKED) {
+      // The next-but-one tile's values, mask and U rows: the read addresses depend on popcounts, so the hardware
+      // prefetcher alone leaves decode latency-bound when the weights come from DRAM.
+      const int64_t ahead = std::min<int64_t>(row + 2 * kRows, row_end);
+      const int64_t ahead_end = std::min<int64_t>(ahead + kRows, row_end);
+      const char* p = reinterpret_cast<const char*>(weight + offsets[ahead]);
+      const char* p_end = reinterpret_cast<const char*>(weight + offsets[ahead_end]);
+      for (; p < p_end; p += 64) __builtin_prefetch(p);
+      for (const uint8_t* q = mask + ahead * mask_stride; q < mask + ahead_end * mask_stride; q += 64) {
+        __builtin_prefetch(q);
+      }
+      if (rank > 0) {
+        const char* uq = reinterpret_cast<const char*>(u + ahead * rank);
+        for (const char* e = reinterpret_cast<const char*>(u + ahead_end * rank); uq < e; uq += 64) {
+          __builtin_prefetch(uq);
+        }
+      }
+    }
+#if OATS_AVX512
+    // Many tokens: decode the tile's rows once into an L1-resident dense buffer, then run the dense tile over all
+    // tokens, so the per-chunk mask work is paid once per row instead of once per 4 tokens.
+    const bool decoded = MASKED && tokens > kTokens;
+    if (decoded) {
+      dense_rows.resize(static_cast<size_t>(kRows * in_features));
+      for (int r = 0; r < rows; ++r) {
+        expand_row(w[r], m[r], in_features, safe, dense_rows.data() + r * in_features);
+        w[r] = dense_rows.data() + r * in_features;
+      }
+    }
+#else
+    const bool decoded = false;
+#endif
+    for (int64_t n = 0; n < tokens; n += kTokens) {
+      const int tk = static_cast<int>(std::min<int64_t>(kTokens, tokens - n));
+      if (decoded) {
+        tile<scalar_t, false>(w, m, rows, in_features, x + n * in_features, in_features, tk, true, out, scratch);
+      } else {
+        tile<scalar_t, MASKED>(w, m, rows, in_features, x + n * in_features, in_features, tk, safe, out, scratch);
+      }
+      for (int r = 0; r < rows; ++r) {
+        for (int k = 0; k < tk; ++k) {
+          float v = out[r][k];
+          if (FINAL) {
+            if (rank > 0) v += lowrank_dot(u + (row + r) * rank, t + (n + k) * rank, rank);
+            if (bias != nullptr) v += load_value(bias + row + r);
+            y[(n + k) * ld_out + row + r] = store_value<scalar_t>(v);
+          } else {
+            raw[(n + k) * ld_out + row + r] = v;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets,
+                  const at::Tensor& u, const at::Tensor& v, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t tokens = x.size(0), in_features = x.size(1), out_features = mask.size(0), rank = v.size(0);
+  const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
+  const auto* vp = reinterpret_cast<const scalar_t*>(v.data_ptr());
+  const auto* up = reinterpret_cast<const scalar_t*>(u.data_ptr());
+  const auto* sp = reinterpret_cast<const scalar_t*>(values.data_ptr());
+  const auto* bp = bias.has_value() ? reinterpret_cast<const scalar_t*>(bias->data_ptr()) : nullptr;
+  auto* yp = reinterpret_cast<scalar_t*>(y.data_ptr());
+  std::vector<float> t(static_cast<size_t>(tokens * rank));
+  // Grains of 16 rows: small enough to split a 192-row layer across threads, large enough to amortise dispatch.
+  if (rank > 0) {
+    at::parallel_for(0, rank, 16, [&](int64_t begin, int64_t end) {
+      rows_times_tokens<scalar_t, false, false>(vp, nullptr, nullptr, 0, begin, end, in_features, xp, tokens, nullptr,
+                                                nullptr, 0, nullptr, nullptr, t.data(), rank);
+    });
+  }
+  const int64_t tiles = (out_features + kRows - 1) / kRows;  // split by whole row tiles
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    rows_times_tokens<scalar_t, true, true>(sp, mask.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), mask.size(1),
+                                            begin * kRows, std::min(end * kRows, out_features), in_features, xp,
+                                            tokens, up, t.data(), rank, bp, yp, nullptr, out_features);
+  });
+}
+
+}  // namespace
+
+// x: (..., in_features); values: (nnz,); mask: (out, ceil(in/8)) uint8; offsets: (out + 1,) int64; u: (out, rank);
+// v: (rank, in); bias: (out,) or None. All of x's dtype (float32 or bfloat16). Returns (..., out).
+at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& mask,
+                                  const at::Tensor& offsets, const at::Tensor& u, const at::Tensor& v,
+                                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.device().is_cpu(), "x must be a CPU tensor");
+  const int64_t in_features = x_in.size(-1), out_features = mask.size(0);
+  const at::Tensor x = x_in.contiguous().view({-1, in_features});
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous(), "mask must be contiguous uint8");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.numel() == out_features + 1, "offsets: (out + 1,) int64");
+  TORCH_CHECK(mask.size(1) == (in_features + 7) / 8, "mask has ", mask.size(1), " bytes per row, expected ",
+              (in_features + 7) / 8);
+  TORCH_CHECK(v.dim() == 2 && v.size(1) == in_features && u.size(0) == out_features && u.size(1) == v.size(0),
+              "low-rank factor shapes do not match");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16, got ", dtype);
+  for (const at::Tensor* t : {&values, &u, &v}) {
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "all tensors must be contiguous and of x's dtype");
+  }
+  TORCH_CHECK(values.numel() == offsets.data_ptr<int64_t>()[out_features], "values and mask disagree on nnz");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == out_features,
+                "bias: (out,) of x's dtype");
+  }
+  std::vector<int64_t> sizes(x_in.sizes().begin(), x_in.sizes().end());
+  sizes.back() = out_features;
+  auto y = at::empty(sizes, x.options());
+  if (dtype == at::kFloat) {
+    forward_impl<float>(x, values, mask, offsets, u, v, bias, y);
+  } else {
+    forward_impl<uint16_t>(x, values, mask, offsets, u, v, bias, y);
+  }
+  return y;
+}
+
+bool uses_avx512() { return OATS_AVX512 != 0; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_lowrank_forward", &sparse_lowrank_forward, "y = x S^T + (x V^T) U^T + b from values + bitmask");
+  m.def("uses_avx512", &uses_avx512, "whether the AVX-512 path was compiled in");
+}
