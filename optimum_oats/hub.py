@@ -23,7 +23,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 
 from .plotting import as_report, plot_layer_report
+from .redact import redacted_logs, scrub, scrub_exception, secrets_in_use
 from .report import REPORT_FILE, CompressionReport
+from .tasks import CAUSAL_LM, ModelTask, model_task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -82,6 +84,7 @@ def render_model_card(
     license: str | None = None,  # noqa: A002 - the Hub's metadata field name
     repo_id: str | None = None,
     model_name: str | None = None,
+    task: ModelTask | None = None,
 ) -> ModelCard:
     """Render the model card of a compressed checkpoint. Pure: reads only the packaged template, no network.
 
@@ -95,7 +98,10 @@ def render_model_card(
         license: the license; defaults to the base model's when known, else `"other"`.
         repo_id: used in the loading snippet.
         model_name: name in the `model-index`; defaults to the repo name, else `<base>-oats`.
+        task: how the checkpoint loads (Auto class, pipeline tag, tokenizer or image processor), from
+            `tasks.model_task`; defaults to a causal LM.
     """
+    task = task or CAUSAL_LM
     report = as_report(report)
     config = report.config
     name = model_name or (repo_id.split("/")[-1] if repo_id else f"{base_model.split('/')[-1]}-oats")
@@ -106,7 +112,7 @@ def render_model_card(
         base_model=base_model,
         base_model_relation=BASE_MODEL_RELATION,
         library_name="transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag=task.pipeline_tag,
         license=license or KNOWN_LICENSES.get(base_model, "other"),
         tags=tags,
         model_name=name if results else None,
@@ -120,6 +126,10 @@ def render_model_card(
         base_model=base_model,
         repo_id=repo_id or "path/to/this/checkpoint",
         method_label=_METHOD_LABELS.get(method, method),
+        auto_class=task.auto_class,
+        processor_class=task.processor_class,
+        processor_name="image_processor" if task.is_vision else "tokenizer",
+        dense_parts="`lm_head`" if task == CAUSAL_LM else "poolers and task heads",
         config=config,
         config_json=json.dumps(config, indent=2, sort_keys=True),
         summary=_summary(report),
@@ -359,6 +369,9 @@ def _publish_staged(
             "pass `base_model=` (`--base-model` on the command line)."
         )
     report = json.loads((staging / REPORT_FILE).read_text(encoding="utf-8"))
+    model_config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+    architecture = (model_config.get("architectures") or [None])[0]
+    task = model_task(architecture, model_config.get("model_type"))
     plot_layer_report(report, staging / PLOT_FILE)
     if eval_results or dense_results:
         payload = {"base_model": base_model, "compressed": eval_results or {}, "dense": dense_results or {}}
@@ -371,26 +384,37 @@ def _publish_staged(
         plot_path=PLOT_FILE,
         license=license or base_model_license(base_model, token),
         repo_id=repo_id,
+        task=task,
     )
     card.save(staging / CARD_FILE)
     return _upload(staging, repo_id, token=token, private=private, commit_message=commit_message)
 
 
 def _upload(folder: Path, repo_id: str, *, token: str | None, private: bool, commit_message: str | None) -> str:
+    # The HTTP libraries' DEBUG traces and the errors they raise may quote what the Hub (or a proxy) echoes back.
+    with redacted_logs(secrets_in_use(token)):
+        info = _commit(folder, repo_id, token=token, private=private, commit_message=commit_message)
+    logger.info("Pushed %d files to %s in commit %s", sum(1 for _ in folder.iterdir()), repo_id, info.oid)
+    return info.commit_url
+
+
+def _commit(folder: Path, repo_id: str, *, token: str | None, private: bool, commit_message: str | None):
     api = HfApi(token=token)
     step = "creating the repository"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         step = "uploading the files"
-        info = api.upload_folder(
+        return api.upload_folder(
             folder_path=folder,
             repo_id=repo_id,
             commit_message=commit_message or "Upload OATS-compressed model (optimum-oats)",
             delete_patterns=["model*.safetensors*"],  # shards of an earlier push that this one does not replace
         )
     except HfHubHTTPError as err:
+        scrub_exception(err, secrets_in_use(token))  # the chained cause is printed with any traceback
         raise PublishError(_scrub(_describe_http_error(err, repo_id, step), token)) from err
     except Exception as err:  # transport errors (connection refused, timeout, proxy): the Hub was not reached
+        scrub_exception(err, secrets_in_use(token))
         raise PublishError(
             _scrub(
                 f"Pushing to {repo_id!r} failed while {step}: could not reach the Hub at {api.endpoint} "
@@ -398,8 +422,6 @@ def _upload(folder: Path, repo_id: str, *, token: str | None, private: bool, com
                 token,
             )
         ) from err
-    logger.info("Pushed %d files to %s in commit %s", sum(1 for _ in folder.iterdir()), repo_id, info.oid)
-    return info.commit_url
 
 
 _NOTHING_CHANGED = "Nothing was committed, and the local files are unchanged."
@@ -420,9 +442,4 @@ def _describe_http_error(err: HfHubHTTPError, repo_id: str, step: str) -> str:
 
 def _scrub(message: str, token: str | None) -> str:
     """Remove any token from a message that may quote a request (defence in depth: none is expected)."""
-    from huggingface_hub import get_token
-
-    for secret in {token, get_token()}:
-        if secret:
-            message = message.replace(secret, "***")
-    return message
+    return scrub(message, secrets_in_use(token))

@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +70,26 @@ def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> dict[s
     return shapes
 
 
+def checkpoint_key_renamer(model: PreTrainedModel):
+    """`key on disk -> parameter name` as transformers renames checkpoint keys while loading `model`.
+
+    transformers 5 renames some architectures' modules and converts keys both ways (ViT stores
+    `attention.attention.key` but its module is `attention.k_proj`), so a check of the checkpoint's tensors
+    against `layer_map` (module names) must rename the stored keys first. Identity when nothing is renamed.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # transformers without key conversion: keys are stored as named
+        return lambda key: key
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    if not transforms:
+        return lambda key: key
+    return lambda key: rename_source_key(key, renamings, converters)[0]
+
+
 def replace_with_dense(model: PreTrainedModel) -> PreTrainedModel:
     """Merge every `LinearSparseLowRank` back to a dense `nn.Linear` (`S + U V`)."""
     for name, module in list(model.named_modules()):
@@ -87,16 +107,24 @@ def is_oats_model(model: nn.Module) -> bool:
 def staged_directory(target: str | os.PathLike):
     """Yield a temporary sibling folder; on success move its files into `target`, config files last.
 
-    A failure while writing leaves `target` as it was, and never a folder that looks like a valid checkpoint.
+    A failure while writing (full disk, serialization error, interrupt) leaves `target` exactly as it was and
+    removes the staging folder. A new `target` appears in one atomic rename. Into an existing folder, its old
+    `config.json` is removed before any other file is replaced and the new one lands last, so even a failure
+    while moving never leaves a mix of old and new files that loads as a checkpoint.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    # Not `mkdtemp`: its 0700 mode would become the saved folder's mode after the final rename.
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         yield staging
-        target.mkdir(exist_ok=True)
+        if not target.exists():
+            os.replace(staging, target)
+            return
         staged = sorted(staging.iterdir(), key=lambda p: p.name == "config.json")
         names = {p.name for p in staged}
+        (target / "config.json").unlink(missing_ok=True)
         for stale in target.glob("model*.safetensors*"):
             if stale.name not in names:
                 stale.unlink()

@@ -15,12 +15,9 @@ from pathlib import Path
 
 from torch import nn
 
+from .tasks import model_task
+
 MODULE_NAME = "modeling_oats"
-# Auto class for each task head suffix; other heads simply get no remote-code entry point.
-_AUTO_CLASSES = {
-    "ForCausalLM": "AutoModelForCausalLM",
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-}
 
 _TEMPLATE = '''"""Loads this OATS-compressed checkpoint with `trust_remote_code=True` (written by optimum-oats)."""
 
@@ -57,9 +54,12 @@ def _stock_name(cls: type) -> str:
 def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> None:
     """Add `modeling_oats.py` and the matching `auto_map` entry to a checkpoint folder being written."""
     base, config_base = _stock_name(type(model)), _stock_name(type(model.config))
-    auto_class = next((auto for suffix, auto in _AUTO_CLASSES.items() if base.endswith(suffix)), None)
-    if auto_class is None or not config_base:
+    # The Auto class transformers itself maps this architecture to (causal LM, seq2seq, classifier, ViT, ...);
+    # architectures no Auto class loads get no remote-code entry point.
+    task = model_task(base, getattr(model.config, "model_type", None))
+    if task is None or not config_base:
         return
+    auto_class = task.auto_class
     directory = Path(directory)
     name, config_name = f"OATS{base}", f"OATS{config_base}"
     code = _TEMPLATE.format(base=base, name=name, config_base=config_base, config_name=config_name)

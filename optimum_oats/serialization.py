@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,33 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{path} has a corrupted safetensors header ({error}).") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupted safetensors header (not a JSON object).")
+    tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    for key, entry in tensors.items():
+        if not _valid_entry(entry):
+            raise CheckpointError(f"{path} has a corrupted safetensors header: the entry of `{key}` is malformed.")
     data_bytes = size - _HEADER_LENGTH_BYTES - length
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
     if end > data_bytes:
         raise CheckpointError(
             f"{path} is truncated: its header declares {end} bytes of tensor data but the file holds {data_bytes}. "
             "Download or copy the checkpoint again."
         )
     return header
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    offsets, shape = entry.get("data_offsets"), entry.get("shape")
+    return (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+        and isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+    )
 
 
 def expected_shapes(name: str, in_features: int, out_features: int, rank: int, nnz: int) -> dict[str, tuple]:
@@ -72,7 +91,10 @@ def expected_shapes(name: str, in_features: int, out_features: int, rank: int, n
 
 
 def validate_checkpoint(
-    files: Iterable[str | os.PathLike], layer_map: dict[str, dict[str, Any]], layer_shapes: dict[str, tuple[int, int]]
+    files: Iterable[str | os.PathLike],
+    layer_map: dict[str, dict[str, Any]],
+    layer_shapes: dict[str, tuple[int, int]],
+    rename: Callable[[str], str] | None = None,
 ) -> None:
     """Check every file's integrity and that each compressed tensor has the shape `layer_map` promises.
 
@@ -80,6 +102,8 @@ def validate_checkpoint(
         files: the checkpoint's safetensors files.
         layer_map: `{module: {"rank", "nnz"}}` from the saved config.
         layer_shapes: `{module: (in_features, out_features)}` from the model skeleton.
+        rename: maps a key as stored on disk to the model's parameter name (transformers renames the keys of
+            some architectures on load, e.g. ViT's `attention.attention.key` to `attention.k_proj`).
     """
     found: dict[str, tuple[tuple, str]] = {}
     for file in files:
@@ -89,7 +113,7 @@ def validate_checkpoint(
             )
         for key, entry in read_safetensors_header(file).items():
             if key != "__metadata__":
-                found[key] = (tuple(entry["shape"]), str(file))
+                found[rename(key) if rename else key] = (tuple(entry["shape"]), str(file))
     for name, entry in layer_map.items():
         in_features, out_features = layer_shapes[name]
         shapes = expected_shapes(name, in_features, out_features, int(entry["rank"]), int(entry["nnz"]))
@@ -104,3 +128,29 @@ def validate_checkpoint(
                     f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but config.json's "
                     f"`layer_map` implies {list(shape)}. The checkpoint and its config disagree."
                 )
+
+
+def check_loaded_masks(model: Any) -> None:
+    """After the tensors load: every layer's bitmask must mark exactly as many weights as `weight` holds values.
+
+    Shapes are checked before loading; this catches a mask whose bits were altered (a damaged or hand-edited
+    file), which would otherwise scatter the kept values to wrong places without any error.
+
+    Raises:
+        CheckpointError: naming the `weight_mask` tensor.
+    """
+    import torch
+
+    from .nn import LinearSparseLowRank
+
+    popcount = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearSparseLowRank) or module.weight_mask.device.type == "meta":
+            continue
+        ones = int(popcount.to(module.weight_mask.device)[module.weight_mask.long()].sum())
+        if ones != module.sparse_nnz:
+            raise CheckpointError(
+                f"Tensor `{name}.weight_mask` marks {ones} kept weights but `{name}.weight` holds "
+                f"{module.sparse_nnz} values (padding bits included). The checkpoint is damaged; "
+                "download or copy it again."
+            )

@@ -56,7 +56,7 @@ class LinearSparseLowRank(nn.Module):
         self.lowrank_u = nn.Parameter(torch.zeros(out_features, rank, **factory))
         self.lowrank_v = nn.Parameter(torch.zeros(rank, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        self.execution_mode = "decompress"
+        self.execution_mode = "auto"  # see nn/kernel_execution.py: kernel for decode, dense GEMM for prefill
         self._merged_cache: torch.Tensor | None = None
 
     @property

@@ -23,7 +23,7 @@ CONFIG_DEFAULTS = {
     "seqlen": 2048,
     "num_iterations": 80,
     "seed": 0,
-    "svd": "exact",
+    "svd": "fast",
     "layerwise": "uniform",
     "owl_threshold": 5.0,
     "owl_lambda": 0.08,
@@ -64,12 +64,26 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
     option("--seqlen", int, "N", "Tokens per calibration sequence")
     option("--num-iterations", int, "N", "Alternating-thresholding iterations (OATS)")
     option("--seed", int, "N", "Seed for calibration sampling")
-    option("--svd", str, "SOLVER", "SVD solver inside OATS: `exact`, or `fast` (warm-started, several times faster)")
+    option("--svd", str, "SOLVER", "SVD solver inside OATS: `fast` (default, warm-started) or `exact` (the reference)")
     option("--layerwise", str, "MODE", "Per-block rates: `uniform`, or `owl` (outlier-weighted, OWL)")
     option("--owl-threshold", float, "M", "OWL outlier threshold M")
     option("--owl-lambda", float, "LAMBDA", "OWL half-spread of the per-block rates")
     config.add_argument(
         "--modules-to-not-convert", nargs="+", default=None, metavar="NAME", help="Module names to keep dense."
+    )
+    scaling = parser.add_argument_group("scaling (docs/scaling.md)")
+    scaling.add_argument(
+        "--resume-dir",
+        default=None,
+        metavar="DIR",
+        help="Save each finished block here; rerunning the same command after a crash continues from the last one.",
+    )
+    scaling.add_argument(
+        "--offload-folder",
+        default=None,
+        metavar="DIR",
+        help="Load the model with every block offloaded to this folder on disk and compress one block at a time "
+        "(peak memory: about one block plus the calibration activations).",
     )
     _runtime_arguments(parser)
 

@@ -1,0 +1,36 @@
+"""The cubic schedule of LoSparse's remaining ratio of S (Li et al., ICML 2023; PLATON's schedule)."""
+
+from __future__ import annotations
+
+
+def remaining_ratio(
+    step: int, total_steps: int, initial_warmup_steps: int, final_warmup_steps: int, final_ratio: float
+) -> float:
+    """Fraction of S kept after optimizer step `step` (1-based).
+
+    `1.0` for `step <= t_i`; then `final + (1 - final) (1 - (step - t_i) / (T - t_i - t_f))^3`; then `final` for the
+    last `t_f` steps (`step > T - t_f`).
+    """
+    decay_steps = total_steps - initial_warmup_steps - final_warmup_steps
+    if decay_steps <= 0:
+        raise ValueError(
+            f"The warm-up ({initial_warmup_steps}) and final ({final_warmup_steps}) phases leave no decay steps in "
+            f"{total_steps} total steps; shorten them or train longer."
+        )
+    if step <= initial_warmup_steps:
+        return 1.0
+    if step > total_steps - final_warmup_steps:
+        return final_ratio
+    progress = (step - initial_warmup_steps) / decay_steps
+    return final_ratio + (1.0 - final_ratio) * (1.0 - progress) ** 3
+
+
+def is_mask_step(
+    step: int, total_steps: int, initial_warmup_steps: int, final_warmup_steps: int, delta_t: int
+) -> bool:
+    """Whether rows are pruned after `step`: every `delta_t` steps while decaying, every step in the final phase."""
+    if step <= initial_warmup_steps:
+        return False
+    if step > total_steps - final_warmup_steps:
+        return True
+    return step % delta_t == 0
