@@ -57,7 +57,11 @@ def main() -> None:
             for rate in args.rates:
                 model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
                 cfg = OATSConfig(
-                    compression_rate=rate, rank_ratio=args.rank_ratio, num_iterations=1, num_samples=4, seqlen=128,
+                    compression_rate=rate,
+                    rank_ratio=args.rank_ratio,
+                    num_iterations=1,
+                    num_samples=4,
+                    seqlen=128,
                     dataset=str(data_dir / "c4" / "c4_sample.jsonl"),
                 )
                 compress(model, cfg, tokenizer, progress=False)
@@ -73,8 +77,10 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for dtype, rate, compressed, dense, total, dense_total in rows:
-        print(f"| {dtype} | {rate} | {compressed / 1e6:.1f} | {dense / 1e6:.1f} | {compressed / dense:.3f} | "
-              f"{total / 1e6:.1f} | {dense_total / 1e6:.1f} |")
+        print(
+            f"| {dtype} | {rate} | {compressed / 1e6:.1f} | {dense / 1e6:.1f} | {compressed / dense:.3f} | "
+            f"{total / 1e6:.1f} | {dense_total / 1e6:.1f} |"
+        )
 
 
 if __name__ == "__main__":

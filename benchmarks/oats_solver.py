@@ -107,8 +107,9 @@ def run(args: argparse.Namespace, nm: tuple[int, int] | None) -> list[dict]:
         for proj in args.projections:
             group = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             names[f"model.layers.{layer}.{group}.{proj}"] = getattr(getattr(blocks[layer], group), proj)
-    norms = input_norms(model, tokenizer, list(names), data_dir / "c4" / "c4_sample.jsonl", args.num_sequences,
-                        args.seqlen)
+    norms = input_norms(
+        model, tokenizer, list(names), data_dir / "c4" / "c4_sample.jsonl", args.num_sequences, args.seqlen
+    )
 
     results = []
     for name, linear in names.items():
@@ -120,15 +121,22 @@ def run(args: argparse.Namespace, nm: tuple[int, int] | None) -> list[dict]:
             exact, exact_s = timed(weight, norms[name], **kwargs)
             fast, fast_s = timed(weight, norms[name], solver="fast", tol=args.tol, **kwargs)
             result = {
-                "name": name, "shape": [d_out, d_in], "rate": rate, "rank": budget.rank, "exact_s": exact_s,
-                "fast_s": fast_s, "exact_err": scaled_error(weight, exact, norms[name]),
-                "fast_err": scaled_error(weight, fast, norms[name]), "iterations": fast.iterations,
+                "name": name,
+                "shape": [d_out, d_in],
+                "rate": rate,
+                "rank": budget.rank,
+                "exact_s": exact_s,
+                "fast_s": fast_s,
+                "exact_err": scaled_error(weight, exact, norms[name]),
+                "fast_err": scaled_error(weight, fast, norms[name]),
+                "iterations": fast.iterations,
             }
             if args.noise:
                 g = torch.Generator().manual_seed(args.seed)
                 perturbed = weight * (1 + 1e-6 * torch.randn(weight.shape, generator=g))
-                result["noise_err"] = scaled_error(weight, oats_decompose(perturbed, norms[name], **kwargs),
-                                                   norms[name])
+                result["noise_err"] = scaled_error(
+                    weight, oats_decompose(perturbed, norms[name], **kwargs), norms[name]
+                )
             results.append(result)
             print(json.dumps(result), flush=True)
     return results
@@ -144,9 +152,15 @@ def main() -> None:
         settings, results = stored["settings"], stored["results"]
     else:
         settings = {
-            "layers": args.layers, "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "rank_ratio": args.rank_ratio, "pattern": args.sparsity_pattern,
-            "iterations": args.iterations, "tol": args.tol, "num_sequences": args.num_sequences,
+            "layers": args.layers,
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "rank_ratio": args.rank_ratio,
+            "pattern": args.sparsity_pattern,
+            "iterations": args.iterations,
+            "tol": args.tol,
+            "num_sequences": args.num_sequences,
             "seqlen": args.seqlen,
         }
         results = run(args, nm)
@@ -158,13 +172,19 @@ def main() -> None:
     noise = any("noise_err" in result for result in results)
 
     s = settings
-    print(f"\n## OATS solver: SmolLM2-135M-Instruct blocks {s['layers']}, {s['machine']}, {s['threads']} threads, "
-          f"torch {s['torch']}")
-    print(f"kappa={s['rank_ratio']}, pattern={s['pattern']}, {s['iterations']} iterations max, fast tol="
-          f"{'default' if s['tol'] is None else s['tol']}; D from {s['num_sequences']} x {s['seqlen']} C4 tokens\n")
+    print(
+        f"\n## OATS solver: SmolLM2-135M-Instruct blocks {s['layers']}, {s['machine']}, {s['threads']} threads, "
+        f"torch {s['torch']}"
+    )
+    print(
+        f"kappa={s['rank_ratio']}, pattern={s['pattern']}, {s['iterations']} iterations max, fast tol="
+        f"{'default' if s['tol'] is None else s['tol']}; D from {s['num_sequences']} x {s['seqlen']} C4 tokens\n"
+    )
     header = " noise Δ mean | noise Δ worst |" if noise else ""
-    print(f"| shape | rho | rank | matrices | exact s | fast s | speed-up | exact err | fast err | Δ mean | Δ worst |"
-          f"{header} fast iterations |")
+    print(
+        f"| shape | rho | rank | matrices | exact s | fast s | speed-up | exact err | fast err | Δ mean | Δ worst |"
+        f"{header} fast iterations |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if noise else "") + "---|")
     for (d_out, d_in, rate), group in sorted(rows.items()):
         exact_s, fast_s = sum(r["exact_s"] for r in group), sum(r["fast_s"] for r in group)
@@ -172,10 +192,12 @@ def main() -> None:
         iterations = [r["iterations"] for r in group]
         its = f"{min(iterations)}" if min(iterations) == max(iterations) else f"{min(iterations)}–{max(iterations)}"
         label = rate if s["pattern"] == "unstructured" else s["pattern"]
-        line = (f"| {d_out}x{d_in} | {label} | {group[0]['rank']} | {len(group)} | {exact_s:.2f} | {fast_s:.2f} | "
-                f"{exact_s / fast_s:.1f}x | {sum(r['exact_err'] for r in group) / len(group):.5f} | "
-                f"{sum(r['fast_err'] for r in group) / len(group):.5f} | {sum(deltas) / len(deltas):+.3%} | "
-                f"{max(deltas):+.3%} |")
+        line = (
+            f"| {d_out}x{d_in} | {label} | {group[0]['rank']} | {len(group)} | {exact_s:.2f} | {fast_s:.2f} | "
+            f"{exact_s / fast_s:.1f}x | {sum(r['exact_err'] for r in group) / len(group):.5f} | "
+            f"{sum(r['fast_err'] for r in group) / len(group):.5f} | {sum(deltas) / len(deltas):+.3%} | "
+            f"{max(deltas):+.3%} |"
+        )
         if noise:
             drift = [r["noise_err"] / r["exact_err"] - 1 for r in group]
             line += f" {sum(drift) / len(drift):+.3%} | {max(drift):+.3%} |"

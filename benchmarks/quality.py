@@ -64,12 +64,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run_one(key: str, path: Path, fn) -> dict:
+def run_one(key: str, path: Path, fn) -> dict | None:
     """Compute `fn()` once; later runs read the stored result (resume after a stop)."""
     file = path / f"{key}.json"
     if file.is_file():
         return json.loads(file.read_text())
     result = fn()
+    if result is None:
+        return None
     tmp = file.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, file)
@@ -124,8 +126,8 @@ def main() -> None:
 
         return fn
 
-    def missing() -> dict:
-        raise SystemExit("--table-only: a result is missing; run without it first")
+    def missing() -> None:
+        return None  # --table-only: shown as "not run yet", not stored
 
     runs = [
         (m, r, lw, "unstructured")
@@ -154,12 +156,17 @@ def main() -> None:
         f"lambda={args.owl_lambda or OATSConfig.owl_lambda}"
     )
     print(f"evaluation: WikiText-2 test token perplexity, first {args.windows} windows of {args.eval_seqlen} tokens\n")
+    if results["dense"] is None:
+        raise SystemExit("--table-only: the dense baseline has not been run in this --output folder yet")
     dense_ppl = results["dense"]["perplexity"]
     print("| method | pattern | layerwise | rho | kept | perplexity | ppl / dense | mean rel. error | compress s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| dense | - | - | 0 | 1.000 | {dense_ppl:.2f} | 1.00 | - | - |")
     for method, rate, layerwise, pattern in runs:
         r = results[entry_key(method, rate, layerwise, pattern, args)]
+        if r is None:
+            print(f"| {method} | {pattern} | {layerwise} | {rate} | not run yet | | | | |")
+            continue
         print(
             f"| {method} | {pattern} | {layerwise} | {rate} | {r['kept_fraction']:.3f} | {r['perplexity']:.2f} | "
             f"{r['perplexity'] / dense_ppl:.2f} | {r['mean_relative_error']:.4f} | {r['seconds']:.0f} |"
@@ -198,7 +205,10 @@ def plot_sweep(runs: list, results: dict, dense_ppl: float, args: argparse.Names
     ax = fig.subplots()
     lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for method, rate, layerwise, pattern in runs:
-        ppl = results[entry_key(method, rate, layerwise, pattern, args)]["perplexity"]
+        result = results[entry_key(method, rate, layerwise, pattern, args)]
+        if result is None:
+            continue
+        ppl = result["perplexity"]
         if pattern == "unstructured":
             lines.setdefault((method, layerwise), []).append((rate, ppl))
         else:

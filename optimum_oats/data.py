@@ -147,7 +147,10 @@ def sample_calibration_windows(
         available = len(stream) // seqlen
         logger.warning(
             "Calibration text holds %d tokens: %d windows of %d instead of the %d requested.",
-            len(stream), available, seqlen, num_samples,
+            len(stream),
+            available,
+            seqlen,
+            num_samples,
         )
         num_samples = available
     return torch.tensor(stream[:needed][: num_samples * seqlen], dtype=torch.long).view(num_samples, seqlen)

@@ -20,6 +20,7 @@ pytest_plugins = ["hub_fixtures"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ.get("OATS_DATA_DIR", DEFAULT_DATA_DIR))

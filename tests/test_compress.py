@@ -19,9 +19,7 @@ def _cfg(**kwargs):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_block_linear_is_replaced_within_budget(arch, tiny_configs, tokenizer, calibration_texts):
     model = build_tiny_model(tiny_configs[arch])
-    block_linears = {
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n
-    }
+    block_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
     embeddings_before = model.get_input_embeddings().weight.clone()
     ids = torch.randint(0, 1000, (1, 12))
     compress(model, _cfg(dataset=calibration_texts), tokenizer, progress=False)
@@ -64,8 +62,12 @@ def test_modules_to_not_convert_matches_exactly(tiny_configs, tokenizer, calibra
     config = copy.deepcopy(tiny_configs["llama"])
     config.num_hidden_layers = 11
     model = build_tiny_model(config)
-    compress(model, _cfg(dataset=calibration_texts, modules_to_not_convert=["layers.1.mlp.down_proj"]), tokenizer,
-             progress=False)
+    compress(
+        model,
+        _cfg(dataset=calibration_texts, modules_to_not_convert=["layers.1.mlp.down_proj"]),
+        tokenizer,
+        progress=False,
+    )
     assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
     assert isinstance(model.model.layers[10].mlp.down_proj, LinearSparseLowRank)
 
@@ -135,8 +137,14 @@ def test_owl_rates_vary_per_block_and_average_to_target(method, tiny_configs, to
     config = copy.deepcopy(tiny_configs["llama"])
     config.num_hidden_layers = 4
     model = build_tiny_model(config)
-    cfg = _cfg(dataset=calibration_texts, method=method, layerwise="owl", owl_lambda=0.1, owl_threshold=3.0,
-               compression_rate=0.6)
+    cfg = _cfg(
+        dataset=calibration_texts,
+        method=method,
+        layerwise="owl",
+        owl_lambda=0.1,
+        owl_threshold=3.0,
+        compression_rate=0.6,
+    )
     compress(model, cfg, tokenizer, progress=False)
     layer_map = model.config.quantization_config.layer_map
     rates = [layer_map[f"model.layers.{i}.mlp.up_proj"]["compression_rate"] for i in range(4)]

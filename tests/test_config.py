@@ -11,8 +11,15 @@ def test_defaults_and_quant_method():
 
 
 def test_round_trip_without_tokenizer():
-    cfg = OATSConfig(compression_rate=0.3, method="wanda", sparsity_pattern="2:4", dataset=["a", "b"],
-                     modules_to_not_convert=["layers.1.mlp.down_proj"], tokenizer=object(), seed=3)
+    cfg = OATSConfig(
+        compression_rate=0.3,
+        method="wanda",
+        sparsity_pattern="2:4",
+        dataset=["a", "b"],
+        modules_to_not_convert=["layers.1.mlp.down_proj"],
+        tokenizer=object(),
+        seed=3,
+    )
     data = cfg.to_dict()
     assert "tokenizer" not in data and data["quant_method"] == "oats"
     again = OATSConfig.from_dict(data)

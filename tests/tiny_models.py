@@ -31,8 +31,13 @@ def _tiny_configs(vocab_size: int) -> dict:
         "gemma3": Gemma3TextConfig(**common, head_dim=16),
         "phi3": Phi3Config(**common),
         "opt": OPTConfig(
-            hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=vocab_size,
-            word_embed_proj_dim=64, max_position_embeddings=512,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=vocab_size,
+            word_embed_proj_dim=64,
+            max_position_embeddings=512,
         ),
     }
 
@@ -45,5 +50,3 @@ def build_tiny_model(config, seed: int = 0):
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(copy.deepcopy(config)).eval()
-
-

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
 _NON_METRICS = frozenset({"alias", "name", "sample_len", "samples"})
 
 
