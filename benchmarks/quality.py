@@ -212,7 +212,8 @@ def plot_sweep(runs: list, results: dict, dense_ppl: float, args: argparse.Names
         if pattern == "unstructured":
             lines.setdefault((method, layerwise), []).append((rate, ppl))
         else:
-            ax.scatter([rate], [ppl], marker="x", color=f"C{METHODS.index(method)}", label=f"{method} {pattern}")
+            real_rate = 1 - result["kept_fraction"]  # N:M + low rank keeps more than N/M: plot where it really is
+            ax.scatter([real_rate], [ppl], marker="x", color=f"C{METHODS.index(method)}", label=f"{method} {pattern}")
     for (method, layerwise), points in sorted(lines.items()):
         xs, ys = zip(*sorted(points), strict=True)
         style = "-" if layerwise == "uniform" else "--"
