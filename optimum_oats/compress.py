@@ -210,15 +210,7 @@ def _restore_block(onloaded, prefix: str, linears: dict[str, nn.Linear], resume,
             raise ResumeMismatchError(
                 f"The resume folder {resume.directory} has no saved layer `{prefix}.{name}`; delete it to start over."
             )
-        layer = LinearSparseLowRank(
-            linear.in_features,
-            linear.out_features,
-            rank=int(entry["rank"]),
-            nnz=int(entry["nnz"]),
-            bias=linear.bias is not None,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
+        layer = LinearSparseLowRank.skeleton_of(linear, entry["rank"], entry["nnz"])
         layer.load_state_dict({key[len(name) + 1 :]: t for key, t in tensors.items() if key.startswith(name + ".")})
         onloaded.replace(name, layer)
         entries[f"{prefix}.{name}"] = entry

@@ -56,15 +56,7 @@ def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> dict[s
                 f"{type(model).__name__} (found {type(linear).__name__ if linear is not None else 'nothing'}). "
                 "The checkpoint and its config.json disagree."
             )
-        skeleton = LinearSparseLowRank(
-            linear.in_features,
-            linear.out_features,
-            rank=int(entry["rank"]),
-            nnz=int(entry["nnz"]),
-            bias=linear.bias is not None,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
+        skeleton = LinearSparseLowRank.skeleton_of(linear, entry["rank"], entry["nnz"])
         set_module(model, name, skeleton)
         shapes[name] = (linear.in_features, linear.out_features)
     return shapes

@@ -117,6 +117,22 @@ class LinearSparseLowRank(nn.Module):
         self._merged_cache = None
 
     @classmethod
+    def skeleton_of(cls, linear: nn.Linear, rank: int, nnz: int) -> LinearSparseLowRank:
+        """An unfilled layer shaped like `linear` (same device, dtype, bias) for a `layer_map` entry's rank and nnz.
+
+        Loading and resuming build these first, then fill them from a state dict.
+        """
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            rank=int(rank),
+            nnz=int(nnz),
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
