@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from quality import run_one  # benchmarks/quality.py: resumable, atomically stored results
 from transformers import AutoModel, AutoTokenizer
 
 from optimum_oats import OATSConfig, compress, compression_report
@@ -88,17 +88,6 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_leng
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         out.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(out)
-
-
-def run_one(file: Path, fn) -> dict:
-    """Compute `fn()` once; later runs read the stored result (resume after a stop)."""
-    if file.is_file():
-        return json.loads(file.read_text())
-    result = fn()
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, file)
-    return result
 
 
 def main() -> None:

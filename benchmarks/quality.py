@@ -64,9 +64,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run_one(key: str, path: Path, fn) -> dict | None:
-    """Compute `fn()` once; later runs read the stored result (resume after a stop)."""
-    file = path / f"{key}.json"
+def run_one(file: Path, fn) -> dict | None:
+    """Compute `fn()` once and store it atomically; later runs read the stored result (resume after a stop)."""
     if file.is_file():
         return json.loads(file.read_text())
     result = fn()
@@ -139,10 +138,11 @@ def main() -> None:
     runs += [(m, nm_rate(p), "uniform", p) for p in args.patterns if p != "unstructured" for m in args.methods]
     results = {}
     if not args.skip_dense:
-        results["dense"] = run_one("dense", out, missing if args.table_only else dense)
+        results["dense"] = run_one(out / "dense.json", missing if args.table_only else dense)
     for method, rate, layerwise, pattern in runs:
         key = entry_key(method, rate, layerwise, pattern, args)
-        results[key] = run_one(key, out, missing if args.table_only else compressed(method, rate, layerwise, pattern))
+        compute = missing if args.table_only else compressed(method, rate, layerwise, pattern)
+        results[key] = run_one(out / f"{key}.json", compute)
     if args.skip_dense:
         return
 

@@ -72,18 +72,7 @@ def sparse_base_model(model: PreTrainedModel) -> PreTrainedModel:
         raise ValueError("The model has no `LinearSparseLowRank` layer; compress it first (`optimum_oats.compress`).")
     base = copy.deepcopy(model)
     for name, layer in _compressed_layers(base).items():
-        linear = nn.Linear(
-            layer.in_features,
-            layer.out_features,
-            bias=layer.bias is not None,
-            device=layer.weight.device,
-            dtype=layer.weight_dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(layer.sparse_weight())
-            if layer.bias is not None:
-                linear.bias.copy_(layer.bias)
-        set_module(base, name, linear)
+        set_module(base, name, layer.to_linear(include_low_rank=False))
     _drop_quantization(base)
     return base
 

@@ -170,8 +170,8 @@ class LinearSparseLowRank(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    def to_linear(self) -> nn.Linear:
-        """The dense equivalent (`S + U V`), e.g. for `dequantize()`."""
+    def to_linear(self, include_low_rank: bool = True) -> nn.Linear:
+        """The dense equivalent (`S + U V`, e.g. for `dequantize()`), or S alone with `include_low_rank=False`."""
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -180,7 +180,7 @@ class LinearSparseLowRank(nn.Module):
             dtype=self.weight_dtype,
         )
         with torch.no_grad():
-            linear.weight.copy_(self.to_dense())
+            linear.weight.copy_(self.to_dense() if include_low_rank else self.sparse_weight())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
