@@ -33,12 +33,16 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         bool `(d_out, d_in)` mask with exactly `n` True entries per group.
     """
     d_out, d_in = scores.shape
-    if d_in % m:
-        raise ValueError(f"N:M sparsity needs `in_features` divisible by M={m}, got {d_in}.")
+    check_nm_width(d_in, m)
     groups = scores.reshape(d_out, d_in // m, m)
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(2, groups.topk(n, dim=2, sorted=False).indices, True)
     return mask.reshape(d_out, d_in)
+
+
+def check_nm_width(in_features: int, m: int) -> None:
+    if in_features % m:
+        raise ValueError(f"N:M sparsity needs `in_features` divisible by M={m}, got {in_features}.")
 
 
 def sparsity_mask(scores: torch.Tensor, keep_per_row: int, nm: tuple[int, int] | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Compressed layers and their execution kernels; no algorithm code lives here."""
+"""Compressed layers and their compiled kernels (one also serves the fast OATS solver); no algorithm math here."""
 
 from .execution import EXECUTION_MODES, register_execution_mode
 from .kernel_execution import choose_mode, set_execution_mode

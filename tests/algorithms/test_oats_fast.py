@@ -136,6 +136,18 @@ def test_warm_mask_equals_the_plain_mask(nm):
         scores = (scores + 0.02 * torch.randn(30, 64, generator=g)).abs()
 
 
+def test_warm_mask_keeps_exactly_k_when_scores_tie_at_the_boundary():
+    """The CPU selection (`numpy.partition` + midpoint) cannot separate equal scores; tied rows fall back to topk."""
+    scores = torch.rand(12, 40, generator=torch.Generator().manual_seed(1))
+    scores[::2, :10] = 0.5  # ten equal scores straddle the 20th place of every other row
+    scores[::2, 10:29] = 0.9
+    scores[::2, 29:] = 0.1
+    mask, threshold = warm_sparsity_mask(scores, 20, None, None)
+    mask, threshold = warm_sparsity_mask(scores + 1e-9, 20, None, threshold)
+    assert (mask.sum(1) == 20).all()
+    assert torch.equal(mask[1::2], sparsity_mask(scores, 20)[1::2])
+
+
 def test_registry_passes_the_solver_from_the_config():
     weight, norms = _structured_matrix(seed=6)
     budget = layer_budget(96, 128, 0.5, 0.25)
@@ -175,3 +187,44 @@ def test_fast_solver_end_to_end(tiny_configs, tokenizer, calibration_texts):
     assert layer_maps["fast"] == layer_maps["exact"]
     assert reports["fast"].kept_fraction == reports["exact"].kept_fraction
     assert reports["fast"].mean_relative_error <= 1.02 * reports["exact"].mean_relative_error
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_compiled_threshold_step_equals_the_pytorch_one(monkeypatch, nm):
+    """The one-pass C++ step keeps the same entries, thresholds and norms as the PyTorch path, warm or cold."""
+    from optimum_oats.algorithms.oats import ThresholdState, threshold_step
+    from optimum_oats.nn.kernels import DISABLE_ENV, kernel_available
+
+    assert kernel_available()  # CI has a compiler: the compiled path must really run here
+    g = torch.Generator().manual_seed(3)
+    scaled = torch.randn(40, 64, generator=g)
+    residuals = [scaled - 0.3 * torch.randn(40, 64, generator=g) for _ in range(4)]
+    residuals[2][5, :30] = residuals[2][5, 0]  # exact ties at a row's boundary
+    compiled, plain = ThresholdState(), ThresholdState()
+    for step, residual in enumerate(residuals):
+        monkeypatch.delenv(DISABLE_ENV, raising=False)
+        ours = threshold_step(residual.clone(), scaled, 24, nm, compiled)
+        monkeypatch.setenv(DISABLE_ENV, "1")
+        reference = threshold_step(residual.clone(), scaled, 24, nm, plain)
+        untied = torch.ones(40, dtype=torch.bool)
+        untied[5] = step != 2  # row 5 of the third residual ties: both keep exactly k there, possibly different ones
+        assert torch.equal(ours[1][untied], reference[1][untied])  # the support
+        assert torch.equal(ours[0][untied], reference[0][untied])  # S
+        assert torch.equal(ours[3][untied], reference[3][untied])  # W_s - S
+        assert ours[2] == pytest.approx(reference[2], rel=1e-5)  # ||R - S||^2: tied entries have equal |r|
+        if untied.all():
+            assert ours[4] == pytest.approx(reference[4], rel=1e-5)  # ||W_s - S||^2
+        assert torch.equal(compiled.threshold, plain.threshold)
+        assert (ours[1].reshape(-1, nm[1] if nm else 64).sum(1) == (nm[0] if nm else 24)).all()
+
+
+def test_fast_solver_is_the_same_with_and_without_the_compiled_step(monkeypatch):
+    from optimum_oats.nn.kernels import DISABLE_ENV
+
+    weight, norms = _structured_matrix(seed=4)
+    kwargs = dict(rank=5, keep_per_row=50, iterations=30, solver="fast", tol=0)
+    compiled = oats_decompose(weight, norms, **kwargs)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    plain = oats_decompose(weight, norms, **kwargs)
+    assert torch.equal(compiled.sparse != 0, plain.sparse != 0)
+    torch.testing.assert_close(compiled.sparse, plain.sparse)

@@ -1,4 +1,6 @@
-"""Compiled CPU kernel for `LinearSparseLowRank`, built from the shipped C++ source on first use and cached.
+"""Compiled CPU kernels, built from the shipped C++ sources on first use and cached.
+
+One extension holds `LinearSparseLowRank`'s forward and the fast OATS solver's fused thresholding step.
 
 The extension is compiled once per (source, compiler flags, CPU, torch version) into a cache folder
 (`OATS_KERNEL_CACHE`, default `~/.cache/optimum_oats/kernels`); later processes load the cached library. If
@@ -13,6 +15,7 @@ import logging
 import os
 import platform
 import threading
+from contextlib import ExitStack
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -24,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "OATS_DISABLE_KERNELS"
 CACHE_ENV = "OATS_KERNEL_CACHE"
-SOURCE = "sparse_lowrank.cpp"
+SOURCES = ("sparse_lowrank.cpp", "oats_threshold.cpp")  # one extension module; bindings in the first
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _lock = threading.Lock()
@@ -54,19 +57,20 @@ def _cpu_signature() -> str:
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    source = resources.files(__name__).joinpath(SOURCE)
-    text = source.read_text()
+    sources = [resources.files(__name__).joinpath(name) for name in SOURCES]
+    texts = [source.read_text() for source in sources]
     digest = hashlib.sha256(
-        "|".join([text, " ".join(CFLAGS), _cpu_signature(), torch.__version__]).encode()
+        "|".join([*texts, " ".join(CFLAGS), _cpu_signature(), torch.__version__]).encode()
     ).hexdigest()[:16]
     name = f"oats_sparse_lowrank_{digest}"
     cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "optimum_oats" / "kernels") / name
     cache.mkdir(parents=True, exist_ok=True)
-    with resources.as_file(source) as path:
+    with ExitStack() as stack:
+        paths = [str(stack.enter_context(resources.as_file(source))) for source in sources]
         logger.info("Building the optimum-oats CPU kernel in %s (once per machine)", cache)
         return load(
             name=name,
-            sources=[str(path)],
+            sources=paths,
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(cache),
@@ -89,7 +93,7 @@ def load_kernel() -> ModuleType | None:
                 _failed = True
                 warnings.warn(
                     f"optimum-oats could not build its CPU kernel ({type(err).__name__}: {err}); "
-                    "LinearSparseLowRank falls back to the PyTorch 'decompress' path (correct, slower). "
+                    "LinearSparseLowRank and the fast OATS solver fall back to their PyTorch paths (correct, slower). "
                     f"Install a C++ compiler (g++) and ninja, or set {DISABLE_ENV}=1 to silence this.",
                     RuntimeWarning,
                     stacklevel=2,

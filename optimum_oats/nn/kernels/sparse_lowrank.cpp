@@ -444,7 +444,14 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& valu
 
 bool uses_avx512() { return OATS_AVX512 != 0; }
 
+// oats_threshold.cpp: the fused thresholding step of the fast OATS solver (same extension, one module).
+std::tuple<double, double> oats_threshold_step(const at::Tensor& residual, const at::Tensor& scaled, int64_t keep,
+                                               at::Tensor& threshold, at::Tensor& sparse, at::Tensor& mask,
+                                               at::Tensor& work);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_lowrank_forward", &sparse_lowrank_forward, "y = x S^T + (x V^T) U^T + b from values + bitmask");
   m.def("uses_avx512", &uses_avx512, "whether the AVX-512 path was compiled in");
+  m.def("oats_threshold_step", &oats_threshold_step,
+        "fast-OATS thresholding: sparse, mask, W_s - S and both squared norms in one pass");
 }
