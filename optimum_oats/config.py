@@ -41,7 +41,8 @@ class OATSConfig(QuantizationConfigMixin):
         rank_ratio (`float`, defaults to 0.25):
             κ, the share of the kept parameters given to the low-rank term (OATS only), in [0, 1). 0.25 is the
             OATS paper's setting for LLMs; for vision transformers (ViT, DINOv2) the paper uses 0.2: pass
-            `rank_ratio=0.2` (see docs/encoders.md).
+            `rank_ratio=0.2` (see docs/encoders.md). At high compression (ρ ≥ 0.7) a smaller κ keeps more of the
+            sparse term: `rank_ratio=0.1` halved SmolLM2's perplexity at ρ = 0.7 (docs/quality.md).
         num_iterations (`int`, defaults to 80):
             Alternating-thresholding iterations of OATS (the reference code runs 80).
         method (`str`, defaults to `"oats"`):

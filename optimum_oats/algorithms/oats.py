@@ -264,7 +264,7 @@ def threshold_step(
 ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, float]:
     """The fast solver's thresholding half: S from `R = W_s - L`, with what the next iteration needs.
 
-    Uses the compiled one-pass kernel (optimum_oats/nn/kernels/oats_threshold.cpp) when it is available, else
+    Uses the compiled one-pass kernel (optimum_oats/kernels/oats_threshold.cpp) when it is available, else
     [`warm_sparsity_mask`] and PyTorch ops; both keep the same entries. `residual` may be overwritten, and the
     returned tensors are reused by the call after next (the mask) or the next call (the others).
 
@@ -300,7 +300,7 @@ def threshold_step(
 def _threshold_kernel(residual: torch.Tensor):
     if residual.device.type != "cpu" or residual.dtype != torch.float32:
         return None
-    from ..nn.kernels import load_kernel  # lazy: building the extension is only worth it once a solve runs
+    from ..kernels import load_kernel  # lazy: building the extension is only worth it once a solve runs
 
     return load_kernel()
 

@@ -193,7 +193,7 @@ def test_fast_solver_end_to_end(tiny_configs, tokenizer, calibration_texts):
 def test_compiled_threshold_step_equals_the_pytorch_one(monkeypatch, nm):
     """The one-pass C++ step keeps the same entries, thresholds and norms as the PyTorch path, warm or cold."""
     from optimum_oats.algorithms.oats import ThresholdState, threshold_step
-    from optimum_oats.nn.kernels import DISABLE_ENV, kernel_available
+    from optimum_oats.kernels import DISABLE_ENV, kernel_available
 
     assert kernel_available()  # CI has a compiler: the compiled path must really run here
     g = torch.Generator().manual_seed(3)
@@ -219,7 +219,7 @@ def test_compiled_threshold_step_equals_the_pytorch_one(monkeypatch, nm):
 
 
 def test_fast_solver_is_the_same_with_and_without_the_compiled_step(monkeypatch):
-    from optimum_oats.nn.kernels import DISABLE_ENV
+    from optimum_oats.kernels import DISABLE_ENV
 
     weight, norms = _structured_matrix(seed=4)
     kwargs = dict(rank=5, keep_per_row=50, iterations=30, solver="fast", tol=0)

@@ -13,7 +13,7 @@ from torch import nn
 
 from optimum_oats.nn import LinearSparseLowRank, choose_mode, set_execution_mode
 from optimum_oats.nn.kernel_execution import AUTO_MAX_KERNEL_TOKENS, row_offsets
-from optimum_oats.nn.kernels import DISABLE_ENV, kernel_available, load_kernel
+from optimum_oats.kernels import DISABLE_ENV, kernel_available, load_kernel
 
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
 
@@ -162,7 +162,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
         """
         import warnings, torch
         from optimum_oats.nn import LinearSparseLowRank
-        from optimum_oats.nn.kernels import kernel_available
+        from optimum_oats.kernels import kernel_available
         layer = LinearSparseLowRank(9, 6, rank=1, nnz=0)
         layer.set_execution_mode("sparse_kernel")
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
