@@ -30,6 +30,7 @@ from optimum_oats.default_model import default_model_path
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "oats")
+SWEEP_OWL = (5.0, 0.08)  # (M, lambda) of every OWL entry without an -M..-l.. suffix in its key
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,8 +53,10 @@ def parse_args() -> argparse.Namespace:
         default=["unstructured"],
         help="sparsity patterns, e.g. unstructured 2:4 (N:M runs ignore --rates and --layerwise)",
     )
-    parser.add_argument("--owl-threshold", type=float, default=None, help="OWL's M (default: the config's)")
-    parser.add_argument("--owl-lambda", type=float, default=None, help="OWL's lambda (default: the config's)")
+    # The sweep's OWL setting is pinned (the reference's M = 5, lambda = 0.08), not OATSConfig's default, so that
+    # stored entries keep their meaning when the library default changes; other values get their own result key.
+    parser.add_argument("--owl-threshold", type=float, default=SWEEP_OWL[0], help="OWL's M")
+    parser.add_argument("--owl-lambda", type=float, default=SWEEP_OWL[1], help="OWL's lambda")
     parser.add_argument("--plot", default=None, help="write perplexity vs rate (one line per method) to this PNG")
     parser.add_argument("--output", default="bench_results/quality")
     parser.add_argument("--quick", action="store_true", help="4 x 256 calibration, 4 x 512 evaluation, 10 iterations")
@@ -93,7 +96,7 @@ def main() -> None:
     def dense() -> dict:
         return {"perplexity": evaluate(AutoModelForCausalLM.from_pretrained(model_path)), "seconds": 0.0}
 
-    owl = {k: v for k, v in (("owl_threshold", args.owl_threshold), ("owl_lambda", args.owl_lambda)) if v is not None}
+    owl = {"owl_threshold": args.owl_threshold, "owl_lambda": args.owl_lambda}
 
     def compressed(method: str, rate: float, layerwise: str, pattern: str):
         def fn() -> dict:
@@ -152,8 +155,7 @@ def main() -> None:
     )
     print(
         f"calibration: {args.num_samples} x {args.seqlen} C4 tokens, seed 0; OATS kappa={args.rank_ratio}, "
-        f"{args.iterations} iterations, {args.svd} SVD; OWL M={args.owl_threshold or OATSConfig.owl_threshold}, "
-        f"lambda={args.owl_lambda or OATSConfig.owl_lambda}"
+        f"{args.iterations} iterations, {args.svd} SVD; OWL M={args.owl_threshold}, lambda={args.owl_lambda}"
     )
     print(f"evaluation: WikiText-2 test token perplexity, first {args.windows} windows of {args.eval_seqlen} tokens\n")
     if results["dense"] is None:
@@ -190,8 +192,8 @@ def entry_key(method: str, rate: float, layerwise: str, pattern: str, args: argp
         key += f"-{args.svd}"
     if method == "oats" and args.rank_ratio != 0.25:
         key += f"-k{args.rank_ratio}"
-    if layerwise == "owl" and (args.owl_threshold is not None or args.owl_lambda is not None):
-        key += f"-M{args.owl_threshold or OATSConfig.owl_threshold}-l{args.owl_lambda or OATSConfig.owl_lambda}"
+    if layerwise == "owl" and (args.owl_threshold, args.owl_lambda) != SWEEP_OWL:
+        key += f"-M{args.owl_threshold}-l{args.owl_lambda}"
     return key
 
 

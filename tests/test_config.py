@@ -6,7 +6,7 @@ from optimum_oats import OATSConfig
 def test_defaults_and_quant_method():
     cfg = OATSConfig()
     assert cfg.quant_method == "oats"
-    assert (cfg.compression_rate, cfg.rank_ratio, cfg.num_iterations) == (0.5, 0.25, 80)
+    assert (cfg.compression_rate, cfg.rank_ratio, cfg.num_iterations) == (0.5, 0.1, 80)
     assert (cfg.method, cfg.sparsity_pattern, cfg.num_samples, cfg.seqlen) == ("oats", "unstructured", 128, 2048)
 
 

@@ -15,7 +15,7 @@ from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 # source of the values actually used; a test keeps this table in sync).
 CONFIG_DEFAULTS = {
     "compression_rate": 0.5,
-    "rank_ratio": 0.25,
+    "rank_ratio": 0.1,
     "method": "oats",
     "sparsity_pattern": "unstructured",
     "dataset": "c4",
@@ -26,7 +26,7 @@ CONFIG_DEFAULTS = {
     "svd": "fast",
     "layerwise": "uniform",
     "owl_threshold": 5.0,
-    "owl_lambda": 0.08,
+    "owl_lambda": 0.04,
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
