@@ -26,7 +26,7 @@ CONFIG_DEFAULTS = {
     "svd": "fast",
     "layerwise": "uniform",
     "owl_threshold": 5.0,
-    "owl_lambda": 0.04,
+    "owl_lambda": 0.08,
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
