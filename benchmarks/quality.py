@@ -1,25 +1,32 @@
 """Quality benchmark: WikiText-2 token perplexity of SmolLM2-135M compressed by each method, side by side.
 
 Protocol (printed with the table): calibration on `num_samples` C4 windows of `seqlen` tokens from
-`$OATS_DATA_DIR/c4/c4_sample.jsonl`, seed 0; WikiText-2 raw test joined with "\\n\\n", non-overlapping windows of
-`eval_seqlen` tokens, first `windows` windows, exp(mean NLL).
+`$OATS_DATA_DIR/c4/c4_sample.jsonl`, seeded by `--seed` (0); WikiText-2 raw test joined with "\\n\\n", non-overlapping
+windows of `eval_seqlen` tokens, first `windows` windows, exp(mean NLL).
 
 Each (method, rate) result is stored as one JSON file under `--output`, so a stopped sweep resumes where it left off.
 
     python benchmarks/quality.py                    # the BENCHMARKS.md setting (rho = 0.5)
     python benchmarks/quality.py --rates 0.3 0.4 0.5 0.6
     python benchmarks/quality.py --quick            # minutes: a smoke run for CI
+    python benchmarks/quality.py --methods oats --rates 0.7 --svd exact fast --seed 0 1 2   # solvers, paired by seed
+
+With both solvers and several seeds a paired table follows: fast / exact perplexity per seed and its geometric
+mean with a 95% t interval, the yardstick for "the fast solver costs no accuracy" where one run is too noisy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
 from datetime import date
 from pathlib import Path
+from statistics import fmean, stdev
+from typing import NamedTuple
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -31,6 +38,17 @@ from optimum_oats.evaluation import token_perplexity, wikitext2_text
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "oats")
 SWEEP_OWL = (5.0, 0.08)  # (M, lambda) of every OWL entry without an -M..-l.. suffix in its key
+
+
+class Entry(NamedTuple):
+    """One compressed model of the sweep."""
+
+    method: str
+    rate: float
+    layerwise: str
+    pattern: str
+    svd: str  # OATS's solver; other methods record the first --svd value and ignore it
+    seed: int
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,8 +63,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=80)
+    parser.add_argument(
+        "--seed", type=int, nargs="+", default=[0], help="calibration sample seeds (several measure the noise)"
+    )
     parser.add_argument("--rank-ratio", type=float, default=0.25)
-    parser.add_argument("--svd", default="exact", choices=["exact", "fast"], help="OATS's rank-r step")
+    parser.add_argument("--svd", nargs="+", default=["exact"], choices=["exact", "fast"], help="OATS's rank-r step")
     parser.add_argument(
         "--patterns",
         nargs="+",
@@ -98,7 +119,9 @@ def main() -> None:
 
     owl = {"owl_threshold": args.owl_threshold, "owl_lambda": args.owl_lambda}
 
-    def compressed(method: str, rate: float, layerwise: str, pattern: str):
+    def compressed(entry: Entry):
+        method, rate, layerwise, pattern = entry[:4]
+
         def fn() -> dict:
             model = AutoModelForCausalLM.from_pretrained(model_path)
             config = OATSConfig(
@@ -110,9 +133,9 @@ def main() -> None:
                 num_samples=args.num_samples,
                 seqlen=args.seqlen,
                 num_iterations=args.iterations,
-                seed=0,
+                seed=entry.seed,
                 layerwise=layerwise,
-                svd=args.svd,
+                svd=entry.svd,
                 **(owl if layerwise == "owl" else {}),
             )
             start = time.perf_counter()
@@ -131,21 +154,22 @@ def main() -> None:
     def missing() -> None:
         return None  # --table-only: shown as "not run yet", not stored
 
+    unstructured = "unstructured" in args.patterns
+    settings = [(r, lw, "unstructured") for r in args.rates for lw in args.layerwise if unstructured]
+    settings += [(nm_rate(p), "uniform", p) for p in args.patterns if p != "unstructured"]
     runs = [
-        (m, r, lw, "unstructured")
-        for r in args.rates
-        for lw in args.layerwise
+        Entry(m, r, lw, p, svd, seed)
+        for seed in args.seed
+        for r, lw, p in settings
         for m in args.methods
-        if "unstructured" in args.patterns
+        for svd in (args.svd if m == "oats" else args.svd[:1])
     ]
-    runs += [(m, nm_rate(p), "uniform", p) for p in args.patterns if p != "unstructured" for m in args.methods]
-    results = {}
     if not args.skip_dense:
-        results["dense"] = run_one(out / "dense.json", missing if args.table_only else dense)
-    for method, rate, layerwise, pattern in runs:
-        key = entry_key(method, rate, layerwise, pattern, args)
-        compute = missing if args.table_only else compressed(method, rate, layerwise, pattern)
-        results[key] = run_one(out / f"{key}.json", compute)
+        dense_result = run_one(out / "dense.json", missing if args.table_only else dense)
+    results = {}
+    for entry in runs:
+        compute = missing if args.table_only else compressed(entry)
+        results[entry] = run_one(out / f"{entry_key(entry, args)}.json", compute)
     if args.skip_dense:
         return
 
@@ -154,27 +178,80 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(
-        f"calibration: {args.num_samples} x {args.seqlen} C4 tokens, seed 0; OATS kappa={args.rank_ratio}, "
-        f"{args.iterations} iterations, {args.svd} SVD; OWL M={args.owl_threshold}, lambda={args.owl_lambda}"
+        f"calibration: {args.num_samples} x {args.seqlen} C4 tokens, seed {' '.join(map(str, args.seed))}; OATS "
+        f"kappa={args.rank_ratio}, {args.iterations} iterations, {' / '.join(args.svd)} SVD; "
+        f"OWL M={args.owl_threshold}, lambda={args.owl_lambda}"
     )
     print(f"evaluation: WikiText-2 test token perplexity, first {args.windows} windows of {args.eval_seqlen} tokens\n")
-    if results["dense"] is None:
+    if dense_result is None:
         raise SystemExit("--table-only: the dense baseline has not been run in this --output folder yet")
-    dense_ppl = results["dense"]["perplexity"]
+    dense_ppl = dense_result["perplexity"]
     print("| method | pattern | layerwise | rho | kept | perplexity | ppl / dense | mean rel. error | compress s |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| dense | - | - | 0 | 1.000 | {dense_ppl:.2f} | 1.00 | - | - |")
-    for method, rate, layerwise, pattern in runs:
-        r = results[entry_key(method, rate, layerwise, pattern, args)]
+    for entry, r in results.items():
+        row = f"| {label(entry, args)} | {entry.pattern} | {entry.layerwise} | {entry.rate} |"
         if r is None:
-            print(f"| {method} | {pattern} | {layerwise} | {rate} | not run yet | | | | |")
+            print(f"{row} not run yet | | | | |")
             continue
         print(
-            f"| {method} | {pattern} | {layerwise} | {rate} | {r['kept_fraction']:.3f} | {r['perplexity']:.2f} | "
-            f"{r['perplexity'] / dense_ppl:.2f} | {r['mean_relative_error']:.4f} | {r['seconds']:.0f} |"
+            f"{row} {r['kept_fraction']:.3f} | {r['perplexity']:.2f} | {r['perplexity'] / dense_ppl:.2f} | "
+            f"{r['mean_relative_error']:.4f} | {r['seconds']:.0f} |"
         )
+    if "oats" in args.methods and len(args.svd) == 2:
+        print_solver_pairs(results)
     if args.plot:
-        print(f"\nplot: {plot_sweep(runs, results, dense_ppl, args, Path(args.plot))}")
+        print(f"\nplot: {plot_sweep(results, dense_ppl, args, Path(args.plot))}")
+
+
+def label(entry: Entry, args: argparse.Namespace) -> str:
+    """The method, with the solver and seed where the run compares several."""
+    parts = [entry.method]
+    if entry.method == "oats" and len(args.svd) > 1:
+        parts.append(entry.svd)
+    if len(args.seed) > 1:
+        parts.append(f"seed {entry.seed}")
+    return " ".join(parts)
+
+
+def print_solver_pairs(results: dict[Entry, dict | None]) -> None:
+    """Fast / exact OATS perplexity paired by seed: geometric mean and 95% t interval of the ratio.
+
+    A single pair is not evidence at high compression, where runs that differ only in fp rounding spread by tens
+    of percent; pairing by calibration seed removes the data's share of the spread, the interval shows the rest.
+    """
+    from scipy.stats import t as student_t  # scikit-learn's dependency, present with the lm-eval extra
+
+    pairs: dict[tuple, list[tuple[int, float, float]]] = {}
+    for entry, exact in results.items():
+        fast = results.get(entry._replace(svd="fast"))
+        if entry.method == "oats" and entry.svd == "exact" and exact is not None and fast is not None:
+            pairs.setdefault(entry[1:4], []).append((entry.seed, exact["perplexity"], fast["perplexity"]))
+    if not pairs:
+        return
+    print("\n### Fast vs exact solver, paired by calibration seed\n")
+    print("| rho | layerwise | pattern | seeds | exact ppl per seed | fast ppl per seed | fast / exact per seed |")
+    print("|---|---|---|---|---|---|---|")
+    summaries = []
+    for (rate, layerwise, pattern), rows in pairs.items():
+        seeds, exact, fast = zip(*rows, strict=True)
+        ratios = [f / e for e, f in zip(exact, fast, strict=True)]
+        print(
+            f"| {rate} | {layerwise} | {pattern} | {' '.join(map(str, seeds))} | {' '.join(f'{e:.2f}' for e in exact)}"
+            f" | {' '.join(f'{f:.2f}' for f in fast)} | {' '.join(f'{q:.3f}' for q in ratios)} |"
+        )
+        logs = [math.log(q) for q in ratios]
+        summary = f"- rho {rate} {layerwise} {pattern}: geometric mean fast / exact {math.exp(fmean(logs)):.3f}"
+        if len(logs) > 1:
+            half = student_t.ppf(0.975, len(logs) - 1) * stdev(logs) / math.sqrt(len(logs))
+            summary += (
+                f", 95% t interval [{math.exp(fmean(logs) - half):.3f}, {math.exp(fmean(logs) + half):.3f}] over "
+                f"{len(logs)} seeds; exact's own spread across seeds max / min {max(exact) / min(exact):.2f}"
+            )
+        else:
+            summary += " (one seed: no interval)"
+        summaries.append(summary)
+    print("\n" + "\n".join(summaries))
 
 
 def nm_rate(pattern: str) -> float:
@@ -183,21 +260,24 @@ def nm_rate(pattern: str) -> float:
     return round(1 - n / m, 4)
 
 
-def entry_key(method: str, rate: float, layerwise: str, pattern: str, args: argparse.Namespace) -> str:
+def entry_key(entry: Entry, args: argparse.Namespace) -> str:
     """File name of one result; settings that differ from the original protocol are part of it."""
+    method, rate, layerwise, pattern = entry[:4]
     key = f"{method}-{layerwise}-{rate}"
     if pattern != "unstructured":
         key += f"-{pattern.replace(':', 'of')}"
-    if method == "oats" and args.svd != "exact":
-        key += f"-{args.svd}"
+    if method == "oats" and entry.svd != "exact":
+        key += f"-{entry.svd}"
     if method == "oats" and args.rank_ratio != 0.25:
         key += f"-k{args.rank_ratio}"
     if layerwise == "owl" and (args.owl_threshold, args.owl_lambda) != SWEEP_OWL:
         key += f"-M{args.owl_threshold}-l{args.owl_lambda}"
+    if entry.seed != 0:
+        key += f"-s{entry.seed}"
     return key
 
 
-def plot_sweep(runs: list, results: dict, dense_ppl: float, args: argparse.Namespace, path: Path) -> Path:
+def plot_sweep(results: dict[Entry, dict | None], dense_ppl: float, args: argparse.Namespace, path: Path) -> Path:
     """Perplexity against compression rate, one line per (method, layerwise); N:M entries as markers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -205,22 +285,20 @@ def plot_sweep(runs: list, results: dict, dense_ppl: float, args: argparse.Names
     fig = Figure(figsize=(8, 5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for method, rate, layerwise, pattern in runs:
-        result = results[entry_key(method, rate, layerwise, pattern, args)]
+    lines: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for entry, result in results.items():
         if result is None:
             continue
-        ppl = result["perplexity"]
-        if pattern == "unstructured":
-            lines.setdefault((method, layerwise), []).append((rate, ppl))
+        ppl, color = result["perplexity"], f"C{METHODS.index(entry.method)}"
+        if entry.pattern == "unstructured":
+            lines.setdefault((label(entry, args), entry.layerwise, color), []).append((entry.rate, ppl))
         else:
             real_rate = 1 - result["kept_fraction"]  # N:M + low rank keeps more than N/M: plot where it really is
-            ax.scatter([real_rate], [ppl], marker="x", color=f"C{METHODS.index(method)}", label=f"{method} {pattern}")
-    for (method, layerwise), points in sorted(lines.items()):
+            ax.scatter([real_rate], [ppl], marker="x", color=color, label=f"{label(entry, args)} {entry.pattern}")
+    for (name, layerwise, color), points in sorted(lines.items()):
         xs, ys = zip(*sorted(points), strict=True)
         style = "-" if layerwise == "uniform" else "--"
-        color = f"C{METHODS.index(method)}"
-        ax.plot(xs, ys, marker="o", color=color, linestyle=style, label=f"{method} ({layerwise})")
+        ax.plot(xs, ys, marker="o", color=color, linestyle=style, label=f"{name} ({layerwise})")
     ax.axhline(dense_ppl, color="black", linewidth=0.8, label=f"dense ({dense_ppl:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("compression rate rho (fraction of each layer's parameters removed)")

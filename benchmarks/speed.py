@@ -39,8 +39,8 @@ from torch import nn
 from optimum_oats.algorithms.budget import layer_budget
 from optimum_oats.algorithms.pruning import wanda_prune
 from optimum_oats.default_model import default_model_path
-from optimum_oats.nn import LinearSparseLowRank
 from optimum_oats.kernels import kernel_available
+from optimum_oats.nn import LinearSparseLowRank
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("decompress", "merged", "sparse_kernel", "auto")

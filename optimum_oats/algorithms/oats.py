@@ -210,6 +210,7 @@ def oats_decompose(
     history: list[float] = []
     scale = float(scaled.norm())
     previous_error, previous_mask = float("inf"), None
+    work, work_energy = scaled, None  # `W_s - S` and its energy, set by each fast thresholding step
     steps = 0
     while steps < iterations:
         steps += 1

@@ -15,8 +15,8 @@ import logging
 import os
 import platform
 import threading
-from contextlib import ExitStack
 import warnings
+from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
 from types import ModuleType

@@ -16,8 +16,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .execution import decompress_forward, merged_forward, register_execution_mode
 from ..kernels import load_kernel
+from .execution import decompress_forward, merged_forward, register_execution_mode
 from .sparse_lowrank import LinearSparseLowRank
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)

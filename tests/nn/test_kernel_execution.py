@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from optimum_oats.kernels import DISABLE_ENV, kernel_available, load_kernel
 from optimum_oats.nn import LinearSparseLowRank, choose_mode, set_execution_mode
 from optimum_oats.nn.kernel_execution import AUTO_MAX_KERNEL_TOKENS, row_offsets
-from optimum_oats.kernels import DISABLE_ENV, kernel_available, load_kernel
 
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
 
