@@ -120,23 +120,21 @@ def main() -> None:
     owl = {"owl_threshold": args.owl_threshold, "owl_lambda": args.owl_lambda}
 
     def compressed(entry: Entry):
-        method, rate, layerwise, pattern = entry[:4]
-
         def fn() -> dict:
             model = AutoModelForCausalLM.from_pretrained(model_path)
             config = OATSConfig(
-                compression_rate=rate,
+                compression_rate=entry.rate,
                 rank_ratio=args.rank_ratio,
-                method=method,
-                sparsity_pattern=pattern,
+                method=entry.method,
+                sparsity_pattern=entry.pattern,
                 dataset="c4",
                 num_samples=args.num_samples,
                 seqlen=args.seqlen,
                 num_iterations=args.iterations,
                 seed=entry.seed,
-                layerwise=layerwise,
+                layerwise=entry.layerwise,
                 svd=entry.svd,
-                **(owl if layerwise == "owl" else {}),
+                **(owl if entry.layerwise == "owl" else {}),
             )
             start = time.perf_counter()
             compress(model, config, tokenizer)
@@ -226,7 +224,8 @@ def print_solver_pairs(results: dict[Entry, dict | None]) -> None:
     for entry, exact in results.items():
         fast = results.get(entry._replace(svd="fast"))
         if entry.method == "oats" and entry.svd == "exact" and exact is not None and fast is not None:
-            pairs.setdefault(entry[1:4], []).append((entry.seed, exact["perplexity"], fast["perplexity"]))
+            setting = (entry.rate, entry.layerwise, entry.pattern)
+            pairs.setdefault(setting, []).append((entry.seed, exact["perplexity"], fast["perplexity"]))
     if not pairs:
         return
     print("\n### Fast vs exact solver, paired by calibration seed\n")
@@ -262,8 +261,8 @@ def nm_rate(pattern: str) -> float:
 
 def entry_key(entry: Entry, args: argparse.Namespace) -> str:
     """File name of one result; settings that differ from the original protocol are part of it."""
-    method, rate, layerwise, pattern = entry[:4]
-    key = f"{method}-{layerwise}-{rate}"
+    method, layerwise, pattern = entry.method, entry.layerwise, entry.pattern
+    key = f"{method}-{layerwise}-{entry.rate}"
     if pattern != "unstructured":
         key += f"-{pattern.replace(':', 'of')}"
     if method == "oats" and entry.svd != "exact":
