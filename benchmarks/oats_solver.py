@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_oats.algorithms import layer_budget, oats_decompose
 from optimum_oats.config import parse_nm
-from optimum_oats.default_model import default_model_path
+from optimum_oats.integrations.default_model import default_model_path
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -37,9 +37,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from optimum_oats import OATSConfig, compress, compression_report
-from optimum_oats.default_model import default_model_path
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
-from optimum_oats.recovery import TimeBudgetCallback, mask_fingerprint, prepare_for_recovery, token_windows
+from optimum_oats.integrations.default_model import default_model_path
+from optimum_oats.training.recovery import TimeBudgetCallback, mask_fingerprint, prepare_for_recovery, token_windows
 
 STAGES = ("dense", "oneshot", "recovery", "losparse", "dense_ft")
 
@@ -211,7 +211,7 @@ def run_dense_finetune(args, tokenizer, test_text, valid_text, output: Path) -> 
 
 
 def run_losparse(args, tokenizer, test_text, valid_text, output: Path) -> dict:
-    from optimum_oats.losparse import LoSparseCallback, LoSparseConfig, apply_losparse, export_losparse
+    from optimum_oats.training.losparse import LoSparseCallback, LoSparseConfig, apply_losparse, export_losparse
 
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
     kept = 1 - args.rate

@@ -62,11 +62,10 @@ def job(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_oats import OATSConfig, compress
-    from optimum_oats.calibration import find_decoder_blocks
-    from optimum_oats.default_model import default_model_path
-    from optimum_oats.integration import set_module
+    from optimum_oats.engine.blocks import find_main_block_stack, set_module
+    from optimum_oats.engine.offload import _offload_hook, offloading_device_map
+    from optimum_oats.integrations.default_model import default_model_path
     from optimum_oats.nn import LinearSparseLowRank
-    from optimum_oats.offload import _offload_hook, offloading_device_map
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
@@ -81,7 +80,7 @@ def job(args: argparse.Namespace) -> None:
         else:
             model = AutoModelForCausalLM.from_pretrained(path)
         loaded = _current_rss_mb()
-        blocks_name, blocks = find_decoder_blocks(model)
+        blocks_name, blocks = find_main_block_stack(model)
         if args.blocks:  # keep the first N blocks only: calibration and compression both see just those
             blocks = nn.ModuleList(list(blocks)[: args.blocks])
             set_module(model, blocks_name, blocks)

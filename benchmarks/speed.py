@@ -38,7 +38,7 @@ from torch import nn
 
 from optimum_oats.algorithms.budget import layer_budget
 from optimum_oats.algorithms.pruning import wanda_prune
-from optimum_oats.default_model import default_model_path
+from optimum_oats.integrations.default_model import default_model_path
 from optimum_oats.kernels import kernel_available
 from optimum_oats.nn import LinearSparseLowRank
 

@@ -7,13 +7,20 @@ compressed checkpoints reload.
 
 from .compress import compress, compression_report
 from .config import OATSConfig
+from .engine.report import CompressionReport
 from .hub import publish
-from .integration import register as _register
+from .integrations.transformers import register as _register
 from .nn import LinearSparseLowRank
-from .report import CompressionReport
-
-__version__ = "0.1.0"
+from .utils.version import __version__
 
 _register()
 
-__all__ = ["CompressionReport", "LinearSparseLowRank", "OATSConfig", "compress", "compression_report", "publish"]
+__all__ = [
+    "CompressionReport",
+    "LinearSparseLowRank",
+    "OATSConfig",
+    "__version__",
+    "compress",
+    "compression_report",
+    "publish",
+]

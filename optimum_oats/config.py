@@ -10,12 +10,14 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .algorithms import ALGORITHMS, DEFAULT_SOLVER, SVD_SOLVERS, TRAINED_METHODS, method_info
+from .data.kinds import is_in_memory_dataset
+
 QUANT_METHOD = "oats"
-METHODS = ("oats", "wanda", "sparsegpt", "magnitude")
-# Methods whose checkpoints this format stores but that `compress()` cannot run (they train: `optimum_oats.losparse`).
-TRAINED_METHODS = ("losparse",)
+# From the registry: the one-shot methods `compress()` runs, and those that train (`optimum_oats.training`).
+METHODS = tuple(ALGORITHMS)
+TRAINED = tuple(TRAINED_METHODS)
 LAYERWISE = ("uniform", "owl")
-SVD_SOLVERS = ("exact", "fast")
 NAMED_DATASETS = ("c4", "wikitext2", "self")
 # ASCII digits and nothing else: `\d` also takes other scripts' digits, and `$` a trailing newline.
 _NM_PATTERN = re.compile(r"([0-9]+):([0-9]+)")
@@ -101,7 +103,7 @@ class OATSConfig(QuantizationConfigMixin):
     seqlen: int = 2048
     seed: int = 0
     modules_to_not_convert: list[str] | None = None
-    svd: str = "fast"
+    svd: str = DEFAULT_SOLVER
     layerwise: str = "uniform"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
@@ -122,7 +124,7 @@ class OATSConfig(QuantizationConfigMixin):
         self.num_samples = _check_int("num_samples", self.num_samples, 1)
         self.seqlen = _check_int("seqlen", self.seqlen, 1)
         self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
-        if self.method not in METHODS + TRAINED_METHODS:
+        if self.method not in METHODS + TRAINED:
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         if self.svd not in SVD_SOLVERS:
             raise ValueError(f"`svd` must be one of {SVD_SOLVERS}, got {self.svd!r}.")
@@ -144,13 +146,13 @@ class OATSConfig(QuantizationConfigMixin):
                     f"`sparsity_pattern` must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4', '2:8'), "
                     f"got {self.sparsity_pattern!r}."
                 )
-            if self.method == "oats" and nm[0] / nm[1] / (1 - self.rank_ratio) >= 1:
+            if self.uses_low_rank and nm[0] / nm[1] / (1 - self.rank_ratio) >= 1:
                 raise ValueError(
                     f"`sparsity_pattern={self.sparsity_pattern!r}` with `rank_ratio={self.rank_ratio}` keeps "
                     f"{nm[0] / nm[1] / (1 - self.rank_ratio):.0%} of the weights, so nothing is compressed; "
                     "lower `rank_ratio` or N/M."
                 )
-        if _is_in_memory_dataset(self.dataset):
+        if is_in_memory_dataset(self.dataset):
             pass  # PIL images or a `datasets` dataset (images or text): checked when loaded
         elif isinstance(self.dataset, (list, tuple)):
             if not self.dataset or not all(isinstance(text, str) for text in self.dataset):
@@ -176,9 +178,14 @@ class OATSConfig(QuantizationConfigMixin):
         return parse_nm(self.sparsity_pattern)
 
     @property
+    def uses_low_rank(self) -> bool:
+        """Whether the method keeps a low-rank term (read from the method registry)."""
+        return method_info(self.method).uses_low_rank
+
+    @property
     def effective_rank_ratio(self) -> float:
-        """κ as used: baselines have no low-rank term."""
-        return self.rank_ratio if self.method == "oats" else 0.0
+        """κ as used: methods without a low-rank term (the pruning baselines) give it all to the sparse part."""
+        return self.rank_ratio if self.uses_low_rank else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable fields only: the tokenizer / image processor is a loading-time input, not a setting.
@@ -189,7 +196,7 @@ class OATSConfig(QuantizationConfigMixin):
         fields = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_FIELDS}
         dataset = fields.pop("dataset", None)
         output = copy.deepcopy(fields)
-        output["dataset"] = dataset if _is_in_memory_dataset(dataset) else copy.deepcopy(dataset)
+        output["dataset"] = dataset if is_in_memory_dataset(dataset) else copy.deepcopy(dataset)
         output["quant_method"] = QUANT_METHOD
         return output
 
@@ -218,17 +225,6 @@ class OATSConfig(QuantizationConfigMixin):
 
 # Loading-time inputs, never serialized.
 _RUNTIME_FIELDS = ("tokenizer", "image_processor")
-
-
-def _is_in_memory_dataset(value: Any) -> bool:
-    """A non-empty list of PIL images, or a `datasets.Dataset`/`DatasetDict` (checked without importing either)."""
-    if type(value).__module__.startswith("datasets.") and type(value).__name__ in ("Dataset", "DatasetDict"):
-        return True
-    return (
-        isinstance(value, (list, tuple))
-        and len(value) > 0
-        and all(type(item).__module__.startswith("PIL.") for item in value)
-    )
 
 
 def _check_float(name: str, value: Any, low: float, high: float, *, low_inclusive: bool) -> float:

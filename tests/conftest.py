@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 import optimum_oats  # noqa: F401  (registers the "oats" method)
+from tests.helpers.tiny_models import _tiny_configs, build_tiny_model
 
-from tiny_models import _tiny_configs, build_tiny_model
-
-pytest_plugins = ["hub_fixtures"]
+pytest_plugins = ["tests.helpers.hub_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -37,7 +36,7 @@ def calibration_texts(data_dir) -> list[str]:
 
 @pytest.fixture(scope="session")
 def smollm2_path(tmp_path_factory) -> str:
-    from optimum_oats.default_model import default_model_path
+    from optimum_oats.integrations.default_model import default_model_path
 
     return default_model_path()
 

@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 from optimum_oats import CompressionReport, LinearSparseLowRank, OATSConfig, compress, compression_report
-from optimum_oats.data import CalibrationDataError
-
-from tiny_models import ARCHITECTURES, build_tiny_model
+from optimum_oats.data.text import CalibrationDataError
+from tests.helpers.tiny_models import ARCHITECTURES, build_tiny_model
 
 
 def _cfg(**kwargs):

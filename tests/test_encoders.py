@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_encoders import build, build_wordpiece_tokenizer, text_configs, vision_configs
 from torch import nn
 from transformers import (
     AutoModel,
@@ -19,19 +18,18 @@ from transformers import (
 
 from optimum_oats import LinearSparseLowRank, OATSConfig, compress
 from optimum_oats.algorithms import HESSIAN, INPUT_NORMS
-from optimum_oats.calibration import (
+from optimum_oats.data.inputs import IMAGES, TEXTS, WINDOWS, calibration_kind, text_length
+from optimum_oats.data.text import pad_batches, sample_text_batches
+from optimum_oats.engine.blocks import (
     UnsupportedArchitectureError,
-    block_forward,
-    capture_block_inputs,
-    collect_statistics,
     find_block_stacks,
-    find_blocks,
-    find_decoder_blocks,
     find_linear_layers,
+    find_main_block_stack,
 )
-from optimum_oats.data import pad_batches, sample_text_batches
-from optimum_oats.hub import publish
-from optimum_oats.inputs import IMAGES, TEXTS, WINDOWS, calibration_kind, text_length
+from optimum_oats.engine.capture import block_forward, capture_block_inputs
+from optimum_oats.engine.statistics import collect_statistics
+from optimum_oats.hub.publish import publish
+from tests.helpers.tiny_encoders import build, build_wordpiece_tokenizer, text_configs, vision_configs
 
 CASES = [
     ("bert", AutoModelForSequenceClassification),
@@ -124,7 +122,7 @@ def test_every_block_linear_compressed_heads_dense_and_round_trip(
 
 def _last_block_outputs(model, stacks, batch) -> list[torch.Tensor]:
     """Each stack's last block output in the model's own forward pass."""
-    from optimum_oats.calibration import model_inputs_for
+    from optimum_oats.engine.capture import model_inputs_for
 
     seen = []
     handles = [
@@ -240,7 +238,7 @@ def test_block_stacks_and_old_names(configs, tiny_configs):
     bart = build(AutoModelForSeq2SeqLM, configs["bart"])
     assert [name for name, _ in find_block_stacks(bart)] == ["model.encoder.layers", "model.decoder.layers"]
     llama = build(AutoModelForCausalLM, tiny_configs["llama"])
-    assert find_block_stacks(llama) == [find_decoder_blocks(llama)] == [find_blocks(llama)]
+    assert find_block_stacks(llama) == [find_main_block_stack(llama)]
     deberta = build(AutoModel, configs["deberta-v2"])  # no `_no_split_modules`: the longest block list
     assert [name for name, _ in find_block_stacks(deberta)] == ["encoder.layer"]
 
@@ -323,7 +321,7 @@ def test_config_keeps_text_models_unchanged(texts):
     ],
 )
 def test_model_task(architecture, model_type, expected):
-    from optimum_oats.tasks import model_task
+    from optimum_oats.integrations.auto_classes import model_task
 
     task = model_task(architecture, model_type)
     assert (task.auto_class, task.pipeline_tag, task.processor_class) == expected

@@ -18,11 +18,10 @@ from transformers import AutoModelForCausalLM
 
 import optimum_oats
 from optimum_oats import LinearSparseLowRank, OATSConfig, compress
-from optimum_oats.data import CalibrationDataError
-from optimum_oats.guards import SharedWeightError
-from optimum_oats.serialization import CheckpointError, read_safetensors_header
-
-from tiny_models import build_tiny_model
+from optimum_oats.data.text import CalibrationDataError
+from optimum_oats.engine.guards import SharedWeightError
+from optimum_oats.integrations.checkpoint import CheckpointError, read_safetensors_header
+from tests.helpers.tiny_models import build_tiny_model
 
 IDS = torch.tensor([[1, 5, 99, 300, 7, 42, 1000, 3]])
 PACKAGE = Path(optimum_oats.__file__).parent

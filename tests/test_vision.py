@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_encoders import build, build_image_processor, text_configs, vision_configs
 from torch import nn
 from transformers import AutoModel, AutoModelForImageClassification
 
 from optimum_oats import LinearSparseLowRank, OATSConfig, compress
-from optimum_oats.calibration import capture_block_inputs, find_block_stacks, find_linear_layers
-from optimum_oats.data import CalibrationDataError
-from optimum_oats.images import load_calibration_images, sample_image_batches
-from optimum_oats.inputs import describe_dataset
+from optimum_oats.data.images import load_calibration_images, sample_image_batches
+from optimum_oats.data.inputs import describe_dataset
+from optimum_oats.data.text import CalibrationDataError
+from optimum_oats.engine.blocks import find_block_stacks, find_linear_layers
+from optimum_oats.engine.capture import capture_block_inputs
+from tests.helpers.tiny_encoders import build, build_image_processor, text_configs, vision_configs
 
 CASES = [("vit", AutoModelForImageClassification), ("dinov2", AutoModel)]
 
@@ -164,8 +165,8 @@ def test_vit_model_card_names_the_image_classes(image_dir, processor):
     from huggingface_hub import ModelCard
 
     from optimum_oats import compression_report
-    from optimum_oats.hub import render_model_card
-    from optimum_oats.tasks import model_task
+    from optimum_oats.hub.card import render_model_card
+    from optimum_oats.integrations.auto_classes import model_task
 
     model = build(AutoModelForImageClassification, vision_configs()["vit"])
     compress(model, _cfg(str(image_dir), processor, num_samples=2), progress=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..utils.counting import counted_parameters
+
 
 @dataclass(frozen=True)
 class LayerBudget:
@@ -15,7 +17,7 @@ class LayerBudget:
     nm: tuple[int, int] | None = None
 
     def num_parameters(self, d_out: int, d_in: int) -> int:
-        return self.keep_per_row * d_out + self.rank * (d_out + d_in)
+        return counted_parameters(self.keep_per_row * d_out, self.rank, d_in, d_out)
 
 
 def layer_budget(

@@ -15,6 +15,8 @@ from .masks import check_nm_width, rowwise_topk_mask, sparsity_mask
 
 OATS_PRECISION = torch.float32
 SVD_SOLVERS = ("exact", "fast")
+# The solver compressions use unless told otherwise (`OATSConfig.svd`); "exact" is the reference iteration.
+DEFAULT_SOLVER = "fast"
 # Early-stopping tolerance of the fast solver: stop once the support of S is unchanged and the objective fell by
 # less than this fraction in one iteration. The exact solver keeps the reference's fixed count (`tol=0`).
 FAST_TOL = 1e-5
@@ -159,7 +161,7 @@ def oats_decompose(
     nm: tuple[int, int] | None = None,
     iterations: int = 80,
     track_error: bool = False,
-    solver: str = "exact",
+    solver: str = DEFAULT_SOLVER,
     tol: float | None = None,
 ) -> Decomposition:
     """Decompose `weight` into sparse + low-rank after scaling columns by the inputs' norms.
@@ -292,7 +294,12 @@ def threshold_step(
     state.buffers["mask"], state.buffers["last_mask"] = state.buffer("last_mask", residual, torch.bool), mask
     flat = (groups, width)
     dropped, work_energy = kernel.oats_threshold_step(
-        residual.view(flat), scaled.view(flat), keep, state.threshold, sparse.view(flat), mask.view(flat),
+        residual.view(flat),
+        scaled.view(flat),
+        keep,
+        state.threshold,
+        sparse.view(flat),
+        mask.view(flat),
         work.view(flat),
     )
     return sparse, mask, dropped, work, work_energy

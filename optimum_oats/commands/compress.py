@@ -27,16 +27,16 @@ CONFIG_FIELDS = (
 
 def config_from_args(args: argparse.Namespace):
     """An `OATSConfig` from the options given; options left out keep OATSConfig's defaults."""
-    from optimum_oats import OATSConfig
+    from optimum_oats.config import OATSConfig
 
     return OATSConfig(**{f: getattr(args, f) for f in CONFIG_FIELDS if getattr(args, f, None) is not None})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compress and save; under `torchrun` every rank compresses its share of each block and rank 0 saves."""
-    from optimum_oats import compress
-    from optimum_oats.hub import resolve_base_model
-    from optimum_oats.report import CompressionReport
+    from optimum_oats.compress import compress
+    from optimum_oats.engine.report import CompressionReport
+    from optimum_oats.hub.card import resolve_base_model
 
     from .runner import load_model
 
@@ -101,7 +101,7 @@ def _load_offloaded(name: str, dtype: str, device: str | None, offload_folder: s
     """Tokenizer and model with every block offloaded to `offload_folder`; the rest on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from optimum_oats.offload import offloading_device_map
+    from optimum_oats.engine.offload import offloading_device_map
 
     from .runner import resolve_device, resolve_model_source
 

@@ -57,7 +57,7 @@ def evaluate_one(name: str, args: argparse.Namespace, tasks: list[str]) -> dict[
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from optimum_oats.hub import comparison_table
+    from optimum_oats.hub.card import comparison_table
 
     tasks = task_list(args.tasks)
     if args.no_perplexity and not tasks:

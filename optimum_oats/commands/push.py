@@ -25,7 +25,8 @@ def read_eval_json(path: str | None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from optimum_oats.hub import publish_folder, resolve_base_model
+    from optimum_oats.hub.card import resolve_base_model
+    from optimum_oats.hub.publish import publish_folder
 
     results = read_eval_json(args.eval_json)
     base_model = args.base_model or resolve_base_model(results["dense_model"])

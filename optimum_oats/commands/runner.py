@@ -19,7 +19,7 @@ COMMANDS = ("compress", "evaluate", "push")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from optimum_oats.hub import PublishError
+    from optimum_oats.hub.publish import PublishError
 
     return (PublishError, ValueError, OSError)
 
@@ -55,7 +55,7 @@ def execute(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def resolve_model_source(name: str) -> str:
     """`default` is the embedded SmolLM2-135M-Instruct (converted on first use); anything else passes through."""
     if name == "default":
-        from optimum_oats.default_model import default_model_path
+        from optimum_oats.integrations.default_model import default_model_path
 
         return default_model_path()
     return name

@@ -11,8 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "DATA_DIR_ENV": "data",
-    "resolve_data_dir": "data",
+    "DATA_DIR_ENV": "..data.paths",
+    "resolve_data_dir": "..data.paths",
     "ZERO_SHOT_TASKS": "harness",
     "build_task_manager": "harness",
     "check_offline_resolution": "harness",
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .data import DATA_DIR_ENV, resolve_data_dir
+    from ..data.paths import DATA_DIR_ENV, resolve_data_dir
     from .harness import (
         ZERO_SHOT_TASKS,
         build_task_manager,
@@ -57,7 +57,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(module if module.startswith(".") else f".{module}", __name__), name)
     globals()[name] = value
     return value
 

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import resolve_data_dir
+from ..data.paths import resolve_data_dir
+from .results import NON_METRICS
 from .tasks_path import OFFLINE_TASKS, ZERO_SHOT_TASKS, lm_eval_tasks_dir
 
 if TYPE_CHECKING:
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
-
-
-_NON_METRICS = frozenset({"alias", "name", "sample_len", "samples"})
 
 
 def _task_list(tasks: str | Sequence[str]) -> list[str]:
@@ -112,7 +110,7 @@ def summarize_results(results: dict[str, Any]) -> dict[str, Any]:
     for task, metrics in results["results"].items():
         flat: dict[str, float] = {}
         for key, value in metrics.items():
-            if key in _NON_METRICS or isinstance(value, (str, bool)) or value is None:
+            if key in NON_METRICS or isinstance(value, (str, bool)) or value is None:
                 continue
             metric, _, filter_name = key.partition(",")
             flat[metric if filter_name in ("", "none") else key] = float(value)

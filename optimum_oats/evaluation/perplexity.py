@@ -13,7 +13,7 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-from .data import DATA_DIR_ENV, resolve_data_dir
+from ..data.paths import DATA_DIR_ENV, resolve_data_dir
 
 if TYPE_CHECKING:
     import torch

@@ -24,16 +24,16 @@ ZERO_SHOT_TASKS: tuple[str, ...] = (
 """The 8 zero-shot tasks of the pruning papers (Wanda, OWL, OATS), averaged into `zero_shot_mean`."""
 
 OFFLINE_TASKS: tuple[str, ...] = ("wikitext", *ZERO_SHOT_TASKS)
-"""The lm-eval task names defined offline in `optimum_oats/lm_eval_tasks/`."""
+"""The lm-eval task names defined offline in `optimum_oats/evaluation/lm_eval_tasks/`."""
 
 
 def lm_eval_tasks_dir() -> str:
     """Folder holding the offline lm-eval task YAMLs (pass it as lm-eval's `include_path`).
 
     Returns:
-        `str`: absolute path of `optimum_oats/lm_eval_tasks`.
+        `str`: absolute path of `optimum_oats/evaluation/lm_eval_tasks`.
     """
-    return str(Path(__file__).resolve().parent.parent / "lm_eval_tasks")
+    return str(Path(__file__).resolve().parent / "lm_eval_tasks")
 
 
 def main() -> None:

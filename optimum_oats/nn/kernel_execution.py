@@ -18,6 +18,7 @@ from torch import nn
 
 from ..kernels import load_kernel
 from .execution import decompress_forward, merged_forward, register_execution_mode
+from .packing import row_counts
 from .sparse_lowrank import LinearSparseLowRank
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -25,7 +26,6 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # "merged" mode is as fast or faster on the measured CPU (benchmarks/speed.py --section layers; docs/inference.md).
 AUTO_MAX_KERNEL_TOKENS = {torch.float32: 16, torch.bfloat16: 8}
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 _OFFSETS_ATTR = "_oats_row_offsets"  # plain attribute in the layer's __dict__: (cache key, offsets)
 
 
@@ -40,7 +40,7 @@ def row_offsets(layer: LinearSparseLowRank) -> torch.Tensor:
     cached = layer.__dict__.get(_OFFSETS_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
-    counts = _POPCOUNT.to(mask.device)[mask.long()].sum(dim=1)
+    counts = row_counts(mask)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     if int(offsets[-1]) != layer.sparse_nnz:
         raise ValueError(

@@ -31,3 +31,11 @@ def unpack_bitmask(packed: torch.Tensor, cols: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
     return bits.view(packed.shape[0], -1)[:, :cols].bool()
+
+
+_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+
+
+def row_counts(packed: torch.Tensor) -> torch.Tensor:
+    """Kept weights per row of a packed mask, int64 `(rows,)` (padding bits included, so a damaged mask shows)."""
+    return _POPCOUNT.to(packed.device)[packed.long()].sum(dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..utils.counting import counted_parameters
 from .execution import EXECUTION_MODES
 from .packing import pack_bitmask, packed_columns, unpack_bitmask
 
@@ -70,7 +71,7 @@ class LinearSparseLowRank(nn.Module):
     @property
     def num_parameters(self) -> int:
         """Counted parameters `nnz + rank (d_in + d_out)`: what the compression budget limits (bias excluded)."""
-        return self.sparse_nnz + self.rank * (self.in_features + self.out_features)
+        return counted_parameters(self.sparse_nnz, self.rank, self.in_features, self.out_features)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -96,6 +97,10 @@ class LinearSparseLowRank(nn.Module):
         if mode not in EXECUTION_MODES:
             raise ValueError(f"`mode` must be one of {sorted(EXECUTION_MODES)}, got {mode!r}.")
         self.execution_mode = mode
+        self._merged_cache = None
+
+    def release_caches(self) -> None:
+        """Drop what the layer derived from its storage for speed (the dense `merged` matrix): back to compact size."""
         self._merged_cache = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,7 @@ from optimum_oats.algorithms import ALGORITHMS, INPUT_NORMS, layer_budget, oats_
 from optimum_oats.algorithms.masks import sparsity_mask
 from optimum_oats.algorithms.oats import _power_steps, ritz_step, warm_sparsity_mask
 from optimum_oats.config import SVD_SOLVERS, OATSConfig
-
-from structured import structured_matrix
+from tests.helpers.structured import structured_matrix
 
 
 def _structured_matrix(d_out=96, d_in=128, rank=6, seed=0):
@@ -26,14 +25,14 @@ def test_fast_error_matches_exact(shape, rate):
     weight, norms = _structured_matrix(*shape, seed=1)
     budget = layer_budget(*shape, rate, 0.25)
     kwargs = dict(rank=budget.rank, keep_per_row=budget.keep_per_row, iterations=40)
-    exact = _scaled_error(weight, oats_decompose(weight, norms, **kwargs), norms)
+    exact = _scaled_error(weight, oats_decompose(weight, norms, solver="exact", **kwargs), norms)
     fast = _scaled_error(weight, oats_decompose(weight, norms, solver="fast", **kwargs), norms)
     assert fast <= 1.01 * exact
 
 
 def test_first_step_is_the_exact_one():
     weight, norms = _structured_matrix(seed=7)
-    exact = oats_decompose(weight, norms, rank=5, keep_per_row=40, iterations=1)
+    exact = oats_decompose(weight, norms, rank=5, keep_per_row=40, iterations=1, solver="exact")
     fast = oats_decompose(weight, norms, rank=5, keep_per_row=40, iterations=1, solver="fast")
     assert torch.equal(exact.sparse, fast.sparse) and torch.equal(exact.lowrank_u, fast.lowrank_u)
 
@@ -60,7 +59,7 @@ def test_fast_keeps_the_exact_budget(nm):
     weight, norms = _structured_matrix(seed=2)
     budget = layer_budget(96, 128, 0.5, 0.25, nm)
     kwargs = dict(rank=budget.rank, keep_per_row=budget.keep_per_row, nm=nm, iterations=10)
-    exact = oats_decompose(weight, norms, **kwargs)
+    exact = oats_decompose(weight, norms, solver="exact", **kwargs)
     fast = oats_decompose(weight, norms, solver="fast", **kwargs)
     assert fast.lowrank_u.shape == exact.lowrank_u.shape and fast.lowrank_v.shape == exact.lowrank_v.shape
     assert torch.equal((fast.sparse != 0).sum(1), (exact.sparse != 0).sum(1))
@@ -79,15 +78,15 @@ def test_early_stop_on_an_easy_matrix():
     fast = oats_decompose(weight, norms, rank=3, keep_per_row=8, solver="fast")
     assert fast.iterations < 80
     assert _scaled_error(weight, fast, norms) < 1e-5
-    exact = oats_decompose(weight, norms, rank=3, keep_per_row=8)
+    exact = oats_decompose(weight, norms, rank=3, keep_per_row=8, solver="exact")
     assert exact.iterations == 80  # the exact solver keeps the reference's fixed count unless given `tol`
-    assert oats_decompose(weight, norms, rank=3, keep_per_row=8, tol=1e-5).iterations < 80
+    assert oats_decompose(weight, norms, rank=3, keep_per_row=8, tol=1e-5, solver="exact").iterations < 80
 
 
 def test_rank_zero_is_the_same_for_both_solvers():
     weight, norms = _structured_matrix(seed=5)
     fast = oats_decompose(weight, norms, rank=0, keep_per_row=16, solver="fast")
-    exact = oats_decompose(weight, norms, rank=0, keep_per_row=16)
+    exact = oats_decompose(weight, norms, rank=0, keep_per_row=16, solver="exact")
     assert torch.equal(fast.sparse, exact.sparse) and fast.lowrank_u is None
 
 
@@ -172,8 +171,7 @@ def test_invalid_solver_and_tolerance_are_rejected():
 def test_fast_solver_end_to_end(tiny_configs, tokenizer, calibration_texts):
     """`OATSConfig(svd="fast")` reaches `oats_decompose` through `compress`: same layer budgets, same quality."""
     from optimum_oats import compress, compression_report
-
-    from tiny_models import build_tiny_model
+    from tests.helpers.tiny_models import build_tiny_model
 
     reports, layer_maps = {}, {}
     for svd in SVD_SOLVERS:

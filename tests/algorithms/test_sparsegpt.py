@@ -3,7 +3,7 @@ import torch
 
 from optimum_oats.algorithms import magnitude_prune, wanda_prune
 from optimum_oats.algorithms.sparsegpt import sparsegpt_prune
-from optimum_oats.hessian import HessianAccumulator
+from optimum_oats.engine.statistics import HessianAccumulator
 
 
 def _layer(d_out=24, d_in=96, tokens=512, seed=0):

@@ -15,9 +15,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from optimum_oats import LinearSparseLowRank, OATSConfig
-from optimum_oats.hub import DEFAULT_MODEL_HUB_ID
-
-from hub_server import DEFAULT_TOKEN
+from optimum_oats.hub.card import DEFAULT_MODEL_HUB_ID
+from tests.helpers.hub_server import DEFAULT_TOKEN
 
 # Small enough that compressing the tiny model takes about a second.
 FAST_COMPRESS = ["--num-samples", "2", "--seqlen", "32", "--num-iterations", "4"]

@@ -46,7 +46,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct as a Hugging Face folder."""
-    from optimum_oats.default_model import default_model_path
+    from optimum_oats.integrations.default_model import default_model_path
 
     return default_model_path()
 

@@ -1,0 +1,104 @@
+"""The methods this package knows, and what each needs: the single list the config, CLI and model card read.
+
+A one-shot method is `run(weight, statistics, budget, settings) -> Decomposition`, a pure tensor function; the
+engine collects only the calibration statistics it declares. Training-time methods (LoSparse) are listed too, so
+that their checkpoints validate and their cards name them, but have no `run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .budget import LayerBudget
+from .oats import Decomposition, oats_decompose
+from .pruning import magnitude_prune, wanda_prune
+from .sparsegpt import sparsegpt_prune
+
+# Calibration statistics an algorithm may ask for; the engine collects only these.
+INPUT_NORMS = "input_norms"
+HESSIAN = "hessian"
+
+
+class RunSettings(Protocol):
+    """The solver settings an algorithm may read; `OATSConfig` has them, and this package need not import it."""
+
+    num_iterations: int
+    svd: str
+
+
+Run = Callable[[torch.Tensor, dict[str, torch.Tensor], LayerBudget, RunSettings], Decomposition]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered method.
+
+    Args:
+        name: the `OATSConfig.method` value.
+        label: how a model card names it.
+        statistics: the calibration statistics `run` reads.
+        uses_low_rank: whether it keeps a low-rank term (and so takes `rank_ratio`).
+        run: the one-shot compression, or None for a method that trains (`optimum_oats.training`).
+    """
+
+    name: str
+    label: str
+    statistics: tuple[str, ...]
+    uses_low_rank: bool
+    run: Run | None = None
+
+    @property
+    def one_shot(self) -> bool:
+        return self.run is not None
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+# Methods whose checkpoints this format stores but that `compress()` cannot run.
+TRAINED_METHODS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(algorithm: Algorithm) -> Algorithm:
+    (ALGORITHMS if algorithm.one_shot else TRAINED_METHODS)[algorithm.name] = algorithm
+    return algorithm
+
+
+def method_info(name: str) -> Algorithm:
+    """The registry entry of a one-shot or training-time method."""
+    return ALGORITHMS.get(name) or TRAINED_METHODS[name]
+
+
+def _run_oats(weight, stats, budget, settings) -> Decomposition:
+    return oats_decompose(
+        weight,
+        stats[INPUT_NORMS],
+        rank=budget.rank,
+        keep_per_row=budget.keep_per_row,
+        nm=budget.nm,
+        iterations=settings.num_iterations,
+        solver=settings.svd,
+    )
+
+
+def _run_wanda(weight, stats, budget, settings) -> Decomposition:
+    return Decomposition(
+        wanda_prune(weight.float(), stats[INPUT_NORMS], keep_per_row=budget.keep_per_row, nm=budget.nm)
+    )
+
+
+def _run_sparsegpt(weight, stats, budget, settings) -> Decomposition:
+    return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], keep_per_row=budget.keep_per_row, nm=budget.nm))
+
+
+def _run_magnitude(weight, stats, budget, settings) -> Decomposition:
+    return Decomposition(magnitude_prune(weight.float(), keep_per_row=budget.keep_per_row, nm=budget.nm))
+
+
+register_algorithm(Algorithm("oats", "OATS, sparse + low-rank", (INPUT_NORMS,), uses_low_rank=True, run=_run_oats))
+register_algorithm(Algorithm("wanda", "Wanda pruning", (INPUT_NORMS,), uses_low_rank=False, run=_run_wanda))
+register_algorithm(Algorithm("sparsegpt", "SparseGPT pruning", (HESSIAN,), uses_low_rank=False, run=_run_sparsegpt))
+register_algorithm(Algorithm("magnitude", "magnitude pruning", (), uses_low_rank=False, run=_run_magnitude))
+register_algorithm(Algorithm("losparse", "LoSparse, low-rank + structured sparse", (), uses_low_rank=True))

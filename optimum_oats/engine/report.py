@@ -1,0 +1,131 @@
+"""The compression report: per layer rank, nnz, kept fraction, and the numbers the compression measured.
+
+Shapes come from the model's compact layers; the measured numbers (reconstruction error, OWL rate and outlier ratio,
+kept rows) come from the compression run, held on the model as `oats_layer_stats` and saved in `oats_report.json`
+beside the weights, so the report is the same whether the model was just compressed or reloaded from disk.
+config.json's `layer_map` holds only what reloading needs (`rank`, `nnz`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..nn import LinearSparseLowRank
+from ..utils.counting import counted_parameters
+from ..utils.files import atomic_write_json
+
+REPORT_FILE = "oats_report.json"
+# The model attribute holding `{module: {measured number: value}}` from the compression run.
+LAYER_STATS_ATTR = "oats_layer_stats"
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    nnz: int
+    kept_fraction: float
+    relative_error: float | None
+    compression_rate: float | None = None
+    owl_outlier_ratio: float | None = None
+    kept_rows: int | None = None
+
+    @property
+    def num_parameters(self) -> int:
+        return counted_parameters(self.nnz, self.rank, self.in_features, self.out_features)
+
+
+# Per-layer numbers a run measures (every LayerReport field that is not derived from the layer itself).
+STAT_FIELDS = ("relative_error", "compression_rate", "owl_outlier_ratio", "kept_rows")
+
+
+@dataclass
+class CompressionReport:
+    """What a compression kept and lost, layer by layer."""
+
+    config: dict[str, Any]
+    layers: list[LayerReport]
+
+    @property
+    def dense_parameters(self) -> int:
+        return sum(layer.in_features * layer.out_features for layer in self.layers)
+
+    @property
+    def kept_parameters(self) -> int:
+        return sum(layer.num_parameters for layer in self.layers)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept_parameters / max(1, self.dense_parameters)
+
+    @property
+    def mean_relative_error(self) -> float | None:
+        errors = [layer.relative_error for layer in self.layers if layer.relative_error is not None]
+        return sum(errors) / len(errors) if errors else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "summary": {
+                "compressed_layers": len(self.layers),
+                "dense_parameters": self.dense_parameters,
+                "kept_parameters": self.kept_parameters,
+                "kept_fraction": self.kept_fraction,
+                "mean_relative_error": self.mean_relative_error,
+            },
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        known = {f.name for f in fields(LayerReport)}
+        layers = [LayerReport(**{k: v for k, v in layer.items() if k in known}) for layer in data.get("layers", [])]
+        return cls(config=dict(data.get("config", {})), layers=layers)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `oats_report.json` into `directory`, atomically."""
+        return atomic_write_json(Path(directory) / REPORT_FILE, self.to_dict())
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> CompressionReport:
+        config = model.config.quantization_config
+        stats = layer_stats(model)
+        layers = []
+        for name, module in model.named_modules():
+            if isinstance(module, LinearSparseLowRank):
+                entry = stats.get(name, {})
+                layers.append(
+                    LayerReport(
+                        name=name,
+                        in_features=module.in_features,
+                        out_features=module.out_features,
+                        rank=module.rank,
+                        nnz=module.sparse_nnz,
+                        kept_fraction=module.num_parameters / (module.in_features * module.out_features),
+                        **{key: entry.get(key) for key in STAT_FIELDS},
+                    )
+                )
+        return cls(config={k: v for k, v in config.to_dict().items() if k != "layer_map"}, layers=layers)
+
+
+def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The measured per-layer numbers of a compressed model (empty when unknown, e.g. loaded without its report)."""
+    return getattr(model, LAYER_STATS_ATTR, None) or {}
+
+
+def read_layer_stats(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """`{module: {number: value}}` from an `oats_report.json`."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {
+        layer["name"]: {k: layer[k] for k in STAT_FIELDS if layer.get(k) is not None}
+        for layer in data.get("layers", [])
+        if isinstance(layer, dict) and "name" in layer
+    }

@@ -1,0 +1,154 @@
+"""The on-disk layout of compressed layers, and the checks run on a checkpoint before any tensor is loaded.
+
+Per compressed module `<name>` the safetensors files hold:
+
+| key                   | dtype          | shape                          |
+|-----------------------|----------------|--------------------------------|
+| `<name>.weight`       | model float    | `(nnz,)` kept values of S, row-major |
+| `<name>.weight_mask`  | uint8          | `(out_features, ceil(in_features / 8))` packed bitmask |
+| `<name>.lowrank_u`    | model float    | `(out_features, rank)`         |
+| `<name>.lowrank_v`    | model float    | `(rank, in_features)`          |
+| `<name>.bias`         | model float    | `(out_features,)` when present |
+
+`config.json`'s `quantization_config.layer_map` records `rank` and `nnz` per module, so the skeleton is built
+with the right shapes before loading. Checkpoints are read through safetensors only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from ..nn import LinearSparseLowRank
+from ..nn.packing import packed_columns, row_counts
+
+_HEADER_LENGTH_BYTES = 8
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint is truncated, corrupted, or disagrees with its config."""
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header without reading tensor data.
+
+    Raises:
+        CheckpointError: naming the file, when the header is unreadable or the data is shorter than declared.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw_length = handle.read(_HEADER_LENGTH_BYTES)
+        if len(raw_length) < _HEADER_LENGTH_BYTES:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, too short to hold a safetensors header.")
+        (length,) = struct.unpack("<Q", raw_length)
+        if length > min(_MAX_HEADER_BYTES, size - _HEADER_LENGTH_BYTES):
+            raise CheckpointError(
+                f"{path} is corrupted or truncated: it declares a {length}-byte header in {size} bytes."
+            )
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path} has a corrupted safetensors header ({error}).") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupted safetensors header (not a JSON object).")
+    tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    for key, entry in tensors.items():
+        if not _valid_entry(entry):
+            raise CheckpointError(f"{path} has a corrupted safetensors header: the entry of `{key}` is malformed.")
+    data_bytes = size - _HEADER_LENGTH_BYTES - length
+    end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
+    if end > data_bytes:
+        raise CheckpointError(
+            f"{path} is truncated: its header declares {end} bytes of tensor data but the file holds {data_bytes}. "
+            "Download or copy the checkpoint again."
+        )
+    return header
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    offsets, shape = entry.get("data_offsets"), entry.get("shape")
+    return (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+        and isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+    )
+
+
+def expected_shapes(name: str, in_features: int, out_features: int, rank: int, nnz: int) -> dict[str, tuple]:
+    return {
+        f"{name}.weight": (nnz,),
+        f"{name}.weight_mask": (out_features, packed_columns(in_features)),
+        f"{name}.lowrank_u": (out_features, rank),
+        f"{name}.lowrank_v": (rank, in_features),
+    }
+
+
+def validate_checkpoint(
+    files: Iterable[str | os.PathLike],
+    layer_map: dict[str, dict[str, Any]],
+    layer_shapes: dict[str, tuple[int, int]],
+    rename: Callable[[str], str] | None = None,
+) -> None:
+    """Check every file's integrity and that each compressed tensor has the shape `layer_map` promises.
+
+    Args:
+        files: the checkpoint's safetensors files.
+        layer_map: `{module: {"rank", "nnz"}}` from the saved config.
+        layer_shapes: `{module: (in_features, out_features)}` from the model skeleton.
+        rename: maps a key as stored on disk to the model's parameter name (transformers renames the keys of
+            some architectures on load, e.g. ViT's `attention.attention.key` to `attention.k_proj`).
+    """
+    found: dict[str, tuple[tuple, str]] = {}
+    for file in files:
+        if not str(file).endswith(".safetensors"):
+            raise CheckpointError(
+                f"{file} is not a safetensors file; compressed checkpoints are read as safetensors only."
+            )
+        for key, entry in read_safetensors_header(file).items():
+            if key != "__metadata__":
+                found[rename(key) if rename else key] = (tuple(entry["shape"]), str(file))
+    for name, entry in layer_map.items():
+        in_features, out_features = layer_shapes[name]
+        shapes = expected_shapes(name, in_features, out_features, int(entry["rank"]), int(entry["nnz"]))
+        for key, shape in shapes.items():
+            if key not in found:
+                raise CheckpointError(
+                    f"Tensor `{key}` is missing from the checkpoint but config.json's `layer_map` lists `{name}`. "
+                    "The checkpoint is incomplete or does not belong to this config."
+                )
+            if found[key][0] != shape:
+                raise CheckpointError(
+                    f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but config.json's "
+                    f"`layer_map` implies {list(shape)}. The checkpoint and its config disagree."
+                )
+
+
+def check_loaded_masks(model: Any) -> None:
+    """After the tensors load: every layer's bitmask must mark exactly as many weights as `weight` holds values.
+
+    Shapes are checked before loading; this catches a mask whose bits were altered (a damaged or hand-edited
+    file), which would otherwise scatter the kept values to wrong places without any error.
+
+    Raises:
+        CheckpointError: naming the `weight_mask` tensor.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearSparseLowRank) or module.weight_mask.device.type == "meta":
+            continue
+        ones = int(row_counts(module.weight_mask).sum())
+        if ones != module.sparse_nnz:
+            raise CheckpointError(
+                f"Tensor `{name}.weight_mask` marks {ones} kept weights but `{name}.weight` holds "
+                f"{module.sparse_nnz} values (padding bits included). The checkpoint is damaged; "
+                "download or copy it again."
+            )

@@ -1,0 +1,90 @@
+"""`OATSHfQuantizer`: lifecycle glue between `from_pretrained` and the compression engine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from transformers.quantizers.base import HfQuantizer
+
+from ..config import OATSConfig
+from ..data.inputs import CalibrationData
+from ..engine.loop import SHAPE_KEYS, CompressionOutcome, calibrate_and_compress
+from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
+from .checkpoint import check_loaded_masks, validate_checkpoint
+from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+
+def settings_of(config: OATSConfig, outcome: CompressionOutcome) -> OATSConfig:
+    """The config a compressed model records: `config`'s settings (never its tokenizer, processor or in-memory
+    data) with what was calibrated on and the per-layer shapes. The caller's config object is not modified."""
+    dataset = outcome.dataset if outcome.dataset is not None else config.dataset
+    settings = OATSConfig.from_dict({**config.to_dict(), "dataset": dataset, "layer_map": outcome.layer_map})
+    return settings
+
+
+class OATSHfQuantizer(HfQuantizer):
+    """Compress after the dense weights load (as GPTQ calibrates), or rebuild compressed layers before a
+    compressed checkpoint loads, from the per-layer shapes recorded in `config.layer_map`."""
+
+    requires_calibration = False
+    quantization_config: OATSConfig
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None, **kwargs) -> None:
+        if not self.pre_quantized:
+            return
+        stats = split_legacy_layer_map(self.quantization_config)
+        shapes = replace_with_skeletons(model, self.quantization_config)
+        if checkpoint_files:
+            layer_map = self.quantization_config.layer_map
+            validate_checkpoint(checkpoint_files, layer_map, shapes, rename=checkpoint_key_renamer(model))
+            report = Path(checkpoint_files[0]).parent / REPORT_FILE
+            if report.is_file():
+                for name, numbers in read_layer_stats(report).items():
+                    stats[name] = {**stats.get(name, {}), **numbers}
+        setattr(model, LAYER_STATS_ATTR, stats)
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
+        if self.pre_quantized:
+            check_loaded_masks(model)
+            return
+        data = CalibrationData.from_config(self.quantization_config)
+        outcome = calibrate_and_compress(model, self.quantization_config, data)
+        # The caller's config object may be reused for another `from_pretrained`: the model records a copy.
+        self.quantization_config = model.config.quantization_config = settings_of(self.quantization_config, outcome)
+        setattr(model, LAYER_STATS_ATTR, dict(outcome.layer_stats))
+        self.pre_quantized = True
+
+    def _dequantize(self, model: PreTrainedModel, dtype=None) -> PreTrainedModel:
+        return replace_with_dense(model)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """The compact layers hold real parameters (kept values, U, V), so `Trainer` may fine-tune them directly
+        (recovery fine-tuning, `optimum_oats.training.recovery`); the mask is a buffer and never changes."""
+        return True
+
+
+def split_legacy_layer_map(config: OATSConfig) -> dict[str, dict]:
+    """Checkpoints written before 0.2 kept per-layer numbers (errors, OWL ratios, kept rows) in `layer_map`: move
+    them out, so the loaded config holds shapes only; returns them as layer stats."""
+    stats = {}
+    for name, entry in (config.layer_map or {}).items():
+        extra = {k: v for k, v in entry.items() if k not in SHAPE_KEYS}
+        if extra:
+            stats[name] = extra
+            config.layer_map[name] = {k: entry[k] for k in SHAPE_KEYS}
+    return stats

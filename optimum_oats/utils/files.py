@@ -1,0 +1,86 @@
+"""Writing files so that a crash never leaves one half-written: a temporary sibling, fsync, then `os.replace`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync: bool = True) -> Path:
+    """Call `write(tmp_path)` on a temporary sibling of `path`, then move it into place in one rename.
+
+    Readers see the old file or the complete new one, never a partial one; the temporary file is removed when
+    `write` fails.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        if fsync:
+            handle = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), fsync=fsync)
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
+    return atomic_write_text(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    """Save `tensors` (moved to CPU, made contiguous) as a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(cpu, tmp))
+
+
+@contextmanager
+def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success move its files into `target`, config files last.
+
+    A failure while writing (full disk, serialization error, interrupt) leaves `target` exactly as it was and
+    removes the staging folder. A new `target` appears in one atomic rename. Into an existing folder, its old
+    `config.json` is removed before any other file is replaced and the new one lands last, so even a failure
+    while moving never leaves a mix of old and new files that loads as a checkpoint.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not `mkdtemp`: its 0700 mode would become the saved folder's mode after the final rename.
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if not target.exists():
+            os.replace(staging, target)
+            return
+        staged = sorted(staging.iterdir(), key=lambda p: p.name == "config.json")
+        names = {p.name for p in staged}
+        (target / "config.json").unlink(missing_ok=True)
+        for stale in target.glob("model*.safetensors*"):
+            if stale.name not in names:
+                stale.unlink()
+        for path in staged:
+            os.replace(path, target / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
