@@ -48,7 +48,8 @@ class OATSConfig(QuantizationConfigMixin):
         num_iterations (`int`, defaults to 80):
             Alternating-thresholding iterations of OATS (the reference code runs 80).
         method (`str`, defaults to `"oats"`):
-            One of `"oats"`, `"wanda"`, `"sparsegpt"`, `"magnitude"`.
+            A one-shot method of the registry (`optimum_oats.algorithms.ALGORITHMS`): `"oats"`, `"wanda"`,
+            `"sparsegpt"`, `"magnitude"`.
         sparsity_pattern (`str`, defaults to `"unstructured"`):
             `"unstructured"` (each output row keeps the same number of weights) or `"N:M"` such as `"2:4"`.
             With N:M the sparse part keeps exactly N of every M weights and `compression_rate` is not used:
@@ -80,11 +81,14 @@ class OATSConfig(QuantizationConfigMixin):
         owl_lambda (`float`, defaults to 0.08): OWL's `λ`, half the spread of the per-block rates. Kept at the
             reference's value: on SmolLM2 at ρ = 0.7, 0.04 was slightly better for Wanda but 2.3× worse for OATS
             (docs/quality.md).
-        tokenizer (`str` or tokenizer, *optional*): used to tokenize `dataset`; not serialized.
-        image_processor (`str` or image processor, *optional*): prepares calibration images for vision models
-            (defaults to the model's own `AutoImageProcessor`); not serialized.
-        layer_map (`dict`, *optional*): filled by compression: per-module `rank` and `nnz`, so that a
-            checkpoint can be rebuilt on the meta device with the right shapes. Not set by users.
+        tokenizer (`str` or tokenizer, *optional*), image_processor (`str` or image processor, *optional*):
+            Accepted for compatibility and never serialized; they are arguments of a run, so prefer
+            `compress(model, cfg, tokenizer, image_processor=...)`. A data set given as objects (PIL images, a
+            `datasets.Dataset`) is likewise better passed as `compress(..., dataset=...)`: config.json records only
+            a description of it.
+        layer_map (`dict`, *optional*): filled by compression: per-module `rank` and `nnz` (nothing else), so that a
+            checkpoint can be rebuilt on the meta device with the right shapes. Not set by users; the per-layer
+            numbers of a run (errors, OWL ratios) are in `oats_report.json`.
 
     Example:
     ```python

@@ -145,9 +145,9 @@ def test_owl_rates_vary_per_block_and_average_to_target(method, tiny_configs, to
         compression_rate=0.6,
     )
     compress(model, cfg, tokenizer, progress=False)
-    layer_map = model.config.quantization_config.layer_map
-    rates = [layer_map[f"model.layers.{i}.mlp.up_proj"]["compression_rate"] for i in range(4)]
-    ratios = [layer_map[f"model.layers.{i}.mlp.up_proj"]["owl_outlier_ratio"] for i in range(4)]
+    numbers = {layer.name: layer for layer in compression_report(model).layers}  # per-layer numbers: the report
+    rates = [numbers[f"model.layers.{i}.mlp.up_proj"].compression_rate for i in range(4)]
+    ratios = [numbers[f"model.layers.{i}.mlp.up_proj"].owl_outlier_ratio for i in range(4)]
     assert abs(sum(rates) / 4 - 0.6) < 1e-5
     assert abs(max(rates) - min(rates) - 0.2) < 1e-5
     assert sorted(range(4), key=rates.__getitem__) == sorted(range(4), key=lambda i: -ratios[i])

@@ -92,15 +92,7 @@ def share_layers(
         if owner == rank:
             layer = results[name][0]
         else:
-            layer = LinearSparseLowRank(
-                linear.in_features,
-                linear.out_features,
-                rank=layer_rank,
-                nnz=nnz,
-                bias=linear.bias is not None,
-                device=linear.weight.device,
-                dtype=linear.weight.dtype,
-            )
+            layer = LinearSparseLowRank.skeleton_of(linear, layer_rank, nnz)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         for tensor in (layer.weight, layer.weight_mask, layer.lowrank_u, layer.lowrank_v):

@@ -44,7 +44,7 @@ def balance_factors(layer: LinearSparseLowRank) -> None:
     root = sigma.sqrt()
     layer.lowrank_u.copy_((q_u @ a) * root)
     layer.lowrank_v.copy_(root[:, None] * (bh @ q_v.T))
-    layer._merged_cache = None
+    layer.release_caches()
 
 
 def prepare_for_recovery(

@@ -30,12 +30,17 @@ def build_job(tokenizer, texts: list[str], layers: int, hidden: int, config_json
 
 
 def save_result(model, path: str) -> None:
-    """Every tensor of the compressed model, and its layer_map, to one safetensors file."""
+    """Every tensor of the compressed model, its layer_map and its report's numbers, to one safetensors file."""
     from safetensors.torch import save_file
+
+    from optimum_oats import compression_report
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     state.pop("lm_head.weight", None)  # tied to the embeddings; safetensors refuses shared storage
-    layer_map = json.dumps(model.config.quantization_config.layer_map, sort_keys=True)
+    layer_map = json.dumps(
+        {"layer_map": model.config.quantization_config.layer_map, "numbers": compression_report(model).to_dict()},
+        sort_keys=True,
+    )
     save_file(state, path, metadata={"layer_map": layer_map})
 
 

@@ -190,12 +190,13 @@ def test_interrupted_write_leaves_the_last_complete_state(tmp_path, tiny_configs
 
 def _block1_inputs(compressed_model, cfg, tokenizer) -> list[torch.Tensor]:
     """Block 1's calibration inputs in the sequential scheme: block 0 (already compressed) applied to block 0's."""
-    from optimum_oats.data.inputs import calibration_inputs
+    from optimum_oats.data.inputs import CalibrationData, calibration_inputs
     from optimum_oats.engine.blocks import find_main_block_stack
     from optimum_oats.engine.capture import block_forward, capture_block_inputs
 
     _, blocks = find_main_block_stack(compressed_model)
-    inputs = capture_block_inputs(compressed_model, blocks, calibration_inputs(compressed_model, cfg, tokenizer))
+    data = CalibrationData.from_config(cfg, tokenizer=tokenizer)
+    inputs = capture_block_inputs(compressed_model, blocks, calibration_inputs(compressed_model, cfg, data))
     with torch.no_grad():
         return block_forward(blocks[0], inputs.hidden_states, inputs.block_kwargs[0])
 

@@ -35,6 +35,8 @@ from lm_eval.tasks.hellaswag.utils import preprocess as hellaswag_preprocess
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as wikitext_process_results  # noqa: F401
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer  # noqa: F401
 
+# The same variable as `optimum_oats.data.paths.DATA_DIR_ENV`, named again here because this folder must keep working
+# when copied away from the package (see the module docstring).
 DATA_DIR_ENV = "OATS_DATA_DIR"
 
 
