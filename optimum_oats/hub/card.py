@@ -52,7 +52,7 @@ _DATASETS: dict[str, tuple[str, str | None, str]] = {
 
 # ----------------------------------------------------------------------------------------------- card rendering
 def model_card_template() -> str:
-    """The Jinja template shipped in `optimum_oats/templates/` (`model_cards/` at the repo root links to it)."""
+    """The Jinja template shipped in `optimum_oats/hub/templates/` (`model_cards/` at the repo root links to it)."""
     return resources.files(__package__).joinpath("templates", TEMPLATE_FILE).read_text(encoding="utf-8")
 
 

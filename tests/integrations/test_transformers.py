@@ -84,7 +84,7 @@ def test_checkpoint_layout_and_report(compressed_dir):
 
 
 def test_reload_gives_identical_logits_without_calibration(compressed_dir, monkeypatch):
-    compress_module = sys.modules["optimum_oats.compress"]
+    compress_module = sys.modules["optimum_oats.engine.loop"]
     monkeypatch.setattr(compress_module, "calibration_inputs", lambda *a, **k: pytest.fail("calibrated"))
     model = AutoModelForCausalLM.from_pretrained(compressed_dir)
     assert len(_compressed(model)) == 14
