@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=2270)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -89,7 +89,9 @@ def load_split(root: Path, train_size: int, test_size: int, seed: int) -> tuple[
 
 
 def encode(tokenizer, rows: list[dict], max_length: int) -> Dataset:
-    batch = tokenizer([r["question"] for r in rows], [r["passage"] for r in rows], truncation=True, max_length=max_length)
+    batch = tokenizer(
+        [r["question"] for r in rows], [r["passage"] for r in rows], truncation=True, max_length=max_length
+    )
     return Dataset.from_dict({**batch, "labels": [r["label"] for r in rows]})
 
 
@@ -238,7 +240,9 @@ def main() -> None:
 
         record = run_one(output / f"{name}.json", run)
         if record["protocol"] != settings:
-            raise SystemExit(f"{name}.json was produced with other settings ({record['protocol']}); use another --output.")
+            raise SystemExit(
+                f"{name}.json was produced with other settings ({record['protocol']}); use another --output."
+            )
         results.setdefault((method, kept), []).append(record)
         print(f"  {name}: acc {record['test_accuracy']:.3f}, {record['train_seconds']} s", flush=True)
 
@@ -255,7 +259,7 @@ def main() -> None:
     )
     print("| method | kept | acc per seed (%) | mean acc ± s.e. (%) | checkpoint MB | train s (mean) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for (method, kept), records in results.items():
+    for (method, _kept), records in results.items():
         accs = [r["test_accuracy"] for r in records]
         mean = sum(accs) / len(accs)
         # s.e. of the mean of the seeds: the test sampling error (binomial, n test pairs, each seed) plus seed spread
