@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .config import LoSparseConfig
-from .importance import row_sensitivity, select_rows, update_scores
+from .importance import new_state, row_scores, select_rows, sensitivity, update_scores, uses_uncertainty
 from .model import losparse_layers
 from .schedule import is_mask_step, remaining_ratio
 
@@ -28,13 +28,21 @@ def _decode(text: str) -> torch.Tensor:
 
 
 class LoSparseCallback(TrainerCallback, ExportableState):
-    """Scores S by smoothed sensitivity after every optimizer step and prunes whole rows on the cubic schedule.
+    """Scores S by smoothed sensitivity after every optimizer step and selects whole rows on the cubic schedule.
 
     It runs in `on_optimizer_step`: after `optimizer.step()` and before `zero_grad()`, i.e. once per optimizer
-    step with the gradient accumulated over all `gradient_accumulation_steps` micro-batches (and clipped). One
-    global threshold over all LoSparse layers keeps the scheduled fraction of S's parameters.
+    step with the gradient accumulated over all `gradient_accumulation_steps` micro-batches (and clipped) — where
+    the reference calls `pruner.update_and_pruning(model, completed_steps)`. In that order: the step's sensitivity
+    enters the scores (a finished window enters the EMA first), then, on a mask step, one global threshold over
+    all LoSparse layers keeps the scheduled fraction of S's parameters and the other rows are zeroed.
 
-    Its state (step, ratio, and the per-row window and EMA of every layer) is an `ExportableState`, saved in each
+    Regrowth, as in the reference: the mask is re-decided from the scores at every mask step, over *all* rows. A
+    zeroed row still gets gradients and optimizer updates between mask steps (the forward pass does not mask), so
+    it can score above the threshold again and be kept. In the final phase rows are re-selected every step. At the
+    end of training the last selection is applied once more, so the trained model is the one `export_losparse`
+    stores (this matters only when the schedule ends without a final phase).
+
+    Its state (step, ratio, and the window / EMA scores of every layer) is an `ExportableState`, saved in each
     checkpoint's `trainer_state.json`; the row masks are buffers of the model, saved with its weights. Resume with
     `TrainingArguments(restore_callback_states_from_checkpoint=True)` (it refuses to continue otherwise, since it
     would start scoring from zero mid-schedule).
@@ -54,19 +62,24 @@ class LoSparseCallback(TrainerCallback, ExportableState):
         self.encoded_scores: dict[str, dict[str, str]] | None = None  # set when restored from a checkpoint
         self._scores: dict[str, dict[str, torch.Tensor]] = {}
         self._total_steps = self.config.total_steps
+        self._phases = (0, 0)
 
     # -- Trainer events -------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._total_steps = self.config.total_steps or state.max_steps
-        self.config.check_steps(self._total_steps)
+        self._phases = self.config.check_steps(self._total_steps)
         layers = losparse_layers(model)
         if not layers:
             raise ValueError("The model has no LoSparse layer: call `apply_losparse(model, config)` before training.")
+        frozen = [f"{name}.weight" for name, layer in layers.items() if not layer.weight.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"LoSparse scores S by its gradient, but {frozen[:3]}{' ...' if len(frozen) > 3 else ''} "
+                f"({len(frozen)} of {len(layers)}) do not require grad. Unfreeze them (`requires_grad_(True)`) or "
+                "leave those layers dense with `LoSparseConfig(modules_to_not_convert=[...])`."
+            )
         if self.encoded_scores is not None:
-            self._scores = {
-                name: {key: _decode(value) for key, value in entry.items()}
-                for name, entry in self.encoded_scores.items()
-            }
+            self._scores = {name: _restore(entry, layers.get(name)) for name, entry in self.encoded_scores.items()}
             self.encoded_scores = None
         if state.global_step != self.step:
             raise ValueError(
@@ -78,34 +91,50 @@ class LoSparseCallback(TrainerCallback, ExportableState):
             raise ValueError("The restored LoSparse scores name different layers than the model has.")
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        step = state.global_step + 1  # global_step counts *finished* steps; this one finishes now
+        self.update(model, state.global_step)  # global_step counts the steps completed before this one
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        for layer in losparse_layers(model).values():
+            layer.set_row_mask(layer.row_mask)  # zero rows regrown since the last selection
+        return control
+
+    def update(self, model: torch.nn.Module, step: int) -> bool:
+        """Score this optimizer step and prune on a mask step (`step`: 0-based); returns whether rows were selected.
+
+        The Trainer events call it; a hand-written loop calls it after each `optimizer.step()`, before
+        `zero_grad()`, with the number of optimizer steps completed before.
+        """
         config = self.config
         layers = losparse_layers(model)
+        per_row = not uses_uncertainty(config.beta2)
         for name, layer in layers.items():
             grad = layer.weight.grad
-            value = torch.zeros(layer.out_features) if grad is None else row_sensitivity(layer.weight, grad).cpu()
-            entry = self._scores.setdefault(
-                name, {"window": torch.zeros(layer.out_features), "ema": torch.zeros(layer.out_features)}
-            )
-            entry["window"], entry["ema"] = update_scores(
-                entry["window"], entry["ema"], value, step, config.delta_t, config.beta1
-            )
-        self.step = step
-        schedule = (self._total_steps, config.initial_warmup_steps, config.final_warmup_steps)
-        target = remaining_ratio(step, *schedule, config.final_remaining_ratio)
-        # Nothing has entered the EMA before the first full window: LoSparse/PLATON do not prune on zero scores.
-        if step > config.delta_t and is_mask_step(step, *schedule, config.delta_t):
-            self._prune(layers, target)
-        return control
+            if grad is None:
+                raise ValueError(
+                    f"`{name}.weight.grad` is None after the optimizer step, so LoSparse cannot score S. The "
+                    "parameter must be trainable and its full gradient present when `on_optimizer_step` runs: "
+                    "unfreeze it or exclude the layer (`modules_to_not_convert`); DeepSpeed ZeRO-2/3 and FSDP "
+                    "shard or free `.grad` and are not supported (train with DDP or a single process), and a "
+                    "custom loop must call the callback before `zero_grad()`."
+                )
+            value = sensitivity(layer.weight, grad, per_row=per_row)
+            entry = self._scores.get(name)
+            if entry is None:
+                entry = self._scores[name] = new_state(value, config.beta2)
+            update_scores(entry, value, step, config.delta_t, config.beta1, config.beta2)
+        self.step = step + 1
+        total, (initial, final) = self._total_steps, self._phases
+        if not is_mask_step(step, total, initial, final, config.delta_t):
+            return False
+        self._prune(layers, remaining_ratio(step, total, initial, final, config.final_remaining_ratio))
+        return True
 
     # -- pruning ---------------------------------------------------------------------------------------------
     def _prune(self, layers, target: float) -> None:
         names = list(layers)
         keeps, threshold = select_rows(
-            [self._scores[n]["ema"] for n in names],
-            [layers[n].in_features for n in names],
-            [layers[n].row_mask.cpu() for n in names],
-            target,
+            [row_scores(self._scores[n]).cpu() for n in names], [layers[n].in_features for n in names], target
         )
         for name, keep in zip(names, keeps, strict=True):
             layers[name].set_row_mask(keep)
@@ -134,5 +163,16 @@ class LoSparseCallback(TrainerCallback, ExportableState):
         }
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """The current smoothed row scores (EMA) per layer."""
-        return {name: entry["ema"].clone() for name, entry in self._scores.items()}
+        """The current row scores per layer (what the next selection ranks)."""
+        return {name: row_scores(entry).clone() for name, entry in self._scores.items()}
+
+
+def _restore(entry: dict[str, str], layer) -> dict[str, torch.Tensor]:
+    """Decode one layer's saved scores: per-row `(out,)` or per-weight `(out, in)` tensors."""
+    if layer is None:
+        return {key: _decode(value) for key, value in entry.items()}
+    out = {}
+    for key, value in entry.items():
+        tensor = _decode(value)
+        out[key] = tensor if tensor.numel() == layer.out_features else tensor.view(layer.out_features, -1)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -23,10 +24,20 @@ class LoSparseConfig:
             The fraction of S's parameters (all target layers together) kept at the end, in (0, 1].
         total_steps (`int`, *optional*):
             T, the number of optimizer steps of the schedule; defaults to the Trainer's `max_steps`.
-        initial_warmup_steps (`int`, defaults to 0): t_i, steps before any pruning.
-        final_warmup_steps (`int`, defaults to 0): t_f, last steps held at the final ratio (masked every step).
+        initial_warmup_ratio (`float`, defaults to 0.1):
+            t_i as a fraction of T: steps of plain fine-tuning before any pruning.
+        final_warmup_ratio (`float`, defaults to 0.3):
+            t_f as a fraction of T: the last steps, held at the final ratio (rows re-selected every step), in which
+            the pruned model recovers. The reference's GLUE scripts use t_i = 1 and t_f = 3-5 units of a few
+            percent of T each; 0.1 / 0.3 leave the middle 60% for the decay. A schedule with t_f = 0 reaches the
+            final ratio only at the last step and is warned about.
+        initial_warmup_steps (`int`, *optional*): t_i in steps; overrides `initial_warmup_ratio`.
+        final_warmup_steps (`int`, *optional*): t_f in steps; overrides `final_warmup_ratio`.
         delta_t (`int`, defaults to 10): ΔT, sensitivity window length and pruning interval while decaying.
         beta1 (`float`, defaults to 0.85): EMA factor of the windowed sensitivity.
+        beta2 (`float`, defaults to 1.0):
+            EMA factor of PLATON's uncertainty term; 1 turns it off (LoSparse's default), a value in (0, 1) turns
+            it on (score = EMA ⊙ uncertainty; the scores are then kept per weight, 3 tensors of the size of S).
         target_modules (`list[str]`, *optional*):
             Linear layers to substitute (exact names or dotted suffixes such as `"q_proj"`); defaults to every
             linear layer inside the model's repeated blocks.
@@ -45,10 +56,13 @@ class LoSparseConfig:
     low_rank_ratio: float = 0.05
     final_remaining_ratio: float = 0.2
     total_steps: int | None = None
-    initial_warmup_steps: int = 0
-    final_warmup_steps: int = 0
+    initial_warmup_ratio: float = 0.1
+    final_warmup_ratio: float = 0.3
+    initial_warmup_steps: int | None = None
+    final_warmup_steps: int | None = None
     delta_t: int = 10
     beta1: float = 0.85
+    beta2: float = 1.0
     target_modules: list[str] | None = None
     modules_to_not_convert: list[str] | None = None
 
@@ -56,8 +70,13 @@ class LoSparseConfig:
         _check_number("low_rank_ratio", self.low_rank_ratio, 0.0, 1.0, low_open=False, high_open=True)
         _check_number("final_remaining_ratio", self.final_remaining_ratio, 0.0, 1.0, low_open=True, high_open=False)
         _check_number("beta1", self.beta1, 0.0, 1.0, low_open=False, high_open=True)
-        for name, minimum in (("initial_warmup_steps", 0), ("final_warmup_steps", 0), ("delta_t", 1)):
-            _check_int(name, getattr(self, name), minimum)
+        _check_number("beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=False)
+        _check_number("initial_warmup_ratio", self.initial_warmup_ratio, 0.0, 1.0, low_open=False, high_open=True)
+        _check_number("final_warmup_ratio", self.final_warmup_ratio, 0.0, 1.0, low_open=False, high_open=True)
+        for name in ("initial_warmup_steps", "final_warmup_steps"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0)
+        _check_int("delta_t", self.delta_t, 1)
         if self.total_steps is not None:
             _check_int("total_steps", self.total_steps, 1)
             self.check_steps(self.total_steps)
@@ -68,13 +87,33 @@ class LoSparseConfig:
             if value is not None:
                 setattr(self, name, list(value))
 
-    def check_steps(self, total_steps: int) -> None:
-        """The warm-up and final phases must leave at least one decay step."""
-        if self.initial_warmup_steps + self.final_warmup_steps >= total_steps:
+    def phases(self, total_steps: int) -> tuple[int, int]:
+        """`(t_i, t_f)` in steps for a run of `total_steps`: the step counts if given, else the ratios of T."""
+        initial = self.initial_warmup_steps
+        final = self.final_warmup_steps
+        if initial is None:
+            initial = round(self.initial_warmup_ratio * total_steps)
+        if final is None:
+            final = round(self.final_warmup_ratio * total_steps)
+        return initial, final
+
+    def check_steps(self, total_steps: int) -> tuple[int, int]:
+        """The warm-up and final phases must leave a decay step; warns when no recovery phase is left."""
+        initial, final = self.phases(total_steps)
+        if initial + final >= total_steps:
             raise ValueError(
-                f"`initial_warmup_steps={self.initial_warmup_steps}` + `final_warmup_steps={self.final_warmup_steps}` "
-                f"leave no decay step in {total_steps} total steps; shorten them or train longer."
+                f"t_i = {initial} + t_f = {final} steps (`initial_warmup_*` / `final_warmup_*`) leave no decay step "
+                f"in {total_steps} total steps; shorten them or train longer."
             )
+        if final == 0:
+            warnings.warn(
+                f"The LoSparse schedule has no final phase (t_f = 0 of {total_steps} steps): S reaches its final "
+                "ratio only at the last step and the pruned model gets no recovery steps. Set "
+                "`final_warmup_ratio` (default 0.3) or `final_warmup_steps` > 0.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return initial, final
 
     def selects(self, module_name: str) -> bool:
         """Whether the linear layer `module_name` is substituted (dotted-suffix matches: `layers.1` ≠ `layers.10`)."""

@@ -21,8 +21,10 @@ class LoSparseLinear(nn.Module):
     """`y = x (S ⊙ m + U V)^T + b` with trainable `U` `(out, r)`, `V` `(r, in)`, dense `S` and a row mask `m`.
 
     Built from a linear layer by [`from_linear`]: `U V` is the top-r SVD of W with `√Σ` split into both factors,
-    and `S = W - U V`, so the layer starts out computing exactly the original function. Pruned rows of S are
-    zero in `weight` *and* masked in the forward pass, so they receive no gradient and stay pruned.
+    and `S = W - U V`, so the layer starts out computing exactly the original function. `row_mask` holds the last
+    row selection of [`LoSparseCallback`]; pruned rows are zeroed in `weight` but, as in the reference, not masked
+    in the forward pass: they keep receiving gradients and can regrow until the next selection drops or keeps them.
+    [`to_compact`] stores only the rows in `row_mask`.
 
     Not an `nn.Linear` subclass, for the same reason as [`LinearSparseLowRank`]: tools that treat any
     `nn.Linear` as dense would read S alone as the weight.
@@ -84,12 +86,12 @@ class LoSparseLinear(nn.Module):
 
     @torch.no_grad()
     def set_row_mask(self, keep: torch.Tensor) -> None:
-        """Prune the rows where `keep` is False (their values are zeroed too)."""
+        """Select the rows where `keep` is True and zero the others (a row zeroed before may be kept again)."""
         self.row_mask.copy_(keep.to(self.row_mask.device))
         self.weight.mul_(self.row_mask.unsqueeze(1).to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.sparse_weight(), self.bias)
+        y = F.linear(x, self.weight, self.bias)  # not masked: pruned rows are zero and may regrow (see callback)
         if self.rank:
             y = y + F.linear(F.linear(x, self.lowrank_v), self.lowrank_u)
         return y

@@ -40,7 +40,7 @@ def _kept_fraction(model) -> float:
 
 
 class _Recorder(TrainerCallback):
-    """Records the kept fraction of S after every optimizer step (runs after the LoSparse callback)."""
+    """Records the kept fraction of S after every optimizer step (`kept[i]` after 0-based step i)."""
 
     def __init__(self):
         self.kept = []
@@ -85,11 +85,11 @@ def test_remaining_ratio_follows_the_schedule_with_one_global_threshold(trained)
     max_row = max(m.in_features for m in layers.values())
     total = sum(m.out_features * m.in_features for m in layers.values())
     assert callback.step == STEPS
-    # No pruning before the first full window (step > ΔT) nor during warm-up; mask steps then track the schedule.
-    assert recorder.kept[:2] == [1.0, 1.0]
-    for step in (4, 6, 8, 9, 10, 11, 12):
+    # No pruning during warm-up (0-based steps 0..t_i) nor before the first mask step; then the schedule is tracked.
+    assert recorder.kept[:4] == [1.0] * 4
+    for step in (4, 6, 8, 9, 10, 11):  # mask steps: step % ΔT == 0 while decaying, every step in the final phase
         target = remaining_ratio(step, STEPS, 2, 4, 0.3)
-        assert target * total - max_row < recorder.kept[step - 1] * total <= target * total + 1e-6, step
+        assert target * total - 1e-6 <= recorder.kept[step] * total < target * total + max_row, step
     assert recorder.kept[-1] == pytest.approx(0.3, abs=max_row / total)
     # One global threshold: layers end with different kept fractions, and every kept row scores above it.
     fractions = {name: m.kept_rows / m.out_features for name, m in layers.items()}
@@ -175,3 +175,26 @@ def test_export_before_pruning_is_refused(tiny_llama):
     apply_losparse(tiny_llama, LoSparseConfig())
     with pytest.raises(ValueError, match="nothing is compressed"):
         export_losparse(tiny_llama)
+
+
+def test_a_frozen_s_is_refused_by_name(tiny_configs, train_data, tmp_path):
+    model = build_tiny_model(tiny_configs["llama"])
+    config = _config()
+    apply_losparse(model, config)
+    name = next(iter(losparse_layers(model)))
+    losparse_layers(model)[name].weight.requires_grad_(False)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train_data, callbacks=[LoSparseCallback(config)])
+    with pytest.raises(ValueError, match=rf"{name}\.weight.*modules_to_not_convert"):
+        trainer.train()
+
+
+def test_a_missing_gradient_is_an_error_naming_the_parameter(tiny_configs):
+    model = build_tiny_model(tiny_configs["llama"])
+    apply_losparse(model, _config(total_steps=STEPS))
+    layers = losparse_layers(model)
+    model(IDS, labels=IDS).loss.backward()
+    name = list(layers)[1]
+    layers[name].weight.grad = None  # what ZeRO / FSDP leave on a sharded parameter
+    with pytest.raises(ValueError, match=rf"`{name}\.weight\.grad` is None.*FSDP"):
+        LoSparseCallback(_config(total_steps=STEPS)).update(model, 0)
