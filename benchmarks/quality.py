@@ -67,6 +67,12 @@ def parse_args() -> argparse.Namespace:
         "--seed", type=int, nargs="+", default=[0], help="calibration sample seeds (several measure the noise)"
     )
     parser.add_argument("--rank-ratio", type=float, default=0.25)
+    parser.add_argument(
+        "--sampling",
+        default="joined",
+        choices=["joined", "documents", "random_windows"],
+        help="how calibration windows are drawn (OATSConfig.calibration_sampling); 'joined' is the sweep protocol's",
+    )
     parser.add_argument("--svd", nargs="+", default=["exact"], choices=["exact", "fast"], help="OATS's rank-r step")
     parser.add_argument(
         "--patterns",
@@ -134,6 +140,7 @@ def main() -> None:
                 seed=entry.seed,
                 layerwise=entry.layerwise,
                 svd=entry.svd,
+                calibration_sampling=args.sampling,
                 **(owl if entry.layerwise == "owl" else {}),
             )
             start = time.perf_counter()
@@ -273,6 +280,8 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += f"-M{args.owl_threshold}-l{args.owl_lambda}"
     if entry.seed != 0:
         key += f"-s{entry.seed}"
+    if args.sampling != "joined":
+        key += f"-c{args.sampling}"
     return key
 
 

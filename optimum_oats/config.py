@@ -12,6 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms import ALGORITHMS, DEFAULT_SOLVER, SVD_SOLVERS, TRAINED_METHODS, method_info
 from .data.kinds import is_in_memory_dataset
+from .data.text import SAMPLINGS
 
 QUANT_METHOD = "oats"
 # From the registry: the one-shot methods `compress()` runs, and those that train (`optimum_oats.training`).
@@ -63,6 +64,11 @@ class OATSConfig(QuantizationConfigMixin):
         num_samples (`int`, defaults to 128): calibration sequences.
         seqlen (`int`, defaults to 2048): tokens per calibration sequence.
         seed (`int`, defaults to 0): seeds sampling of calibration windows and any random solver.
+        calibration_sampling (`str`, defaults to `"joined"`): how decoder LMs' calibration windows are drawn:
+            `"joined"` (documents joined with EOS and cut into windows; every token usable), `"documents"` (the OATS
+            reference: consecutive documents from a random start, one sample each) or `"random_windows"` (the
+            Wanda/SparseGPT reference: a random window of a random document longer than `seqlen`). Every window
+            starts with the tokenizer's BOS where it adds one (Llama-3, Gemma).
         modules_to_not_convert (`list[str]`, *optional*):
             Module names (exact, or a suffix after a `.`) that stay dense. Embeddings, norms and `lm_head` are
             never compressed.
@@ -106,6 +112,7 @@ class OATSConfig(QuantizationConfigMixin):
     num_samples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    calibration_sampling: str = "joined"
     modules_to_not_convert: list[str] | None = None
     svd: str = DEFAULT_SOLVER
     layerwise: str = "uniform"
@@ -130,6 +137,8 @@ class OATSConfig(QuantizationConfigMixin):
         self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
         if self.method not in METHODS + TRAINED:
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if self.calibration_sampling not in SAMPLINGS:
+            raise ValueError(f"`calibration_sampling` must be one of {SAMPLINGS}, got {self.calibration_sampling!r}.")
         if self.svd not in SVD_SOLVERS:
             raise ValueError(f"`svd` must be one of {SVD_SOLVERS}, got {self.svd!r}.")
         if self.layerwise not in LAYERWISE:

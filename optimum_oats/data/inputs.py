@@ -44,6 +44,7 @@ class CalibrationSettings(Protocol):
     seqlen: int
     seed: int
     rank_ratio: float
+    calibration_sampling: str
 
     @property
     def uses_low_rank(self) -> bool: ...
@@ -190,7 +191,9 @@ def calibration_inputs(
     else:
         texts = load_calibration_texts(dataset)
     if kind == WINDOWS:
-        return sample_calibration_windows(tokenizer, texts, config.num_samples, config.seqlen, seed=config.seed)
+        return sample_calibration_windows(
+            tokenizer, texts, config.num_samples, config.seqlen, seed=config.seed, sampling=config.calibration_sampling
+        )
     length = text_length(model, tokenizer, config.seqlen)
     return sample_text_batches(tokenizer, texts, config.num_samples, length, seed=config.seed)
 

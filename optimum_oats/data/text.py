@@ -111,23 +111,56 @@ def load_calibration_texts(dataset: str | list[str]) -> list[str]:
     return texts
 
 
-def sample_calibration_windows(
-    tokenizer, texts: list[str], num_samples: int, seqlen: int, seed: int = 0
-) -> torch.Tensor:
-    """Cut `num_samples` windows of `seqlen` tokens from the documents, shuffled by `seed`.
+# How calibration windows are drawn (`OATSConfig.calibration_sampling`).
+JOINED, DOCUMENTS, RANDOM_WINDOWS = "joined", "documents", "random_windows"
+SAMPLINGS = (JOINED, DOCUMENTS, RANDOM_WINDOWS)
+# `random_windows` draws documents until one is longer than a window; give up after this many draws.
+_MAX_DRAWS_PER_SAMPLE = 1000
 
-    Documents are visited in a seeded random order and joined with the EOS token into one stream until it
-    holds `num_samples * seqlen` tokens; the stream is then cut into non-overlapping windows. (The
-    papers draw random windows from single documents longer than `seqlen`; few C4 documents are that long,
-    so joining keeps every token usable and the windows distinct.)
 
-    Returns:
-        `(num_samples, seqlen)` int64 tensor of token ids.
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text by default (the BOS of Llama-3, Gemma, OPT; none for SmolLM2).
+
+    A model trained with them sees them at the start of every sequence; calibration windows and evaluation windows
+    that start without them put the model out of distribution (Gemma's perplexity explodes).
     """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    if not plain or plain[0] not in full:
+        return []
+    return list(full[: full.index(plain[0])])
+
+
+def sample_calibration_windows(
+    tokenizer, texts: list[str], num_samples: int, seqlen: int, seed: int = 0, sampling: str = JOINED
+) -> torch.Tensor:
+    """`num_samples` windows of `seqlen` tokens, shuffled by `seed`; `(num_samples, seqlen)` int64.
+
+    `sampling` chooses how, each time with the tokenizer's leading special tokens (BOS) where it adds them:
+
+    - `"joined"` (default): documents in a seeded random order, joined with EOS into one stream that is cut into
+      non-overlapping windows, each starting with BOS when the tokenizer adds one. Every token is usable, so it
+      works with short documents (most of C4's).
+    - `"documents"`: as the OATS reference (SliceGPT's `prepare_dataloader`): from a random start, consecutive
+      documents joined with blank lines until a window is full, the text then tokenized as a whole (BOS first);
+      used documents are not drawn again.
+    - `"random_windows"`: as the Wanda / SparseGPT reference (`get_c4`): a random document longer than a window
+      (tokenized with its BOS), then a random window inside it.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"`calibration_sampling` must be one of {SAMPLINGS}, got {sampling!r}.")
+    if sampling == DOCUMENTS:
+        return _document_windows(tokenizer, texts, num_samples, seqlen, seed)
+    if sampling == RANDOM_WINDOWS:
+        return _random_windows(tokenizer, texts, num_samples, seqlen, seed)
+    prefix = leading_special_tokens(tokenizer)
+    body = seqlen - len(prefix)
+    if body < 1:
+        raise CalibrationDataError(f"`seqlen={seqlen}` leaves no room for text after the BOS token(s).")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    needed = num_samples * seqlen
+    needed = num_samples * body
     stream: list[int] = []
     for index in order:
         stream.extend(tokenizer(texts[index], add_special_tokens=False)["input_ids"])
@@ -135,12 +168,12 @@ def sample_calibration_windows(
         if len(stream) >= needed:
             break
     if len(stream) < needed:
-        if len(stream) < seqlen:
+        if len(stream) < body:
             raise CalibrationDataError(
                 f"The calibration text holds {len(stream)} tokens, fewer than one window of `seqlen={seqlen}`. "
                 "Give more text or lower `seqlen`."
             )
-        available = len(stream) // seqlen
+        available = len(stream) // body
         logger.warning(
             "Calibration text holds %d tokens: %d windows of %d instead of the %d requested.",
             len(stream),
@@ -149,7 +182,52 @@ def sample_calibration_windows(
             num_samples,
         )
         num_samples = available
-    return torch.tensor(stream[:needed][: num_samples * seqlen], dtype=torch.long).view(num_samples, seqlen)
+    windows = torch.tensor(stream[: num_samples * body], dtype=torch.long).view(num_samples, body)
+    if prefix:
+        windows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(num_samples, -1), windows], dim=1)
+    return windows
+
+
+def _document_windows(tokenizer, texts: list[str], num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """SliceGPT/OATS `prepare_dataloader` with `varied_seqlen=False`, keeping samples of exactly `seqlen` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = [i for i, text in enumerate(texts) if text]
+    samples: list[list[int]] = []
+    while len(samples) < num_samples and indices:
+        start = int(torch.randint(0, len(indices), (1,), generator=generator))
+        index, tokens = start, []
+        while len(tokens) < seqlen and index < len(indices):
+            tokens += tokenizer.tokenize(("\n\n" if tokens else "") + texts[indices[index]])
+            index += 1
+        indices = indices[:start] + indices[index:]
+        if len(tokens) >= seqlen:
+            ids = tokenizer(tokenizer.convert_tokens_to_string(tokens[:seqlen]))["input_ids"][:seqlen]
+            if len(ids) == seqlen:  # re-tokenizing can merge tokens; such a sample would need padding
+                samples.append(ids)
+    if not samples:
+        raise CalibrationDataError(f"The calibration text cannot fill one window of `seqlen={seqlen}` tokens.")
+    if len(samples) < num_samples:
+        logger.warning("Calibration text gives %d document windows of %d, not %d.", len(samples), seqlen, num_samples)
+    return torch.tensor(samples, dtype=torch.long)
+
+
+def _random_windows(tokenizer, texts: list[str], num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Wanda/SparseGPT `get_c4`: a random document longer than `seqlen` tokens, then a random window of it."""
+    draw = random.Random(seed)
+    samples = []
+    for _ in range(num_samples):
+        for _ in range(_MAX_DRAWS_PER_SAMPLE):
+            ids = tokenizer(texts[draw.randint(0, len(texts) - 1)])["input_ids"]
+            if len(ids) > seqlen:
+                break
+        else:
+            raise CalibrationDataError(
+                f"No document longer than `seqlen={seqlen}` tokens was found in {_MAX_DRAWS_PER_SAMPLE} draws: "
+                "`calibration_sampling='random_windows'` needs long documents. Lower `seqlen` or use 'joined'."
+            )
+        start = draw.randint(0, len(ids) - seqlen - 1)
+        samples.append(ids[start : start + seqlen])
+    return torch.tensor(samples, dtype=torch.long)
 
 
 def sample_text_batches(

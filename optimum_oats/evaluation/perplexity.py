@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 from ..data.paths import DATA_DIR_ENV, resolve_data_dir
+from ..data.text import leading_special_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -110,8 +111,8 @@ def token_perplexity(
 ) -> float:
     """Token perplexity of `text` in non-overlapping windows of `seqlen` tokens (SparseGPT / Wanda protocol).
 
-    The text is tokenized once (with the tokenizer's default special tokens), the trailing partial window is
-    dropped, and each window is scored on its own: the loss of a window is the mean cross-entropy (in float32) of
+    The text is tokenized once, the trailing partial window is dropped, every window starts with the tokenizer's
+    BOS token(s) when it adds any (Llama-3, Gemma; see `leading_special_tokens`), and each window is scored on its own: the loss of a window is the mean cross-entropy (in float32) of
     its `seqlen - 1` next-token predictions. The result is `exp` of the mean window loss.
 
     Args:
@@ -147,13 +148,21 @@ def token_perplexity(
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
 
-    input_ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
-    n_windows = input_ids.numel() // seqlen
+    prefix = leading_special_tokens(tokenizer)
+    body = seqlen - len(prefix)
+    if body < 2:
+        raise ValueError(f"seqlen={seqlen} leaves fewer than 2 text tokens after the BOS token(s).")
+    # With a BOS-adding tokenizer every window starts with the BOS, as the model saw in training (and as lm-eval's
+    # rolling windows do); without one this is the papers' protocol unchanged: one tokenization, windows cut from it.
+    input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=not prefix, verbose=False).input_ids[0]
+    n_windows = input_ids.numel() // body
     if n_windows == 0:
         raise ValueError(f"The text has {input_ids.numel()} tokens, fewer than one window of {seqlen}.")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    windows = input_ids[: n_windows * seqlen].view(n_windows, seqlen)
+    windows = input_ids[: n_windows * body].view(n_windows, body)
+    if prefix:
+        windows = torch.cat([torch.tensor(prefix, dtype=windows.dtype).expand(n_windows, -1), windows], dim=1)
     logger.info("Token perplexity: %d windows of %d tokens", n_windows, seqlen)
 
     device = _model_device(model)
