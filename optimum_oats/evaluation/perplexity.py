@@ -112,8 +112,9 @@ def token_perplexity(
     """Token perplexity of `text` in non-overlapping windows of `seqlen` tokens (SparseGPT / Wanda protocol).
 
     The text is tokenized once, the trailing partial window is dropped, every window starts with the tokenizer's
-    BOS token(s) when it adds any (Llama-3, Gemma; see `leading_special_tokens`), and each window is scored on its own: the loss of a window is the mean cross-entropy (in float32) of
-    its `seqlen - 1` next-token predictions. The result is `exp` of the mean window loss.
+    BOS token(s) when it adds any (Llama-3, Gemma; see `leading_special_tokens`), and each window is scored on its
+    own: the loss of a window is the mean cross-entropy (in float32) of its `seqlen - 1` next-token predictions.
+    The result is `exp` of the mean window loss.
 
     Args:
         model (`PreTrainedModel`):

@@ -108,8 +108,12 @@ def test_perplexity_windows_start_with_bos_where_the_tokenizer_adds_one():
                 num_key_value_heads=1,
             )
         )
-        seen = []
-        model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+        seen: list[torch.Tensor] = []
+
+        def record(module, args, output, seen=seen):
+            seen.append(args[0].clone())
+
+        model.model.embed_tokens.register_forward_hook(record)
         value = token_perplexity(model, tok, text, seqlen=16, progress=False)
         windows = torch.cat(seen)
         assert (windows[:, 0] == tok.bos_token_id).all() == add_bos and value > 1
