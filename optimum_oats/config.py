@@ -87,6 +87,11 @@ class OATSConfig(QuantizationConfigMixin):
         owl_lambda (`float`, defaults to 0.08): OWL's `λ`, half the spread of the per-block rates. Kept at the
             reference's value: on SmolLM2 at ρ = 0.7, 0.04 was slightly better for Wanda but 2.3× worse for OATS
             (docs/quality.md).
+        refine_steps (`int`, defaults to 0): block refinement, off by default: after each block is compressed, this
+            many Adam steps (one calibration sample each) on the kept values of S and on U, V, masks fixed, so the
+            block's outputs match the dense block's (3BASiL's transformer matching, Wanda++'s block
+            reconstruction). Works with every method; the block is never left worse on its calibration data.
+        refine_lr (`float`, defaults to 1e-4): Adam's learning rate for `refine_steps`.
         tokenizer (`str` or tokenizer, *optional*), image_processor (`str` or image processor, *optional*):
             Accepted for compatibility and never serialized; they are arguments of a run, so prefer
             `compress(model, cfg, tokenizer, image_processor=...)`. A data set given as objects (PIL images, a
@@ -118,6 +123,8 @@ class OATSConfig(QuantizationConfigMixin):
     layerwise: str = "uniform"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
     tokenizer: Any = None
     image_processor: Any = None
     layer_map: dict[str, dict[str, Any]] | None = None
@@ -135,6 +142,8 @@ class OATSConfig(QuantizationConfigMixin):
         self.num_samples = _check_int("num_samples", self.num_samples, 1)
         self.seqlen = _check_int("seqlen", self.seqlen, 1)
         self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
+        self.refine_steps = _check_int("refine_steps", self.refine_steps, 0)
+        self.refine_lr = _check_float("refine_lr", self.refine_lr, 0.0, 1.0, low_inclusive=False)
         if self.method not in METHODS + TRAINED:
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         if self.calibration_sampling not in SAMPLINGS:

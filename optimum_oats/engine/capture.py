@@ -270,12 +270,19 @@ def block_forward(
     `kwargs` is one dict for all samples or one [`SampleCall`] per sample (see [`BlockInputs`]); a sample's
     padding mask is in force while it runs, so [`collect_statistics`] leaves its padding positions out.
     """
-    calls = kwargs if isinstance(kwargs, list) else [SampleCall(kwargs)] * len(hidden_states)
-    if len(calls) != len(hidden_states):
-        raise ValueError(f"{len(hidden_states)} calibration samples but {len(calls)} recorded block calls.")
-    outputs = []
-    for hidden, call in zip(hidden_states, calls, strict=True):
-        with counting_positions(call.token_mask):
-            out = block(hidden, **call.kwargs)
-        outputs.append(_output_hidden(out).detach())
-    return outputs
+    calls = sample_calls(kwargs, len(hidden_states))
+    return [replay_sample(block, hidden, call).detach() for hidden, call in zip(hidden_states, calls, strict=True)]
+
+
+def sample_calls(kwargs: dict[str, Any] | list[SampleCall], num_samples: int) -> list[SampleCall]:
+    """One [`SampleCall`] per sample, from a block's recorded keyword arguments."""
+    calls = kwargs if isinstance(kwargs, list) else [SampleCall(kwargs)] * num_samples
+    if len(calls) != num_samples:
+        raise ValueError(f"{num_samples} calibration samples but {len(calls)} recorded block calls.")
+    return calls
+
+
+def replay_sample(block: nn.Module, hidden: torch.Tensor, call: SampleCall) -> torch.Tensor:
+    """One sample through one block, as the model called it (differentiable when autograd is on)."""
+    with counting_positions(call.token_mask):
+        return _output_hidden(block(hidden, **call.kwargs))

@@ -26,6 +26,7 @@ from .distributed import agree, world
 from .guards import refuse_shared_weights
 from .layers import LayerEntry, compress_block
 from .offload import onload_block
+from .refine import refine_block
 from .resume import ResumeFolder, ResumeMismatchError, job_fingerprint
 from .statistics import collect_statistics
 
@@ -168,7 +169,7 @@ def compress_stack(
                     continue
                 kwargs = inputs.block_kwargs[index]
                 with collect_statistics(local, needed) as accumulators:
-                    block_forward(block, hidden, kwargs)
+                    dense_outputs = block_forward(block, hidden, kwargs)
                 compressed = compress_block(prefix, local, accumulators, config, rates[index] if rates else None)
                 block_entries = {}
                 for name, (layer, entry) in compressed.items():
@@ -176,6 +177,19 @@ def compress_stack(
                     if ratios:
                         entry["owl_outlier_ratio"] = round(ratios[index], 6)
                     block_entries[f"{prefix}.{name}"] = entry
+                if config.refine_steps:
+                    layers = {name: layer for name, (layer, _) in compressed.items()}
+                    refine_block(
+                        block,
+                        layers,
+                        hidden,
+                        kwargs,
+                        dense_outputs,
+                        steps=config.refine_steps,
+                        lr=config.refine_lr,
+                        progress=progress,
+                    )
+                del dense_outputs
                 entries.update(block_entries)
                 if index + 1 < len(blocks):
                     hidden = block_forward(block, hidden, kwargs)

@@ -1,0 +1,89 @@
+"""Block refinement: it lowers the compressed block's calibration loss, and never raises it."""
+
+from __future__ import annotations
+
+import torch
+
+from optimum_oats import OATSConfig
+from optimum_oats.algorithms import INPUT_NORMS
+from optimum_oats.engine.blocks import find_linear_layers, find_main_block_stack
+from optimum_oats.engine.capture import block_forward, capture_block_inputs
+from optimum_oats.engine.layers import compress_block
+from optimum_oats.engine.loop import compress_with_inputs
+from optimum_oats.engine.refine import block_loss, refine_block
+from optimum_oats.engine.statistics import collect_statistics
+from optimum_oats.nn import LinearSparseLowRank
+from tests.helpers.tiny_models import build_tiny_model
+
+IDS = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _compressed_block(tiny_configs, method="wanda"):
+    model = build_tiny_model(tiny_configs["llama"])
+    name, blocks = find_main_block_stack(model)
+    inputs = capture_block_inputs(model, blocks, IDS)
+    block, kwargs = blocks[0], inputs.block_kwargs[0]
+    local = {n[len(name) + 3 :]: m for n, m in find_linear_layers(block, f"{name}.0").items()}
+    with torch.no_grad(), collect_statistics(local, (INPUT_NORMS,)) as accumulators:
+        targets = block_forward(block, inputs.hidden_states, kwargs)
+    config = OATSConfig(method=method, compression_rate=0.7, num_iterations=5)
+    compressed = compress_block(f"{name}.0", local, accumulators, config)
+    layers = {}
+    for layer_name, (layer, _) in compressed.items():
+        block.get_submodule(layer_name.rpartition(".")[0]).__setattr__(layer_name.rpartition(".")[2], layer)
+        layers[layer_name] = layer
+    return block, layers, inputs.hidden_states, kwargs, targets
+
+
+def _state(layers):
+    return {
+        n: [t.detach().clone() for t in (l.weight, l.weight_mask, l.lowrank_u, l.lowrank_v)] for n, l in layers.items()
+    }
+
+
+def test_refinement_lowers_the_block_loss_and_keeps_the_masks(tiny_configs):
+    block, layers, hidden, kwargs, targets = _compressed_block(tiny_configs, "oats")
+    masks = {n: l.weight_mask.clone() for n, l in layers.items()}
+    before, after = refine_block(block, layers, hidden, kwargs, targets, steps=40, lr=1e-3)
+    assert after < before
+    assert after == block_loss(block, hidden, _calls(kwargs, hidden), targets)
+    assert all(torch.equal(masks[n], l.weight_mask) for n, l in layers.items())
+
+
+def _calls(kwargs, hidden):
+    from optimum_oats.engine.capture import sample_calls
+
+    return sample_calls(kwargs, len(hidden))
+
+
+def test_refinement_never_raises_the_loss(tiny_configs):
+    """A learning rate that wrecks the block: the start is kept, tensor for tensor."""
+    block, layers, hidden, kwargs, targets = _compressed_block(tiny_configs)
+    start = _state(layers)
+    before, after = refine_block(block, layers, hidden, kwargs, targets, steps=8, lr=50.0)
+    assert after == before == block_loss(block, hidden, _calls(kwargs, hidden), targets)
+    end = _state(layers)
+    assert all(torch.equal(a, b) for n in start for a, b in zip(start[n], end[n], strict=True))
+
+
+def test_requires_grad_is_restored(tiny_configs):
+    block, layers, hidden, kwargs, targets = _compressed_block(tiny_configs)
+    flags = {n: p.requires_grad for n, p in block.named_parameters()}
+    refine_block(block, layers, hidden, kwargs, targets, steps=3, lr=1e-4)
+    assert {n: p.requires_grad for n, p in block.named_parameters()} == flags
+
+
+def test_compress_with_refinement_keeps_the_shapes(tiny_configs):
+    plain = build_tiny_model(tiny_configs["llama"])
+    refined = build_tiny_model(tiny_configs["llama"])
+    a = compress_with_inputs(plain, OATSConfig(method="wanda", compression_rate=0.6), IDS, progress=False)
+    b = compress_with_inputs(
+        refined, OATSConfig(method="wanda", compression_rate=0.6, refine_steps=8, refine_lr=1e-3), IDS, progress=False
+    )
+    assert {n: (e["rank"], e["nnz"]) for n, e in a.items()} == {n: (e["rank"], e["nnz"]) for n, e in b.items()}
+    changed = [
+        n
+        for n, m in refined.named_modules()
+        if isinstance(m, LinearSparseLowRank) and not torch.equal(m.weight, plain.get_submodule(n).weight)
+    ]
+    assert changed  # refinement moved the kept values
