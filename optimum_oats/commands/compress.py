@@ -17,10 +17,13 @@ CONFIG_FIELDS = (
     "seqlen",
     "num_iterations",
     "seed",
+    "calibration_sampling",
     "svd",
     "layerwise",
     "owl_threshold",
     "owl_lambda",
+    "refine_steps",
+    "refine_lr",
     "modules_to_not_convert",
 )
 

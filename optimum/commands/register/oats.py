@@ -23,10 +23,13 @@ CONFIG_DEFAULTS = {
     "seqlen": 2048,
     "num_iterations": 80,
     "seed": 0,
+    "calibration_sampling": "joined",
     "svd": "fast",
     "layerwise": "uniform",
     "owl_threshold": 5.0,
     "owl_lambda": 0.08,
+    "refine_steps": 0,
+    "refine_lr": 1e-4,
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -64,10 +67,18 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
     option("--seqlen", int, "N", "Tokens per calibration sequence")
     option("--num-iterations", int, "N", "Alternating-thresholding iterations (OATS)")
     option("--seed", int, "N", "Seed for calibration sampling")
+    option(
+        "--calibration-sampling",
+        str,
+        "HOW",
+        "`joined` (documents joined, cut into windows), `documents` (OATS reference) or `random_windows` (Wanda/SparseGPT)",
+    )
     option("--svd", str, "SOLVER", "SVD solver inside OATS: `fast` (default, warm-started) or `exact` (the reference)")
     option("--layerwise", str, "MODE", "Per-block rates: `uniform`, or `owl` (outlier-weighted, OWL)")
     option("--owl-threshold", float, "M", "OWL outlier threshold M")
     option("--owl-lambda", float, "LAMBDA", "OWL half-spread of the per-block rates")
+    option("--refine-steps", int, "N", "Block refinement: Adam steps per block matching the dense block's outputs")
+    option("--refine-lr", float, "LR", "Block refinement learning rate")
     config.add_argument(
         "--modules-to-not-convert", nargs="+", default=None, metavar="NAME", help="Module names to keep dense."
     )
