@@ -36,18 +36,17 @@ def _compressed_block(tiny_configs, method="wanda"):
 
 
 def _state(layers):
-    return {
-        n: [t.detach().clone() for t in (l.weight, l.weight_mask, l.lowrank_u, l.lowrank_v)] for n, l in layers.items()
-    }
+    parts = ("weight", "weight_mask", "lowrank_u", "lowrank_v")
+    return {n: [getattr(layer, p).detach().clone() for p in parts] for n, layer in layers.items()}
 
 
 def test_refinement_lowers_the_block_loss_and_keeps_the_masks(tiny_configs):
     block, layers, hidden, kwargs, targets = _compressed_block(tiny_configs, "oats")
-    masks = {n: l.weight_mask.clone() for n, l in layers.items()}
+    masks = {n: layer.weight_mask.clone() for n, layer in layers.items()}
     before, after = refine_block(block, layers, hidden, kwargs, targets, steps=40, lr=1e-3)
     assert after < before
     assert after == block_loss(block, hidden, _calls(kwargs, hidden), targets)
-    assert all(torch.equal(masks[n], l.weight_mask) for n, l in layers.items())
+    assert all(torch.equal(masks[n], layer.weight_mask) for n, layer in layers.items())
 
 
 def _calls(kwargs, hidden):

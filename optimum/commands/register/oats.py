@@ -71,7 +71,7 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
         "--calibration-sampling",
         str,
         "HOW",
-        "`joined` (documents joined, cut into windows), `documents` (OATS reference) or `random_windows` (Wanda/SparseGPT)",
+        "`joined` (documents joined, cut into windows), `documents` (OATS ref.) or `random_windows` (Wanda/SparseGPT)",
     )
     option("--svd", str, "SOLVER", "SVD solver inside OATS: `fast` (default, warm-started) or `exact` (the reference)")
     option("--layerwise", str, "MODE", "Per-block rates: `uniform`, or `owl` (outlier-weighted, OWL)")
