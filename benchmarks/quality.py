@@ -73,6 +73,8 @@ def parse_args() -> argparse.Namespace:
         choices=["joined", "documents", "random_windows"],
         help="how calibration windows are drawn (OATSConfig.calibration_sampling); 'joined' is the sweep protocol's",
     )
+    parser.add_argument("--refine-steps", type=int, default=0, help="block refinement steps (OATSConfig.refine_steps)")
+    parser.add_argument("--refine-lr", type=float, default=1e-4, help="block refinement learning rate")
     parser.add_argument("--svd", nargs="+", default=["exact"], choices=["exact", "fast"], help="OATS's rank-r step")
     parser.add_argument(
         "--patterns",
@@ -141,6 +143,8 @@ def main() -> None:
                 layerwise=entry.layerwise,
                 svd=entry.svd,
                 calibration_sampling=args.sampling,
+                refine_steps=args.refine_steps,
+                refine_lr=args.refine_lr,
                 **(owl if entry.layerwise == "owl" else {}),
             )
             start = time.perf_counter()
@@ -282,6 +286,8 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += f"-s{entry.seed}"
     if args.sampling != "joined":
         key += f"-c{args.sampling}"
+    if args.refine_steps:
+        key += f"-r{args.refine_steps}-lr{args.refine_lr:g}"
     return key
 
 
