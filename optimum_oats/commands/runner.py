@@ -15,7 +15,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("compress", "evaluate", "push")
+COMMANDS = ("compress", "evaluate", "push", "build_kernels")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -189,8 +189,18 @@ class PushCommand(_OATSLeafCommand):
         add_push_arguments(parser)
 
 
+class BuildKernelsCommand(_OATSLeafCommand):
+    NAME = "build_kernels"
+
+    @staticmethod
+    def parse_args(parser: ArgumentParser) -> None:
+        pass
+
+
 class OATSCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="oats", help="Sparse + low-rank (OATS) compression: compress, evaluate, push.")
+    COMMAND = CommandInfo(
+        name="oats", help="Sparse + low-rank (OATS) compression: compress, evaluate, push, build-kernels."
+    )
     SUBCOMMANDS = (
         CommandInfo(
             name="compress", help="Compress a model and save the checkpoint.", subcommand_class=CompressCommand
@@ -204,6 +214,11 @@ class OATSCommand(BaseOptimumCLICommand):
             name="push",
             help="Push a checkpoint with its model card to the Hub in one commit.",
             subcommand_class=PushCommand,
+        ),
+        CommandInfo(
+            name="build-kernels",
+            help="Compile the CPU kernels now (once per environment) instead of in the first forward pass.",
+            subcommand_class=BuildKernelsCommand,
         ),
     )
 

@@ -1,0 +1,107 @@
+"""The compiled kernels: built ahead of time by a command, cached per environment, quiet when cached, a clean
+fallback without a compiler, and the layer forward as a `torch.library` op that `torch.compile` traces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optimum_oats.kernels import build_kernels, build_location, load_kernel
+from optimum_oats.nn import LinearSparseLowRank
+from optimum_oats.nn.kernel_execution import row_offsets
+
+
+def _layer(rank: int = 3) -> LinearSparseLowRank:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(37, 21)
+    sparse = linear.weight.detach() * (torch.rand(21, 37) < torch.linspace(0.1, 0.9, 21)[:, None])  # uneven rows
+    u, v = (torch.randn(21, rank), torch.randn(rank, 37)) if rank else (None, None)
+    return LinearSparseLowRank.from_linear(linear, sparse, u, v).eval()
+
+
+def _op_args(layer, x):
+    """The op's inputs, detached: it is an inference kernel (autograd goes through the PyTorch path)."""
+    tensors = (x, layer.weight, layer.weight_mask, row_offsets(layer), layer.lowrank_u, layer.lowrank_v, layer.bias)
+    return tuple(t.detach() for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    build_kernels()  # what scripts/setup.sh runs; a no-op when the cache holds the build
+    return load_kernel()
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_custom_op_matches_the_dense_product_and_passes_opcheck(kernel, rank):
+    layer = _layer(rank)
+    x = torch.randn(2, 37)
+    with torch.no_grad():
+        y = torch.ops.optimum_oats.sparse_lowrank_forward(*_op_args(layer, x))
+        torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.optimum_oats.sparse_lowrank_forward.default, _op_args(layer, x))
+
+
+def test_torch_compile_traces_the_op_without_a_graph_break(kernel):
+    layer = _layer()
+    args = _op_args(layer, torch.randn(1, 37))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def forward(*inputs):
+        return torch.ops.optimum_oats.sparse_lowrank_forward(*inputs) * 2
+
+    with torch.no_grad():
+        torch.testing.assert_close(forward(*args), 2 * torch.ops.optimum_oats.sparse_lowrank_forward(*args))
+
+
+def test_cache_folder_depends_on_the_environment(monkeypatch):
+    name, folder = build_location()
+    monkeypatch.setattr(sys, "prefix", "/some/other/venv")
+    other_name, other_folder = build_location()
+    assert other_name != name and other_folder != folder
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env={**os.environ, **env}
+    )
+
+
+def test_loading_a_cached_build_logs_nothing(kernel):
+    result = _python(
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from optimum_oats.kernels import load_kernel; assert load_kernel() is not None"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Building" not in result.stderr
+
+
+def test_no_compiler_falls_back_with_a_warning_and_the_command_says_so(tmp_path):
+    env = {"CXX": "/nonexistent/c++", "CC": "/nonexistent/cc", "OATS_KERNEL_CACHE": str(tmp_path)}
+    result = _python(
+        "import warnings, torch\n"
+        "from optimum_oats.nn import LinearSparseLowRank\n"
+        "from optimum_oats.kernels import load_kernel\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert load_kernel() is None\n"
+        "print('|'.join(str(w.message) for w in caught))\n"
+        "layer = LinearSparseLowRank.from_linear(torch.nn.Linear(8, 4), torch.eye(4, 8))\n"
+        "print(layer(torch.ones(1, 8)).shape)\n",
+        **env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "could not build its CPU kernel" in result.stdout and "fall back" in result.stdout
+    assert "torch.Size([1, 4])" in result.stdout
+    command = subprocess.run(
+        [sys.executable, "-m", "optimum_oats.commands.main", "build-kernels"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+    )
+    assert command.returncode == 1
+    assert '"ok": false' in command.stdout and "could not be built" in command.stdout
