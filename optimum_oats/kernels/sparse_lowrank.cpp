@@ -7,21 +7,31 @@
 // with the dense activations. Products are accumulated in fp32 for both dtypes. The low-rank term is fused:
 // t = x V^T is computed first, then each output row adds U[row] . t before the single store.
 //
-// Without AVX-512 (F, BW, VBMI2, BF16) a portable path decodes each row into an fp32 scratch row instead.
+// Without AVX-512 (F, BW, VBMI2, BF16) but with AVX2 + FMA, each 8 columns are expanded by one register permute
+// whose indices come from a 256-entry table (the mask byte is the index), then masked with a second table: the same
+// register-only work per 8 weights as VEXPAND. Without either, a portable path decodes each row into an fp32 scratch
+// row (correct, slow: the Python side never picks it automatically).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI2__) && \
     defined(__AVX512BF16__)
 #define OATS_AVX512 1
+#define OATS_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define OATS_AVX512 0
+#define OATS_AVX2 1
 #include <immintrin.h>
 #else
 #define OATS_AVX512 0
+#define OATS_AVX2 0
 #endif
 
 namespace {
@@ -215,6 +225,131 @@ inline float dot_bf16_f32(const uint16_t* a, const float* b, int64_t n) {
 
 #endif  // OATS_AVX512
 
+#if OATS_AVX2
+
+// For a mask byte b: the permute index of each lane (the rank of its bit among b's set bits) and an all-ones lane
+// mask where b's bit is set; `prefix[n]` has its first n lanes set (masked loads of the last values of a row).
+struct ExpandTable {
+  alignas(32) int32_t index[256][8];
+  alignas(32) int32_t keep[256][8];
+  alignas(32) int32_t prefix[9][8];
+  ExpandTable() {
+    for (int b = 0; b < 256; ++b) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) {
+        const bool set = (b >> i) & 1;
+        index[b][i] = set ? k++ : 0;
+        keep[b][i] = set ? -1 : 0;
+      }
+    }
+    for (int n = 0; n <= 8; ++n)
+      for (int i = 0; i < 8; ++i) prefix[n][i] = i < n ? -1 : 0;
+  }
+};
+const ExpandTable kExpand;
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 values as fp32; only the first `n` are read when the load may not run past them (`full` false).
+inline __m256 load8(const float* p, bool full, int n) {
+  if (full) return _mm256_loadu_ps(p);
+  return _mm256_maskload_ps(p, _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.prefix[n])));
+}
+
+inline __m256 load8(const uint16_t* p, bool full, int n) {
+  __m128i h;
+  if (full) {
+    h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(uint16_t));
+    h = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+  }
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// The 8 weights of columns c..c+7 of a compressed row: `kept` packed values spread to the lanes of the mask byte.
+template <typename scalar_t>
+__attribute__((always_inline)) inline __m256 expand8(const scalar_t* p, unsigned byte, int kept, bool full) {
+  const __m256 packed = load8(p, full, kept);
+  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.index[byte]));
+  const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.keep[byte])));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), keep);
+}
+
+// out[r][t] = row_r . x_t over all columns (row_r of S, expanded from values + bitmask, or a dense row), fp32.
+template <int R, int T, bool MASKED, typename scalar_t>
+inline void tile_avx2(const scalar_t* const* w, const uint8_t* const* mask, int64_t in_features, const scalar_t* x,
+                      int64_t ldx, bool safe, float out[kRows][kTokens]) {
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const scalar_t* wp[R];
+  for (int r = 0; r < R; ++r) wp[r] = w[r];
+  int64_t c = 0;
+  for (; c + 8 <= in_features; c += 8) {
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = load8(x + t * ldx + c, true, 8);
+    for (int r = 0; r < R; ++r) {
+      __m256 wv;
+      if (MASKED) {
+        const unsigned byte = mask[r][c >> 3];
+        const int kept = __builtin_popcount(byte);
+        wv = expand8(wp[r], byte, kept, safe);
+        wp[r] += kept;
+      } else {
+        wv = load8(wp[r] + c, true, 8);
+      }
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  if (c < in_features) {  // the last 1-7 columns: every load bounded (the mask's padding bits are 0)
+    const int n = static_cast<int>(in_features - c);
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = load8(x + t * ldx + c, false, n);
+    for (int r = 0; r < R; ++r) {
+      __m256 wv;
+      if (MASKED) {
+        const unsigned byte = mask[r][c >> 3];
+        wv = expand8(wp[r], byte, __builtin_popcount(byte), false);
+      } else {
+        wv = load8(wp[r] + c, false, n);
+      }
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r][t] = hsum8(acc[r][t]);
+}
+
+// Decode one row of S to a dense row in `dst` (zeros where pruned), for reuse across many tokens.
+template <typename scalar_t>
+inline void expand_row(const scalar_t* w, const uint8_t* mask, int64_t in_features, bool /*safe*/, scalar_t* dst) {
+  std::memset(dst, 0, static_cast<size_t>(in_features) * sizeof(scalar_t));
+  for (int64_t byte = 0; byte * 8 < in_features; ++byte) {
+    for (unsigned bits = mask[byte]; bits != 0; bits &= bits - 1) dst[byte * 8 + __builtin_ctz(bits)] = *w++;
+  }
+}
+
+template <typename scalar_t>
+inline float dot_avx2(const scalar_t* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(a + i, true, 8), _mm256_loadu_ps(b + i), acc);
+  if (i < n) {
+    const int left = static_cast<int>(n - i);
+    acc = _mm256_fmadd_ps(load8(a + i, false, left), load8(b + i, false, left), acc);
+  }
+  return hsum8(acc);
+}
+
+#endif  // OATS_AVX2
+
 // Portable tile: decode each row to fp32 (zeros where pruned), then plain dot products.
 template <typename scalar_t>
 inline float load_value(const scalar_t* p) {
@@ -273,6 +408,25 @@ void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_
   for (int r = 0; r < rows; ++r) {
     tile<scalar_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, safe, out + r, scratch);
   }
+#elif OATS_AVX2
+#define OATS_DISPATCH(R, T)                                                            \
+  if (rows == R && tokens == T) {                                                      \
+    tile_avx2<R, T, MASKED, scalar_t>(w, mask, in_features, x, ldx, safe, out);        \
+    return;                                                                            \
+  }
+  OATS_DISPATCH(4, 1)
+  OATS_DISPATCH(4, 2)
+  OATS_DISPATCH(4, 3)
+  OATS_DISPATCH(4, 4)
+  OATS_DISPATCH(1, 1)
+  OATS_DISPATCH(1, 2)
+  OATS_DISPATCH(1, 3)
+  OATS_DISPATCH(1, 4)
+#undef OATS_DISPATCH
+  (void)scratch;
+  for (int r = 0; r < rows; ++r) {
+    tile<scalar_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, safe, out + r, scratch);
+  }
 #else
   tile_portable<scalar_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
 #endif
@@ -287,6 +441,8 @@ inline float lowrank_dot(const scalar_t* u_row, const float* t, int64_t rank) {
   } else {
     return dot_bf16_f32(u_row, t, rank);
   }
+#elif OATS_AVX2
+  return dot_avx2(u_row, t, rank);
 #else
   float s = 0.0f;
   for (int64_t j = 0; j < rank; ++j) s += load_value(u_row + j) * t[j];
@@ -342,7 +498,7 @@ void rows_times_tokens(const scalar_t* weight, const uint8_t* mask, const int64_
         }
       }
     }
-#if OATS_AVX512
+#if OATS_AVX512 || OATS_AVX2
     // Many tokens: decode the tile's rows once into an L1-resident dense buffer, then run the dense tile over all
     // tokens, so the per-chunk mask work is paid once per row instead of once per 4 tokens.
     const bool decoded = MASKED && tokens > kTokens;
@@ -444,6 +600,9 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& valu
 
 bool uses_avx512() { return OATS_AVX512 != 0; }
 
+// Which decode path this build runs: "avx512", "avx2" or "portable" (the last is correct but far slower than dense).
+std::string isa() { return OATS_AVX512 ? "avx512" : (OATS_AVX2 ? "avx2" : "portable"); }
+
 // oats_threshold.cpp: the fused thresholding step of the fast OATS solver (same extension, one module).
 std::tuple<double, double> oats_threshold_step(const at::Tensor& residual, const at::Tensor& scaled, int64_t keep,
                                                at::Tensor& threshold, at::Tensor& sparse, at::Tensor& mask,
@@ -452,6 +611,7 @@ std::tuple<double, double> oats_threshold_step(const at::Tensor& residual, const
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_lowrank_forward", &sparse_lowrank_forward, "y = x S^T + (x V^T) U^T + b from values + bitmask");
   m.def("uses_avx512", &uses_avx512, "whether the AVX-512 path was compiled in");
+  m.def("isa", &isa, "the decode path compiled in: avx512, avx2 or portable");
   m.def("oats_threshold_step", &oats_threshold_step,
         "fast-OATS thresholding: sparse, mask, W_s - S and both squared norms in one pass");
 }

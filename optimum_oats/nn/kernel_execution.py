@@ -63,6 +63,25 @@ def _usable_kernel(layer: LinearSparseLowRank, x: torch.Tensor) -> ModuleType | 
     return load_kernel()
 
 
+def _fast_kernel(layer: LinearSparseLowRank, x: torch.Tensor) -> ModuleType | None:
+    """The kernel when it can run this call and has a vector decode path (AVX-512 or AVX2): the portable build is
+    correct but tens of times slower than a dense GEMV, so "auto" never picks it (an explicit "sparse_kernel" may)."""
+    kernel = _usable_kernel(layer, x)
+    return kernel if kernel is not None and _vector_isa(kernel) else None
+
+
+_VECTOR_ISA: dict[int, bool] = {}
+
+
+def _vector_isa(kernel: ModuleType) -> bool:
+    key = id(kernel)
+    if key not in _VECTOR_ISA:
+        _VECTOR_ISA[key] = (
+            getattr(kernel, "isa", lambda: "avx512" if kernel.uses_avx512() else "portable")() != "portable"
+        )
+    return _VECTOR_ISA[key]
+
+
 def kernel_supports(layer: LinearSparseLowRank, x: torch.Tensor) -> bool:
     """Whether the compiled kernel can compute this call (else the PyTorch path is used)."""
     return _usable_kernel(layer, x) is not None
@@ -102,7 +121,7 @@ def choose_mode(layer: LinearSparseLowRank, x: torch.Tensor) -> str:
         return "decompress"
     if _prefill(layer, x):
         return "merged"
-    return "decompress" if _usable_kernel(layer, x) is None else "sparse_kernel"
+    return "decompress" if _fast_kernel(layer, x) is None else "sparse_kernel"
 
 
 def _prefill(layer: LinearSparseLowRank, x: torch.Tensor) -> bool:
@@ -121,7 +140,7 @@ def auto_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
         return decompress_forward(layer, x)
     if _prefill(layer, x):
         return merged_forward(layer, x)
-    kernel = _usable_kernel(layer, x)
+    kernel = _fast_kernel(layer, x)
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)
 
 

@@ -105,3 +105,34 @@ def test_no_compiler_falls_back_with_a_warning_and_the_command_says_so(tmp_path)
     )
     assert command.returncode == 1
     assert '"ok": false' in command.stdout and "could not be built" in command.stdout
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def test_the_build_uses_the_vector_path_this_cpu_has(kernel):
+    """So the kernel-vs-reference tests of tests/nn exercise the AVX2 (or AVX-512) path, not the portable one."""
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16"} <= flags:
+        assert kernel.isa() == "avx512"
+    elif {"avx2", "fma"} <= flags:
+        assert kernel.isa() == "avx2"
+    else:
+        assert kernel.isa() == "portable"
+
+
+def test_auto_never_picks_the_portable_kernel(kernel, monkeypatch):
+    from optimum_oats.nn import kernel_execution
+
+    layer = _layer()
+    x = torch.randn(1, 37)
+    with torch.no_grad():
+        assert kernel_execution.choose_mode(layer, x) == "sparse_kernel"
+        monkeypatch.setattr(kernel_execution, "_VECTOR_ISA", {id(kernel): False})
+        assert kernel_execution.choose_mode(layer, x) == "decompress"
