@@ -54,6 +54,15 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
   return static_cast<uint16_t>(bits >> 16);
 }
 
+// Decode one row of S to a dense row in `dst` (zeros where pruned), one kept value at a time.
+template <typename scalar_t>
+inline void expand_row_scalar(const scalar_t* w, const uint8_t* mask, int64_t in_features, scalar_t* dst) {
+  std::memset(dst, 0, static_cast<size_t>(in_features) * sizeof(scalar_t));
+  for (int64_t byte = 0; byte * 8 < in_features; ++byte) {
+    for (unsigned bits = mask[byte]; bits != 0; bits &= bits - 1) dst[byte * 8 + __builtin_ctz(bits)] = *w++;
+  }
+}
+
 // `nbits` (<= 32) mask bits of a row starting at column `col` (a multiple of 8); bits past `in_features` are 0.
 inline uint32_t mask_bits(const uint8_t* row, int64_t col, int64_t in_features, int nbits) {
   int64_t avail = in_features - col;
@@ -327,13 +336,23 @@ inline void tile_avx2(const scalar_t* const* w, const uint8_t* const* mask, int6
     for (int t = 0; t < T; ++t) out[r][t] = hsum8(acc[r][t]);
 }
 
-// Decode one row of S to a dense row in `dst` (zeros where pruned), for reuse across many tokens.
-template <typename scalar_t>
-inline void expand_row(const scalar_t* w, const uint8_t* mask, int64_t in_features, bool /*safe*/, scalar_t* dst) {
-  std::memset(dst, 0, static_cast<size_t>(in_features) * sizeof(scalar_t));
-  for (int64_t byte = 0; byte * 8 < in_features; ++byte) {
-    for (unsigned bits = mask[byte]; bits != 0; bits &= bits - 1) dst[byte * 8 + __builtin_ctz(bits)] = *w++;
+// Decode one row of S to a dense row in `dst` (zeros where pruned): fp32 by the permute table, 8 columns a step.
+inline void expand_row(const float* w, const uint8_t* mask, int64_t in_features, bool safe, float* dst) {
+  int64_t c = 0;
+  for (; c + 8 <= in_features; c += 8) {
+    const unsigned byte = mask[c >> 3];
+    const int kept = __builtin_popcount(byte);
+    _mm256_storeu_ps(dst + c, expand8(w, byte, kept, safe));
+    w += kept;
   }
+  if (c < in_features) {  // the last 1-7 columns (padding bits of the mask are 0)
+    std::memset(dst + c, 0, static_cast<size_t>(in_features - c) * sizeof(float));
+    for (unsigned bits = mask[c >> 3]; bits != 0; bits &= bits - 1) dst[c + __builtin_ctz(bits)] = *w++;
+  }
+}
+
+inline void expand_row(const uint16_t* w, const uint8_t* mask, int64_t in_features, bool /*safe*/, uint16_t* dst) {
+  expand_row_scalar(w, mask, in_features, dst);
 }
 
 template <typename scalar_t>
@@ -349,6 +368,13 @@ inline float dot_avx2(const scalar_t* a, const float* b, int64_t n) {
 }
 
 #endif  // OATS_AVX2
+
+#if !OATS_AVX512 && !OATS_AVX2
+template <typename scalar_t>
+inline void expand_row(const scalar_t* w, const uint8_t* mask, int64_t in_features, bool /*safe*/, scalar_t* dst) {
+  expand_row_scalar(w, mask, in_features, dst);
+}
+#endif
 
 // Portable tile: decode each row to fp32 (zeros where pruned), then plain dot products.
 template <typename scalar_t>
@@ -598,6 +624,36 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& valu
   return y;
 }
 
+// S as a dense (out, in) matrix written into `out` (of values' dtype): the memory-bound pass of prefill, which then
+// runs one dense GEMM on a workspace shared by the layers of one shape instead of caching a dense copy per layer.
+void sparse_decompress(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& offsets, at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous 2-D CPU tensor");
+  const int64_t rows = out.size(0), in_features = out.size(1);
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.size(0) == rows &&
+                  mask.size(1) == (in_features + 7) / 8,
+              "mask does not match out's shape");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.numel() == rows + 1, "offsets: (out + 1,) int64");
+  TORCH_CHECK(values.scalar_type() == out.scalar_type() && values.is_contiguous(), "values: contiguous, out's dtype");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(values.numel() == off[rows], "values and mask disagree on nnz");
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const int64_t stride = mask.size(1), nnz = off[rows];
+  auto run = [&](auto* vp, auto* op) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const bool safe = off[r + 1] + 64 / static_cast<int64_t>(sizeof(*vp)) <= nnz;
+        expand_row(vp + off[r], mp + r * stride, in_features, safe, op + r * in_features);
+      }
+    });
+  };
+  if (out.scalar_type() == at::kFloat) {
+    run(values.data_ptr<float>(), out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(out.scalar_type() == at::kBFloat16, "dtype must be float32 or bfloat16");
+    run(reinterpret_cast<const uint16_t*>(values.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()));
+  }
+}
+
 bool uses_avx512() { return OATS_AVX512 != 0; }
 
 // Which decode path this build runs: "avx512", "avx2" or "portable" (the last is correct but far slower than dense).
@@ -612,6 +668,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_lowrank_forward", &sparse_lowrank_forward, "y = x S^T + (x V^T) U^T + b from values + bitmask");
   m.def("uses_avx512", &uses_avx512, "whether the AVX-512 path was compiled in");
   m.def("isa", &isa, "the decode path compiled in: avx512, avx2 or portable");
+  m.def("sparse_decompress", &sparse_decompress, "S as a dense matrix written into out (prefill workspace)");
   m.def("oats_threshold_step", &oats_threshold_step,
         "fast-OATS thresholding: sparse, mask, W_s - S and both squared norms in one pass");
 }

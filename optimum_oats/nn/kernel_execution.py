@@ -11,19 +11,21 @@ crossover are documented in docs/inference.md.
 
 from __future__ import annotations
 
+import threading
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import load_kernel, ops  # noqa: F401  (ops registers optimum_oats::sparse_lowrank_forward)
-from .execution import decompress_forward, merged_forward, register_execution_mode
+from .execution import _low_rank, decompress_forward, register_execution_mode
 from .packing import row_counts
 from .sparse_lowrank import LinearSparseLowRank
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-# Largest number of tokens (rows of x) for which "auto" uses the kernel, per dtype; above it the dense-equivalent
-# "merged" mode is as fast or faster on the measured CPU (benchmarks/speed.py --section layers; docs/inference.md).
+# Largest number of tokens (rows of x) for which "auto" uses the kernel, per dtype; above it the "workspace" mode (one
+# dense GEMM on decompressed S) is as fast or faster on the measured CPU (benchmarks/speed.py --section layers).
 AUTO_MAX_KERNEL_TOKENS = {torch.float32: 16, torch.bfloat16: 8}
 
 _OFFSETS_ATTR = "_oats_row_offsets"  # plain attribute in the layer's __dict__: (cache key, offsets)
@@ -107,20 +109,54 @@ def sparse_kernel_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)
 
 
+_WORKSPACES = threading.local()  # per thread: {(shape, dtype, device): buffer}
+
+
+def workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The buffer every layer of this shape decompresses S into (one per shape, dtype and thread)."""
+    buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
+    key = (shape, dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buffer
+
+
+def release_workspaces() -> None:
+    """Free this thread's prefill workspaces (they are rebuilt on the next long prompt)."""
+    _WORKSPACES.__dict__.pop("buffers", None)
+
+
+@register_execution_mode("workspace")
+def workspace_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
+    """Prefill at dense speed without a dense copy per layer: S is decompressed (a compiled memory-bound pass) into
+    a workspace shared by all layers of its shape, then one dense GEMM; the low-rank term runs on the activations."""
+    if _needs_grad(layer, x):
+        return decompress_forward(layer, x)
+    buffer = workspace((layer.out_features, layer.in_features), layer.weight.dtype, layer.weight.device)
+    kernel = _usable_kernel(layer, x)
+    with torch.no_grad():
+        if kernel is not None:
+            kernel.sparse_decompress(layer.weight, layer.weight_mask, row_offsets(layer), buffer)
+        else:
+            buffer.zero_().masked_scatter_(layer.dense_mask(), layer.weight)
+    return _low_rank(layer, x, F.linear(x, buffer, layer.bias))
+
+
 def choose_mode(layer: LinearSparseLowRank, x: torch.Tensor) -> str:
     """The mode "auto" runs for this call.
 
     - autograd needs gradients: "decompress" (differentiable);
-    - a CPU call in float32/bfloat16 with more than `AUTO_MAX_KERNEL_TOKENS[dtype]` tokens (prefill): "merged", the
-      dense GEMM on `S + U V` cached at first use. This spends a dense matrix of memory per layer that ran a long
-      prompt; set the mode to "sparse_kernel" to keep memory compact instead;
+    - a CPU call in float32/bfloat16 with more than `AUTO_MAX_KERNEL_TOKENS[dtype]` tokens (prefill): "workspace",
+      S decompressed into a buffer shared by the layers of one shape and one dense GEMM, so a long prompt never
+      leaves a dense copy behind ("merged" caches one per layer, and stays an explicit opt-in);
     - fewer tokens (decode, short prompts): "sparse_kernel", bound by bytes read, or "decompress" (always correct)
       where the kernel cannot run (not CPU, another dtype, extension unavailable or disabled).
     """
     if _needs_grad(layer, x):
         return "decompress"
     if _prefill(layer, x):
-        return "merged"
+        return "workspace"
     return "decompress" if _fast_kernel(layer, x) is None else "sparse_kernel"
 
 
@@ -134,12 +170,13 @@ def _prefill(layer: LinearSparseLowRank, x: torch.Tensor) -> bool:
 def auto_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
     """Per call: the compiled kernel for few tokens, dense-equivalent for many, "decompress" for training.
 
-    Prefill goes to "merged" before any kernel check: on a 192x576 bf16 layer the checks cost ~9 us of a 105 us call.
+    Prefill goes to "workspace" before any kernel check: on a 192x576 bf16 layer the checks cost ~9 us of a 105 us
+    call.
     """
     if _needs_grad(layer, x):
         return decompress_forward(layer, x)
     if _prefill(layer, x):
-        return merged_forward(layer, x)
+        return workspace_forward(layer, x)
     kernel = _fast_kernel(layer, x)
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)
 

@@ -126,12 +126,13 @@ def test_auto_chooses_by_tokens_and_matches():
     small, large = torch.randn(2, 40), torch.randn(AUTO_MAX_KERNEL_TOKENS[torch.float32] + 1, 40)
     with torch.no_grad():
         assert choose_mode(layer, small) == "sparse_kernel"
-        assert choose_mode(layer, large) == "merged"
+        assert choose_mode(layer, large) == "workspace"  # prefill: no dense copy left behind
         assert choose_mode(layer, small.double()) == "decompress"  # dtype the kernel does not handle
         outputs = [layer(small), layer(large)]
         layer.set_execution_mode("decompress")
         torch.testing.assert_close(outputs[0], layer(small), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outputs[1], layer(large), rtol=1e-5, atol=1e-5)
+        assert layer._merged_cache is None
     with torch.enable_grad():
         assert choose_mode(layer, small) == "decompress"  # trainable parameters: keep autograd
 
