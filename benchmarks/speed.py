@@ -230,18 +230,28 @@ def _load(path: Path, dtype: torch.dtype, mode: str | None):
     return model
 
 
+def _prompt(tokenizer, tokens: int | None):
+    """The short default prompt, or the first `tokens` tokens of WikiText-2's test split (a long chat-like prompt)."""
+    if not tokens:
+        return tokenizer("The capital of France is", return_tensors="pt")
+    from optimum_oats.evaluation import wikitext2_text
+
+    ids = tokenizer(wikitext2_text()[:200_000], return_tensors="pt").input_ids[:, :tokens]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def section_generate(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     checkpoint = compressed_checkpoint(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    prompt = _prompt(tokenizer, args.prompt_tokens)
     print(
         f"\n### Greedy generation of {args.new_tokens} new tokens, prompt of {prompt.input_ids.shape[1]} tokens, "
         f"threads={torch.get_num_threads()}, median of {args.reps_generate} interleaved runs\n"
     )
-    print("| dtype | model | tokens/s | speedup vs dense |")
-    print("|---|---|---|---|")
+    print("| dtype | model | tokens/s (prompt + generation) | vs dense | prefill tokens/s | vs dense |")
+    print("|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         models = {"dense": _load(args.model, dtype, None)}
@@ -260,17 +270,25 @@ def section_generate(args: argparse.Namespace) -> None:
 
             return run
 
+        def prefiller(model):
+            def run() -> None:
+                model(**prompt, use_cache=False)
+
+            return run
+
         with torch.no_grad():
             times = time_variants({name: runner(m) for name, m in models.items()}, args.reps_generate, 1)
+            prefill = time_variants({name: prefiller(m) for name, m in models.items()}, args.reps_generate, 1)
         for name, seconds in times.items():
             print(
-                f"| {dtype_name} | {name} | {args.new_tokens / seconds:.1f} | {times['dense'] / seconds:.2f}x |",
+                f"| {dtype_name} | {name} | {args.new_tokens / seconds:.1f} | {times['dense'] / seconds:.2f}x |"
+                f" {prompt['input_ids'].shape[1] / prefill[name]:.0f} | {prefill['dense'] / prefill[name]:.2f}x |",
                 flush=True,
             )
         del models
 
 
-def _measure_memory(path: str, dtype_name: str, mode: str, new_tokens: int) -> None:
+def _measure_memory(path: str, dtype_name: str, mode: str, new_tokens: int, prompt_tokens: int = 0) -> None:
     """Child process: load, generate, print peak RSS. A fresh process so ru_maxrss is this variant's own peak."""
     import psutil
     from transformers import AutoTokenizer
@@ -280,7 +298,7 @@ def _measure_memory(path: str, dtype_name: str, mode: str, new_tokens: int) -> N
     model = _load(Path(path), DTYPES[dtype_name], None if mode == "none" else mode)
     loaded = psutil.Process().memory_info().rss
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    prompt = _prompt(tokenizer, prompt_tokens)
     with torch.no_grad():
         model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
@@ -310,7 +328,10 @@ def _proc_status() -> dict[str, int]:
 
 def section_memory(args: argparse.Namespace) -> None:
     checkpoint = compressed_checkpoint(args)
-    print(f"\n### Resident memory (MB) while generating {args.new_tokens} tokens, one fresh process per row\n")
+    print(
+        f"\n### Resident memory (MB) while generating {args.new_tokens} tokens after a prompt of "
+        f"{args.prompt_tokens or 5} tokens, one fresh process per row\n"
+    )
     print(
         "| dtype | model | after import | after load | after generate | of which anonymous | of which file-backed "
         "(mmap'd checkpoint) | peak (ru_maxrss) | peak - import |"
@@ -323,7 +344,7 @@ def section_memory(args: argparse.Namespace) -> None:
         for name, path, mode in rows:
             code = (
                 "import sys; sys.path.insert(0, sys.argv[1]); import speed; "
-                "speed._measure_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))"
+                "speed._measure_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))"
             )
             out = (
                 subprocess.run(
@@ -336,6 +357,7 @@ def section_memory(args: argparse.Namespace) -> None:
                         dtype_name,
                         mode,
                         str(args.new_tokens),
+                        str(args.prompt_tokens or 0),
                     ],
                     capture_output=True,
                     text=True,
@@ -375,6 +397,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="dense SmolLM2 folder (default: the local copy)")
     parser.add_argument("--checkpoint", type=Path, default=Path.home() / ".cache" / "optimum_oats" / "speed-oats-r0.5")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=0, help="prompt length for generate/memory (0: a 5-token prompt)"
+    )
     parser.add_argument("--reps-generate", type=int, default=3)
     parser.add_argument("--generate-modes", nargs="+", choices=MODES, default=["auto"])
     args = parser.parse_args()

@@ -1,9 +1,9 @@
 """Compressed layers and their compiled kernels (one also serves the fast OATS solver); no algorithm math here."""
 
 from .execution import EXECUTION_MODES, register_execution_mode
-from .kernel_execution import choose_mode, set_execution_mode
+from .kernel_execution import choose_mode
 from .packing import pack_bitmask, unpack_bitmask
-from .sparse_lowrank import LinearSparseLowRank
+from .sparse_lowrank import LinearSparseLowRank, set_execution_mode
 
 __all__ = [
     "EXECUTION_MODES",

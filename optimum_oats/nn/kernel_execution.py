@@ -16,48 +16,26 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..kernels import load_kernel, ops  # noqa: F401  (ops registers optimum_oats::sparse_lowrank_forward)
-from .execution import _low_rank, decompress_forward, register_execution_mode
-from .packing import row_counts
-from .sparse_lowrank import LinearSparseLowRank
+from .execution import Layer, _low_rank, decompress_forward, register_execution_mode
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # Largest number of tokens (rows of x) for which "auto" uses the kernel, per dtype; above it the "workspace" mode (one
 # dense GEMM on decompressed S) is as fast or faster on the measured CPU (benchmarks/speed.py --section layers).
 AUTO_MAX_KERNEL_TOKENS = {torch.float32: 16, torch.bfloat16: 8}
 
-_OFFSETS_ATTR = "_oats_row_offsets"  # plain attribute in the layer's __dict__: (cache key, offsets)
+
+def row_offsets(layer: Layer) -> torch.Tensor:
+    """Start of each row's kept values in `layer.weight` (the layer caches it: [`LinearSparseLowRank.row_offsets`])."""
+    return layer.row_offsets()
 
 
-def row_offsets(layer: LinearSparseLowRank) -> torch.Tensor:
-    """Start of each row's kept values in `layer.weight`, int64 `(out_features + 1,)`; cached until the mask changes.
-
-    This is the only derived inference data (8 bytes per output row): the kernel reads the stored values and
-    packed bitmask as they are.
-    """
-    mask = layer.weight_mask
-    key = (mask.data_ptr(), mask._version)
-    cached = layer.__dict__.get(_OFFSETS_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    counts = row_counts(mask)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    if int(offsets[-1]) != layer.sparse_nnz:
-        raise ValueError(
-            f"`weight_mask` marks {int(offsets[-1])} kept weights but `weight` holds {layer.sparse_nnz}: the layer's "
-            "storage is inconsistent (a corrupted or mismatched checkpoint)."
-        )
-    layer.__dict__[_OFFSETS_ATTR] = (key, offsets)
-    return offsets
-
-
-def _needs_grad(layer: LinearSparseLowRank, x: torch.Tensor) -> bool:
+def _needs_grad(layer: Layer, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
 
 
-def _usable_kernel(layer: LinearSparseLowRank, x: torch.Tensor) -> ModuleType | None:
+def _usable_kernel(layer: Layer, x: torch.Tensor) -> ModuleType | None:
     # Cheap checks first: this runs on every decode step of every layer.
     dtype = x.dtype
     if not (x.is_cpu and dtype in KERNEL_DTYPES and dtype == layer.weight.dtype) or _needs_grad(layer, x):
@@ -65,7 +43,7 @@ def _usable_kernel(layer: LinearSparseLowRank, x: torch.Tensor) -> ModuleType | 
     return load_kernel()
 
 
-def _fast_kernel(layer: LinearSparseLowRank, x: torch.Tensor) -> ModuleType | None:
+def _fast_kernel(layer: Layer, x: torch.Tensor) -> ModuleType | None:
     """The kernel when it can run this call and has a vector decode path (AVX-512 or AVX2): the portable build is
     correct but tens of times slower than a dense GEMV, so "auto" never picks it (an explicit "sparse_kernel" may)."""
     kernel = _usable_kernel(layer, x)
@@ -84,12 +62,12 @@ def _vector_isa(kernel: ModuleType) -> bool:
     return _VECTOR_ISA[key]
 
 
-def kernel_supports(layer: LinearSparseLowRank, x: torch.Tensor) -> bool:
+def kernel_supports(layer: Layer, x: torch.Tensor) -> bool:
     """Whether the compiled kernel can compute this call (else the PyTorch path is used)."""
     return _usable_kernel(layer, x) is not None
 
 
-def _run_kernel(kernel: ModuleType, layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
+def _run_kernel(kernel: ModuleType, layer: Layer, x: torch.Tensor) -> torch.Tensor:
     # Parameters go in as they are: the call is outside autograd (checked by _usable_kernel), and the C++ side
     # checks contiguity and reshapes x, which is cheaper than doing it here per call. Under torch.compile the same
     # function goes through its registered custom op (traceable, no graph break); eager calls skip the op's
@@ -103,7 +81,7 @@ def _run_kernel(kernel: ModuleType, layer: LinearSparseLowRank, x: torch.Tensor)
 
 
 @register_execution_mode("sparse_kernel")
-def sparse_kernel_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
+def sparse_kernel_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """Compiled CPU kernel on the compact storage (no dense matrix formed); falls back to "decompress"."""
     kernel = _usable_kernel(layer, x)
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)
@@ -128,7 +106,7 @@ def release_workspaces() -> None:
 
 
 @register_execution_mode("workspace")
-def workspace_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
+def workspace_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """Prefill at dense speed without a dense copy per layer: S is decompressed (a compiled memory-bound pass) into
     a workspace shared by all layers of its shape, then one dense GEMM; the low-rank term runs on the activations."""
     if _needs_grad(layer, x):
@@ -143,7 +121,7 @@ def workspace_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tens
     return _low_rank(layer, x, F.linear(x, buffer, layer.bias))
 
 
-def choose_mode(layer: LinearSparseLowRank, x: torch.Tensor) -> str:
+def choose_mode(layer: Layer, x: torch.Tensor) -> str:
     """The mode "auto" runs for this call.
 
     - autograd needs gradients: "decompress" (differentiable);
@@ -160,14 +138,14 @@ def choose_mode(layer: LinearSparseLowRank, x: torch.Tensor) -> str:
     return "decompress" if _fast_kernel(layer, x) is None else "sparse_kernel"
 
 
-def _prefill(layer: LinearSparseLowRank, x: torch.Tensor) -> bool:
+def _prefill(layer: Layer, x: torch.Tensor) -> bool:
     """More tokens than the kernel wins on, for a CPU call in a kernel dtype (checked before loading the kernel)."""
     limit = AUTO_MAX_KERNEL_TOKENS.get(x.dtype)
     return limit is not None and x.is_cpu and x.numel() > limit * layer.in_features
 
 
 @register_execution_mode("auto")
-def auto_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
+def auto_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """Per call: the compiled kernel for few tokens, dense-equivalent for many, "decompress" for training.
 
     Prefill goes to "workspace" before any kernel check: on a 192x576 bf16 layer the checks cost ~9 us of a 105 us
@@ -179,18 +157,3 @@ def auto_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
         return workspace_forward(layer, x)
     kernel = _fast_kernel(layer, x)
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)
-
-
-def set_execution_mode(model: nn.Module, mode: str) -> int:
-    """Set `mode` on every `LinearSparseLowRank` in `model`; returns how many layers were set.
-
-    Example:
-        >>> from optimum_oats.nn import set_execution_mode
-        >>> set_execution_mode(model, "sparse_kernel")  # or "auto", "merged", "decompress"
-    """
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LinearSparseLowRank):
-            module.set_execution_mode(mode)
-            count += 1
-    return count

@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from ..utils.counting import counted_parameters
+
+# Importing kernel_execution registers every mode ("auto", "sparse_kernel", "workspace") before the layer exists.
 from .execution import EXECUTION_MODES
-from .packing import pack_bitmask, packed_columns, unpack_bitmask
+from .kernel_execution import AUTO_MAX_KERNEL_TOKENS  # noqa: F401
+from .packing import pack_bitmask, packed_columns, row_counts, unpack_bitmask
 
 
 class LinearSparseLowRank(nn.Module):
@@ -57,8 +60,11 @@ class LinearSparseLowRank(nn.Module):
         self.lowrank_u = nn.Parameter(torch.zeros(out_features, rank, **factory))
         self.lowrank_v = nn.Parameter(torch.zeros(rank, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        self.execution_mode = "auto"  # see nn/kernel_execution.py: kernel for decode, dense GEMM for prefill
+        self.execution_mode = "auto"  # see nn/kernel_execution.py: kernel for decode, workspace GEMM for prefill
+        # Derived from the storage for speed, owned here and dropped by `release_caches`: the dense `S + U V` of the
+        # opt-in "merged" mode, and the per-row offsets of the kept values (keyed by the mask's identity and version).
         self._merged_cache: torch.Tensor | None = None
+        self._row_offsets: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -102,6 +108,34 @@ class LinearSparseLowRank(nn.Module):
     def release_caches(self) -> None:
         """Drop what the layer derived from its storage for speed (the dense `merged` matrix): back to compact size."""
         self._merged_cache = None
+
+    def merged_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """`S + U V` as a dense matrix, cached until `release_caches` (the opt-in "merged" mode: dense memory)."""
+        cache = self._merged_cache
+        if cache is None or cache.dtype != dtype or cache.device != self.weight.device:
+            with torch.no_grad():
+                cache = self._merged_cache = self.to_dense().to(dtype=dtype)
+        return cache
+
+    def row_offsets(self) -> torch.Tensor:
+        """Start of each row's kept values in `weight`, int64 `(out_features + 1,)`; cached until the mask changes.
+
+        This is the only derived inference data of the kernels (8 bytes per output row): they read the stored values
+        and packed bitmask as they are.
+        """
+        mask = self.weight_mask
+        key = (mask.data_ptr(), mask._version)
+        if self._row_offsets is not None and self._row_offsets[0] == key:
+            return self._row_offsets[1]
+        counts = row_counts(mask)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        if int(offsets[-1]) != self.sparse_nnz:
+            raise ValueError(
+                f"`weight_mask` marks {int(offsets[-1])} kept weights but `weight` holds {self.sparse_nnz}: the "
+                "layer's storage is inconsistent (a corrupted or mismatched checkpoint)."
+            )
+        self._row_offsets = (key, offsets)
+        return offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return EXECUTION_MODES[self.execution_mode](self, x)
@@ -197,3 +231,18 @@ class LinearSparseLowRank(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"sparse_density={density:.3f}, kept={kept:.3f}, bias={self.bias is not None}, mode={self.execution_mode}"
         )
+
+
+def set_execution_mode(model: nn.Module, mode: str) -> int:
+    """Set `mode` on every `LinearSparseLowRank` in `model`; returns how many layers were set.
+
+    Example:
+        >>> from optimum_oats.nn import set_execution_mode
+        >>> set_execution_mode(model, "sparse_kernel")  # or "auto", "merged", "decompress"
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LinearSparseLowRank):
+            module.set_execution_mode(mode)
+            count += 1
+    return count
