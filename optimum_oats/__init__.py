@@ -9,11 +9,13 @@ from .compress import compress, compression_report
 from .config import OATSConfig
 from .engine.report import CompressionReport
 from .hub import publish
+from .hub.autocard import install as _install_model_card
 from .integrations.transformers import register as _register
 from .nn import LinearSparseLowRank
 from .utils.version import __version__
 
 _register()
+_install_model_card()
 
 __all__ = [
     "CompressionReport",

@@ -57,7 +57,9 @@ def evaluate_one(name: str, args: argparse.Namespace, tasks: list[str]) -> dict[
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from optimum_oats.hub.card import comparison_table
+    from optimum_oats.engine.report import REPORT_FILE
+    from optimum_oats.hub.card import EVAL_FILE, comparison_table
+    from optimum_oats.utils.files import atomic_write_json
 
     tasks = task_list(args.tasks)
     if args.no_perplexity and not tasks:
@@ -66,6 +68,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dense = evaluate_one(args.dense, args, tasks) if args.dense else None
     sys.stdout.write(comparison_table(compressed, dense) + "\n")
     summary = {"model": args.model, "dense_model": args.dense, "compressed": compressed, "dense": dense}
+    beside = Path(args.model)
+    if (beside / REPORT_FILE).is_file():  # a local compressed checkpoint: its card (save/push) will show these
+        atomic_write_json(beside / EVAL_FILE, {"base_model": args.dense, "compressed": compressed, "dense": dense})
+        summary["eval_results"] = str((beside / EVAL_FILE).resolve())
     if args.output:
         path = Path(args.output)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -93,20 +93,18 @@ def render_model_card(
         details: [`CardDetails`]; its fields may also be given as keywords (`base_model=...`).
     """
     details = replace(details or CardDetails(), **fields)
-    if not details.base_model:
-        raise ValueError("`base_model` (the Hub id of the dense model) is needed to render a model card.")
     base_model, eval_results, dense_results = details.base_model, details.eval_results, details.dense_results
     license, repo_id, model_name, plot_path = details.license, details.repo_id, details.model_name, details.plot_path
     task = details.task or CAUSAL_LM
     report = as_report(report)
     config = report.config
-    name = model_name or (repo_id.split("/")[-1] if repo_id else f"{base_model.split('/')[-1]}-oats")
+    name = model_name or (repo_id.split("/")[-1] if repo_id else f"{(base_model or 'model').split('/')[-1]}-oats")
     method = config.get("method", "oats")
     tags = [*TAGS, *([method] if method not in TAGS else [])]
     results = _eval_results(eval_results or {})
     card_data = ModelCardData(
         base_model=base_model,
-        base_model_relation=BASE_MODEL_RELATION,
+        base_model_relation=BASE_MODEL_RELATION if base_model else None,
         library_name="transformers",
         pipeline_tag=task.pipeline_tag,
         license=license or KNOWN_LICENSES.get(base_model, "other"),

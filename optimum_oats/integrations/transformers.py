@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _PATCHED = "__optimum_oats_patched__"
+# Writers run on the staging folder of every `save_pretrained` of a compressed model: `hook(model, staging, target)`.
+# Higher levels add theirs (the model card, `optimum_oats.hub.autocard`), so this module needs none of them.
+SAVE_HOOKS: list = []
 
 
 def mark_compressed(model: nn.Module, config: OATSConfig, outcome: CompressionOutcome) -> None:
@@ -56,6 +59,8 @@ def _patch_save_pretrained(cls: type) -> None:
             original(self, staging, *args, **kwargs)
             CompressionReport.from_model(self).save(staging)
             write_remote_code(self, staging)
+            for hook in SAVE_HOOKS:
+                hook(self, staging, Path(save_directory))
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             self.push_to_hub(repo_id, **hub_kwargs)
