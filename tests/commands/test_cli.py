@@ -161,6 +161,8 @@ def test_evaluate_prints_both_models_side_by_side(compressed, dense_dir, data_di
     assert summary["compressed"]["wikitext2"]["token_perplexity"] > 1
     assert summary["dense"]["boolq"]["n_samples"] == 2
     assert json.loads(results.read_text())["dense_model"] == str(dense_dir)
+    beside = json.loads((output / "eval_results.json").read_text())  # what save/push cards read back
+    assert beside["compressed"]["boolq"]["n_samples"] == 2 and beside["base_model"] == str(dense_dir)
 
 
 # ----------------------------------------------------------------------------------------------- push
