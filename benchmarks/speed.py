@@ -247,7 +247,7 @@ def section_generate(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt = _prompt(tokenizer, args.prompt_tokens)
     print(
-        f"\n### Greedy generation of {args.new_tokens} new tokens, prompt of {prompt.input_ids.shape[1]} tokens, "
+        f"\n### Greedy generation of {args.new_tokens} new tokens, prompt of {prompt['input_ids'].shape[1]} tokens, "
         f"threads={torch.get_num_threads()}, median of {args.reps_generate} interleaved runs\n"
     )
     print("| dtype | model | tokens/s (prompt + generation) | vs dense | prefill tokens/s | vs dense |")
