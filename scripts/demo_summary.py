@@ -1,0 +1,125 @@
+"""The demo's last table: what compressing the embedded SmolLM2 gained and lost, side by side with the dense model.
+
+Usage: python scripts/demo_summary.py COMPRESSED_DIR [--new-tokens 32] [--reps 3]
+Reads COMPRESSED_DIR/eval_results.json (written by `optimum-cli oats evaluate --output`) for the quality rows.
+Speed and memory are measured here, each model in a fresh process (peak resident memory of load + generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _checkpoint_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+
+
+def _measure(path: str, new_tokens: int, reps: int) -> None:
+    """Child process: tokens/s of greedy generation (median of `reps`) and peak RSS, as one JSON line."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import optimum_oats  # noqa: F401  (compressed checkpoints load through the plugin)
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    speeds = []
+    with torch.no_grad():
+        for _ in range(reps):
+            start = time.perf_counter()
+            model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            speeds.append(new_tokens / (time.perf_counter() - start))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tokens_per_s": statistics.median(speeds), "peak_mb": peak}))
+
+
+def _run(path: str, args: argparse.Namespace) -> dict:
+    code = "import sys, runpy; runpy.run_path(sys.argv[1])['_measure'](sys.argv[2], *map(int, sys.argv[3:5]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, __file__, path, str(args.new_tokens), str(args.reps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _quality_rows(results: dict) -> list[str]:
+    rows = []
+    compressed, dense = results.get("compressed") or {}, results.get("dense") or {}
+    if "wikitext2" in compressed:
+        c, d = compressed["wikitext2"], dense.get("wikitext2", {})
+        windows = c.get("max_windows", "all")
+        rows.append(
+            f"| WikiText-2 token perplexity ({windows} windows of {c.get('seqlen')}) | "
+            f"{d.get('token_perplexity', float('nan')):.2f} | {c['token_perplexity']:.2f} | "
+            f"{c['token_perplexity'] / d.get('token_perplexity', float('nan')):.2f}x |"
+        )
+    for task, metrics in compressed.items():
+        if not isinstance(metrics, dict) or "acc" not in metrics:
+            continue
+        n = metrics.get("n_samples")
+        d = dense.get(task, {})
+
+        def cell(m: dict, n: int | None = n) -> str:
+            if "acc" not in m:
+                return "n/a"
+            stderr = m.get("acc_stderr") or (math.sqrt(m["acc"] * (1 - m["acc"]) / n) if n else float("nan"))
+            return f"{m['acc']:.3f} ± {stderr:.3f}"
+
+        diff = metrics["acc"] - d.get("acc", float("nan"))
+        rows.append(f"| {task} accuracy ({n} documents) | {cell(d)} | {cell(metrics)} | {diff:+.3f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("compressed", type=Path)
+    parser.add_argument("--dense", type=Path, default=None, help="dense folder (default: the embedded SmolLM2)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    if args.dense is None:
+        from optimum_oats.integrations.default_model import default_model_path
+
+        args.dense = Path(default_model_path())
+    dense, compressed = _run(str(args.dense), args), _run(str(args.compressed), args)
+    size_d, size_c = _checkpoint_mb(args.dense), _checkpoint_mb(args.compressed)
+    load = os.getloadavg()[0]
+    print(f"\n## What compression gained and lost (SmolLM2-135M, float32, 1 thread, load average {load:.1f})\n")
+    print("| | dense | compressed | compressed / dense |")
+    print("|---|---|---|---|")
+    print(f"| checkpoint size (MB, all weights) | {size_d:.1f} | {size_c:.1f} | {size_c / size_d:.2f}x |")
+    print(
+        f"| greedy generation, {args.new_tokens} tokens (tokens/s, median of {args.reps}) | "
+        f"{dense['tokens_per_s']:.1f} | {compressed['tokens_per_s']:.1f} | "
+        f"{compressed['tokens_per_s'] / dense['tokens_per_s']:.2f}x |"
+    )
+    print(
+        f"| peak resident memory, load + generation (MB) | {dense['peak_mb']:.0f} | {compressed['peak_mb']:.0f} | "
+        f"{compressed['peak_mb'] / dense['peak_mb']:.2f}x |"
+    )
+    results_file = args.compressed / "eval_results.json"
+    if results_file.is_file():
+        for row in _quality_rows(json.loads(results_file.read_text())):
+            print(row)
+    print(
+        "\nAccuracy is ± one standard error over the documents scored; differences smaller than about twice the "
+        "standard error are not evidence of a change. Speed on a busy machine (load average near or above the "
+        "number of cores) is not a claim: rerun it on a quiet one."
+    )
+
+
+if __name__ == "__main__":
+    main()
