@@ -11,9 +11,28 @@ import torch
 from .masks import sparsity_mask
 
 
-def magnitude_prune(weight: torch.Tensor, *, keep_per_row: int, nm: tuple[int, int] | None = None) -> torch.Tensor:
-    """Keep the largest `|W_ij|` of each row (or N:M group); returns the pruned `(d_out, d_in)` weight."""
-    return weight * sparsity_mask(weight.abs(), keep_per_row, nm)
+def magnitude_prune(
+    weight: torch.Tensor,
+    *,
+    sparsity: float | None = None,
+    keep_per_row: int | None = None,
+    nm: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Magnitude pruning; returns the pruned `(d_out, d_in)` weight.
+
+    `sparsity=s` is the references' rule (wanda `prune_magnitude`, SparseGPT's magnitude baseline): one threshold
+    for the whole layer, every `|W_ij| <=` the sorted value at index `int(s · numel)` pruned. `keep_per_row=k`
+    (row-balanced, an explicit option) keeps the `k` largest of each row; `nm` keeps N of every M per row.
+    """
+    if nm is not None or sparsity is None:
+        if keep_per_row is None:
+            raise ValueError("Give `sparsity` (one threshold per layer), `keep_per_row`, or `nm`.")
+        return weight * sparsity_mask(weight.abs(), keep_per_row, nm)
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}.")
+    scores = weight.abs()
+    threshold = torch.sort(scores.flatten())[0][int(weight.numel() * sparsity)]
+    return weight.masked_fill(scores <= threshold, 0)
 
 
 def wanda_prune(

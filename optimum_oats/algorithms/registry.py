@@ -89,12 +89,23 @@ def _run_wanda(weight, stats, budget, settings) -> Decomposition:
     )
 
 
+def _layer_sparsity(weight: torch.Tensor, budget: LayerBudget) -> float:
+    """The budget's kept count as one layer-wide sparsity, for the references' joint (not per-row) masks."""
+    return 1.0 - budget.keep_per_row / weight.shape[1]
+
+
 def _run_sparsegpt(weight, stats, budget, settings) -> Decomposition:
-    return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], keep_per_row=budget.keep_per_row, nm=budget.nm))
+    """The reference's joint mask per 128-column block (IST-DASLab/sparsegpt `fasterprune`); N:M per row."""
+    if budget.nm is not None:
+        return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], nm=budget.nm))
+    return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], sparsity=_layer_sparsity(weight, budget)))
 
 
 def _run_magnitude(weight, stats, budget, settings) -> Decomposition:
-    return Decomposition(magnitude_prune(weight.float(), keep_per_row=budget.keep_per_row, nm=budget.nm))
+    """One threshold per layer (wanda `prune_magnitude`); N:M per row."""
+    if budget.nm is not None:
+        return Decomposition(magnitude_prune(weight.float(), keep_per_row=budget.keep_per_row, nm=budget.nm))
+    return Decomposition(magnitude_prune(weight.float(), sparsity=_layer_sparsity(weight, budget)))
 
 
 register_algorithm(Algorithm("oats", "OATS, sparse + low-rank", (INPUT_NORMS,), uses_low_rank=True, run=_run_oats))

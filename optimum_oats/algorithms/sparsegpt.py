@@ -5,11 +5,11 @@ Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned
 
 Three mask rules, all scored by `w^2 / [H^-1]_jj^2` on the weights as already updated by earlier columns:
 
-- `sparsity=s` (the reference's unstructured rule): in each block of `blocksize` columns, the lowest
-  `floor(s · d_out · count)` scores of the whole block are pruned jointly across rows, so the number of kept
-  weights varies from row to row. The reference thresholds with `<=` on the sorted value at that index, which
-  prunes one more entry (plus any ties); here exactly that many are pruned so every block hits the rate.
-- `keep_per_row=k` (row-balanced, for the project's row-wise storage and budget): the same adaptive
+- `sparsity=s` (the reference's unstructured rule, the default of `method="sparsegpt"`): in each block of
+  `blocksize` columns, every score `<=` the sorted value at index `int(s · d_out · count)` of the whole block is
+  pruned, jointly across rows, exactly as the reference thresholds (so one entry more than the index, plus any
+  ties), and the number of kept weights varies from row to row.
+- `keep_per_row=k` (row-balanced, an explicit option only): the same adaptive
   block-by-block selection, but the comparison group is each row of the block (as Wanda compares within a
   row). Row quotas are spread over the blocks in proportion to their width: after the block ending at column
   `c` every row has kept exactly `floor(k · c / d_in)` weights, so every row keeps exactly `k` in total.
@@ -22,6 +22,8 @@ non-zeros than its mask keeps.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -95,14 +97,15 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
 
 
 def _prune_block_mask(scores: torch.Tensor, prune: int, jointly: bool) -> torch.Tensor:
-    """True where pruned: the `prune` lowest scores of the whole block (`jointly`) or of each row."""
+    """True where pruned: the reference's joint threshold over the whole block (`jointly`: every score `<=` the
+    sorted value at index `prune`), or the `prune` lowest scores of each row."""
+    if jointly:
+        threshold = torch.sort(scores.flatten())[0][prune]
+        return scores <= threshold
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if prune == 0:
         return mask
-    if jointly:
-        mask.view(-1)[scores.flatten().topk(prune, largest=False, sorted=False).indices] = True
-    else:
-        mask.scatter_(1, scores.topk(prune, dim=1, largest=False, sorted=False).indices, True)
+    mask.scatter_(1, scores.topk(prune, dim=1, largest=False, sorted=False).indices, True)
     return mask
 
 
@@ -118,12 +121,13 @@ def sparsegpt_prune(
 ) -> torch.Tensor:
     """Prune `weight` column block by column block, compensating each pruned weight on the later columns (OBS).
 
-    Exactly one mask rule is used (see the module docstring): `nm`, else `keep_per_row` (row-balanced), else
-    `sparsity` (joint per block, the reference's unstructured rule).
+    Exactly one mask rule is used (see the module docstring): `nm`, else `sparsity` (joint per block, the
+    reference's unstructured rule), else `keep_per_row` (row-balanced, explicit only). TF32 is off for the OBS
+    work on CUDA, as in the reference.
 
     Args:
         weight: `(d_out, d_in)`; not modified.
-        hessian: `(d_in, d_in)` layer Hessian `2 X^T X / n` (see `optimum_oats.hessian.HessianAccumulator`).
+        hessian: `(d_in, d_in)` layer Hessian `2 X^T X / n` (see `optimum_oats.engine.statistics.HessianAccumulator`).
         keep_per_row: weights kept in every row, in `[0, d_in]`.
         sparsity: fraction of each column block pruned jointly across rows, in `[0, 1)`.
         nm: `(N, M)`: keep N of every M consecutive columns of each row.
@@ -140,6 +144,23 @@ def sparsegpt_prune(
         raise ValueError(f"`hessian` must have shape ({d_in}, {d_in}), got {tuple(hessian.shape)}.")
     _check_arguments(d_in, keep_per_row, sparsity, nm, blocksize, percdamp)
 
+    with _no_tf32():
+        return _fasterprune(weight, hessian, keep_per_row, sparsity, nm, blocksize, percdamp)
+
+
+@contextmanager
+def _no_tf32():
+    """The reference sets `torch.backends.cuda.matmul.allow_tf32 = False`: OBS updates need full fp32 products."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _fasterprune(weight, hessian, keep_per_row, sparsity, nm, blocksize, percdamp) -> torch.Tensor:
+    d_out, d_in = weight.shape
     W = weight.detach().to(SPARSEGPT_PRECISION, copy=True)
     Hinv, dead = inverse_hessian_factor(hessian.to(W.device), percdamp)
     W[:, dead] = 0
@@ -155,8 +176,8 @@ def sparsegpt_prune(
         if nm is not None:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)  # filled group by group below
         elif sparsity is not None:
-            # floor with an epsilon that absorbs float error only (0.29 * 100 is 28.999999999999996)
-            mask1 = _prune_block_mask(W1**2 / d**2, int(sparsity * d_out * count + 1e-6), jointly=True)
+            # `int(numel * sparsity)` as the reference (no epsilon: its index is what users compare against)
+            mask1 = _prune_block_mask(W1**2 / d**2, int(W1.numel() * sparsity), jointly=True)
         else:
             quota = keep_per_row * i2 // d_in - keep_per_row * i1 // d_in
             mask1 = _prune_block_mask(W1**2 / d**2, count - quota, jointly=False)
