@@ -2,7 +2,7 @@
 # The main job: set up, compress the embedded SmolLM2-135M-Instruct with OATS (rho=0.5, kappa=0.25), then score
 # the compressed and the dense model side by side (WikiText-2 token perplexity and a zero-shot sample), and print
 # what was gained and lost: checkpoint size, generation speed, peak memory, quality with its standard error.
-# Data is read from $OATS_DATA_DIR (default: ../shared/data). Takes ~15 minutes on 2 CPU cores.
+# Data is read from $OATS_DATA_DIR (default: ../shared/data). Takes ~15 minutes on 2 quiet CPU cores (33 on a busy one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
