@@ -10,7 +10,14 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .algorithms import ALGORITHMS, DEFAULT_SOLVER, SVD_SOLVERS, TRAINED_METHODS, method_info
+from .algorithms import (
+    ALGORITHMS,
+    DEFAULT_HESSIAN_ITERATIONS,
+    DEFAULT_SOLVER,
+    SVD_SOLVERS,
+    TRAINED_METHODS,
+    method_info,
+)
 from .data.kinds import is_in_memory_dataset
 from .data.text import SAMPLINGS
 
@@ -48,9 +55,14 @@ class OATSConfig(QuantizationConfigMixin):
             for vision transformers (ViT, DINOv2): pass `rank_ratio=0.2` there (see docs/encoders.md).
         num_iterations (`int`, defaults to 80):
             Alternating-thresholding iterations of OATS (the reference code runs 80).
+        hessian_iterations (`int`, defaults to 2):
+            `method="hassle"` only: SparseGPT / weighted-SVD alternations after the OATS start (each costs about one
+            SparseGPT pass over the layer).
         method (`str`, defaults to `"oats"`):
-            A one-shot method of the registry (`optimum_oats.algorithms.ALGORITHMS`): `"oats"`, `"wanda"`,
-            `"sparsegpt"`, `"magnitude"`.
+            A one-shot method of the registry (`optimum_oats.algorithms.ALGORITHMS`): `"oats"`, `"hassle"`,
+            `"wanda"`, `"sparsegpt"`, `"magnitude"`. `"hassle"` minimises the output error in the full Hessian
+            metric (OATS sees only its diagonal): it starts from the OATS solution and alternates SparseGPT pruning
+            of `W - L` with the exact Hessian-weighted rank-r fit (HASSLE-free); see docs/quality.md.
         sparsity_pattern (`str`, defaults to `"unstructured"`):
             `"unstructured"` (each output row keeps the same number of weights) or `"N:M"` such as `"2:4"`.
             With N:M the sparse part keeps exactly N of every M weights and `compression_rate` is not used:
@@ -111,6 +123,7 @@ class OATSConfig(QuantizationConfigMixin):
     compression_rate: float = 0.5
     rank_ratio: float = 0.1
     num_iterations: int = 80
+    hessian_iterations: int = DEFAULT_HESSIAN_ITERATIONS
     method: str = "oats"
     sparsity_pattern: str = "unstructured"
     dataset: str | list[str] | Any = "c4"
@@ -139,6 +152,7 @@ class OATSConfig(QuantizationConfigMixin):
         self.compression_rate = _check_float("compression_rate", self.compression_rate, 0.0, 1.0, low_inclusive=False)
         self.rank_ratio = _check_float("rank_ratio", self.rank_ratio, 0.0, 1.0, low_inclusive=True)
         self.num_iterations = _check_int("num_iterations", self.num_iterations, 1)
+        self.hessian_iterations = _check_int("hessian_iterations", self.hessian_iterations, 1)
         self.num_samples = _check_int("num_samples", self.num_samples, 1)
         self.seqlen = _check_int("seqlen", self.seqlen, 1)
         self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)

@@ -4,6 +4,7 @@ This package imports only torch, numpy and the `kernels/` loader: the model trav
 """
 
 from .budget import LayerBudget, layer_budget
+from .hessian_slr import DEFAULT_HESSIAN_ITERATIONS, hessian_sparse_low_rank
 from .masks import nm_mask, rowwise_topk_mask, sparsity_mask
 from .oats import DEFAULT_SOLVER, SVD_SOLVERS, Decomposition, oats_decompose, truncated_svd
 from .owl import outlier_ratios, owl_block_rates
@@ -22,6 +23,7 @@ from .sparsegpt import sparsegpt_prune
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_HESSIAN_ITERATIONS",
     "DEFAULT_SOLVER",
     "HESSIAN",
     "INPUT_NORMS",
@@ -31,6 +33,7 @@ __all__ = [
     "Decomposition",
     "LayerBudget",
     "RunSettings",
+    "hessian_sparse_low_rank",
     "layer_budget",
     "magnitude_prune",
     "method_info",

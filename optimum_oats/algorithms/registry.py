@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from .budget import LayerBudget
+from .hessian_slr import hessian_sparse_low_rank
 from .oats import Decomposition, oats_decompose
 from .pruning import magnitude_prune, wanda_prune
 from .sparsegpt import sparsegpt_prune
@@ -28,6 +29,7 @@ class RunSettings(Protocol):
 
     num_iterations: int
     svd: str
+    hessian_iterations: int
 
 
 Run = Callable[[torch.Tensor, dict[str, torch.Tensor], LayerBudget, RunSettings], Decomposition]
@@ -101,6 +103,20 @@ def _run_sparsegpt(weight, stats, budget, settings) -> Decomposition:
     return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], sparsity=_layer_sparsity(weight, budget)))
 
 
+def _run_hassle(weight, stats, budget, settings) -> Decomposition:
+    """OATS at the same budget for the first low-rank term, then S/L alternation in the full Hessian metric."""
+    warm = _run_oats(weight, stats, budget, settings) if budget.rank > 0 else None
+    return hessian_sparse_low_rank(
+        weight,
+        stats[HESSIAN],
+        rank=budget.rank,
+        sparsity=None if budget.nm is not None else _layer_sparsity(weight, budget),
+        nm=budget.nm,
+        iterations=settings.hessian_iterations,
+        warm_start=(warm.lowrank_u, warm.lowrank_v) if warm is not None else None,
+    )
+
+
 def _run_magnitude(weight, stats, budget, settings) -> Decomposition:
     """One threshold per layer (wanda `prune_magnitude`); N:M per row."""
     if budget.nm is not None:
@@ -109,6 +125,15 @@ def _run_magnitude(weight, stats, budget, settings) -> Decomposition:
 
 
 register_algorithm(Algorithm("oats", "OATS, sparse + low-rank", (INPUT_NORMS,), uses_low_rank=True, run=_run_oats))
+register_algorithm(
+    Algorithm(
+        "hassle",
+        "Hessian-aware sparse + low-rank (OATS start, SparseGPT / weighted-SVD alternation)",
+        (HESSIAN, INPUT_NORMS),
+        uses_low_rank=True,
+        run=_run_hassle,
+    )
+)
 register_algorithm(Algorithm("wanda", "Wanda pruning", (INPUT_NORMS,), uses_low_rank=False, run=_run_wanda))
 register_algorithm(Algorithm("sparsegpt", "SparseGPT pruning", (HESSIAN,), uses_low_rank=False, run=_run_sparsegpt))
 register_algorithm(Algorithm("magnitude", "magnitude pruning", (), uses_low_rank=False, run=_run_magnitude))

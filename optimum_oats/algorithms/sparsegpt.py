@@ -144,12 +144,15 @@ def sparsegpt_prune(
         raise ValueError(f"`hessian` must have shape ({d_in}, {d_in}), got {tuple(hessian.shape)}.")
     _check_arguments(d_in, keep_per_row, sparsity, nm, blocksize, percdamp)
 
-    with _no_tf32():
-        return _fasterprune(weight, hessian, keep_per_row, sparsity, nm, blocksize, percdamp)
+    with no_tf32():
+        Hinv, dead = inverse_hessian_factor(hessian.to(weight.device), percdamp)
+        return prune_with_factor(
+            weight, Hinv, dead, keep_per_row=keep_per_row, sparsity=sparsity, nm=nm, blocksize=blocksize
+        )
 
 
 @contextmanager
-def _no_tf32():
+def no_tf32():
     """The reference sets `torch.backends.cuda.matmul.allow_tf32 = False`: OBS updates need full fp32 products."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -159,10 +162,20 @@ def _no_tf32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def _fasterprune(weight, hessian, keep_per_row, sparsity, nm, blocksize, percdamp) -> torch.Tensor:
-    d_out, d_in = weight.shape
+def prune_with_factor(
+    weight: torch.Tensor,
+    Hinv: torch.Tensor,
+    dead: torch.Tensor,
+    *,
+    keep_per_row: int | None = None,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+) -> torch.Tensor:
+    """[`sparsegpt_prune`] with the factor of [`inverse_hessian_factor`] given, for callers that prune several
+    matrices under one Hessian (the alternating sparse + low-rank method); arguments are not re-checked."""
+    d_in = weight.shape[1]
     W = weight.detach().to(SPARSEGPT_PRECISION, copy=True)
-    Hinv, dead = inverse_hessian_factor(hessian.to(W.device), percdamp)
     W[:, dead] = 0
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)

@@ -16,6 +16,7 @@ CONFIG_FIELDS = (
     "num_samples",
     "seqlen",
     "num_iterations",
+    "hessian_iterations",
     "seed",
     "calibration_sampling",
     "svd",

@@ -65,7 +65,10 @@ def compress_block(
         check_finite_weight(f"{prefix}.{name}", linear.weight)
         check_statistics(f"{prefix}.{name}", statistics)
         if owners is None or owners[name] == rank:
-            results[name] = compress_linear(linear, statistics, config, compression_rate)
+            try:
+                results[name] = compress_linear(linear, statistics, config, compression_rate)
+            except ValueError as error:  # the algorithms cannot know the layer's name; the user needs it
+                raise ValueError(f"`{prefix}.{name}` ({config.method}): {error}") from error
     return share_layers(linears, owners, results) if owners is not None else results
 
 

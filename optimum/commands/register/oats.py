@@ -22,6 +22,7 @@ CONFIG_DEFAULTS = {
     "num_samples": 128,
     "seqlen": 2048,
     "num_iterations": 80,
+    "hessian_iterations": 2,
     "seed": 0,
     "calibration_sampling": "joined",
     "svd": "fast",
@@ -60,12 +61,18 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
 
     option("--compression-rate", float, "RHO", "Fraction of each layer's parameters removed")
     option("--rank-ratio", float, "KAPPA", "Share of the kept parameters given to the low-rank term")
-    option("--method", str, "NAME", "Algorithm: `oats`, or a pruning baseline such as `wanda`")
+    option(
+        "--method",
+        str,
+        "NAME",
+        "Algorithm: `oats`, `hassle` (full-Hessian sparse + low-rank), or a baseline: `wanda`, `sparsegpt`",
+    )
     option("--sparsity-pattern", str, "PATTERN", "`unstructured`, or N:M such as `2:4`")
     option("--dataset", str, "DATA", "Calibration text: `c4`, `wikitext2`, `self`, or a local .txt/.jsonl/.json file")
     option("--num-samples", int, "N", "Calibration sequences")
     option("--seqlen", int, "N", "Tokens per calibration sequence")
     option("--num-iterations", int, "N", "Alternating-thresholding iterations (OATS)")
+    option("--hessian-iterations", int, "N", "SparseGPT / weighted-SVD alternations (method `hassle`)")
     option("--seed", int, "N", "Seed for calibration sampling")
     option(
         "--calibration-sampling",

@@ -1,0 +1,144 @@
+"""Per-matrix output error of `method="hassle"` against SparseGPT and OATS on real SmolLM2-135M layers (issue 17).
+
+For each selected layer the inputs' Hessian `H = 2 X^T X / n` comes from C4 windows run through the *dense* model
+(forward hooks), and every method decomposes the same weight at the same parameter budget; the number reported is
+the relative output error `tr(Δ H Δ^T) / tr(W H W^T)` under the damped `H` that SparseGPT uses (lower is better),
+summed over the layers of a rate, plus the wall time. It measures what the new method optimises, to choose its
+iteration count and start; the perplexity protocol is `benchmarks/quality.py`.
+
+    OMP_NUM_THREADS=1 OATS_DATA_DIR=../shared/data python benchmarks/hessian_slr.py
+    OMP_NUM_THREADS=1 python benchmarks/hessian_slr.py --rates 0.7 --layers 2 15 28 --iterations 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optimum_oats.algorithms import hessian_sparse_low_rank, layer_budget, oats_decompose, sparsegpt_prune
+from optimum_oats.algorithms.hessian_slr import hessian_factors, hessian_objective
+from optimum_oats.data.paths import resolve_data_dir
+from optimum_oats.engine.statistics import HessianAccumulator
+from optimum_oats.integrations.default_model import default_model_path
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.6, 0.7])
+    parser.add_argument("--rank-ratio", type=float, default=0.1, help="κ (OATSConfig's default)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 15, 28], help="decoder blocks to sample")
+    parser.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS)
+    parser.add_argument("--iterations", type=int, nargs="+", default=[1, 2, 3, 5], help="hassle alternations")
+    parser.add_argument("--oats-iterations", type=int, default=80)
+    parser.add_argument("--num-sequences", type=int, default=8, help="C4 windows for the Hessians")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    return parser.parse_args()
+
+
+def hessians(model, tokenizer, names: list[str], sequences: int, seqlen: int) -> dict[str, torch.Tensor]:
+    """`H` of every named linear layer from `sequences` consecutive C4 windows through the dense model."""
+    path = resolve_data_dir() / "c4" / "c4_sample.jsonl"
+    texts, chars = [], 0
+    with path.open() as handle:
+        for line in handle:
+            texts.append(json.loads(line)["text"])
+            chars += len(texts[-1])
+            if chars > 8 * sequences * seqlen:
+                break
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    modules = dict(model.named_modules())
+    accumulators = {name: HessianAccumulator(modules[name].in_features, torch.device("cpu")) for name in names}
+    handles = [
+        modules[name].register_forward_hook(lambda _m, args, _o, name=name: accumulators[name].update(args[0]))
+        for name in names
+    ]
+    with torch.no_grad():
+        for i in range(sequences):
+            model(ids[i * seqlen : (i + 1) * seqlen][None])
+    for handle in handles:
+        handle.remove()
+    return {name: acc.finalize() for name, acc in accumulators.items()}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    folder = args.model or default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    names = [
+        f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
+        for i in args.layers
+        for p in args.projections
+    ]
+    start = time.perf_counter()
+    stats = hessians(model, tokenizer, names, args.num_sequences, args.seqlen)
+    print(
+        f"# {platform.node()} torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f}; Hessians of {len(names)} layers "
+        f"in {time.perf_counter() - start:.0f} s "
+        f"({args.num_sequences} x {args.seqlen} C4 tokens, dense model)"
+    )
+    modules = dict(model.named_modules())
+    totals: dict[tuple[float, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # error, energy, seconds
+    for rate in args.rates:
+        for name in names:
+            weight = modules[name].weight.detach().float()
+            H = stats[name]
+            d_out, d_in = weight.shape
+            budget = layer_budget(d_out, d_in, rate, args.rank_ratio)
+            sparsity = 1 - budget.keep_per_row / d_in
+            damped = hessian_factors(H).hessian
+            energy = hessian_objective(weight, damped)
+
+            def record(label, approx, seconds, rate=rate, weight=weight, damped=damped, energy=energy) -> None:
+                cell = totals[(rate, label)]
+                cell[0] += hessian_objective(weight - approx, damped)
+                cell[1] += energy
+                cell[2] += seconds
+
+            t = time.perf_counter()
+            pruned = sparsegpt_prune(weight, H, sparsity=rate)
+            record("sparsegpt (all budget to S)", pruned, time.perf_counter() - t)
+            t = time.perf_counter()
+            norms = (H.diagonal().clamp_min(0) / 2).sqrt()
+            oats = oats_decompose(
+                weight,
+                norms,
+                rank=budget.rank,
+                keep_per_row=budget.keep_per_row,
+                iterations=args.oats_iterations,
+                solver="fast",
+            )
+            oats_s = time.perf_counter() - t
+            record("oats (fast)", oats.sparse + oats.lowrank_u @ oats.lowrank_v, oats_s)
+            for iterations in args.iterations:
+                for start_label, warm in (("oats start", (oats.lowrank_u, oats.lowrank_v)), ("L=0 start", None)):
+                    t = time.perf_counter()
+                    out = hessian_sparse_low_rank(
+                        weight, H, rank=budget.rank, sparsity=sparsity, iterations=iterations, warm_start=warm
+                    )
+                    seconds = time.perf_counter() - t + (oats_s if warm is not None else 0.0)
+                    approx = out.sparse + (out.lowrank_u @ out.lowrank_v if out.lowrank_u is not None else 0)
+                    record(f"hassle, {start_label}, {iterations} it.", approx, seconds)
+        print(f"\n### ρ = {rate}, κ = {args.rank_ratio}, blocks {args.layers}, {len(names)} matrices\n")
+        print("| method | rel. output error Σ tr(ΔHΔᵀ) / Σ tr(WHWᵀ) | vs SparseGPT | seconds |")
+        print("|---|---:|---:|---:|")
+        base = totals[(rate, "sparsegpt (all budget to S)")]
+        for (r, label), (error, energy, seconds) in totals.items():
+            if r == rate:
+                print(f"| {label} | {error / energy:.5f} | {error / base[0]:.3f} | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Sparse + low-rank in the full Hessian metric: alternate OBS pruning and an H-weighted rank-r fit.
+
+Minimises the layer's output error `tr((W - S - L) H (W - S - L)^T)` with `H = 2 X^T X / n` (damped as SparseGPT
+damps it) under the OATS budget: `S` keeps `k` entries per row on average (or N:M), `L` has rank `r`. OATS and Wanda
+see only `diag(H)`; SparseGPT sees all of `H` but spends the whole budget on `S`. This is the alternating scheme of
+HASSLE-free (Makni et al., CPAL 2025; `hassle_free_sparsegpt` in mazumder-lab/3BASiL), started from the OATS
+solution instead of `L = 0`:
+
+- S-step: SparseGPT (joint mask per column block, OBS updates of the kept weights) of `W - L` under `H`;
+- L-step: the exact minimiser for that `S`: with `H = Q Λ Q^T`, `L = SVD_r((W - S) Q Λ^½) Λ^-½ Q^T` (EoRA's fit).
+
+The L-step cannot raise the objective; the S-step is a greedy OBS pass and can. An S-step that leaves the objective
+above the previous iterate's is rejected and the iteration stops, so the returned objective history never rises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .oats import Decomposition
+from .sparsegpt import SPARSEGPT_PRECISION, inverse_hessian_factor, no_tf32, prune_with_factor
+
+# Alternations after the warm start; measured on SmolLM2-135M by `benchmarks/hessian_slr.py` (docs/quality.md).
+DEFAULT_HESSIAN_ITERATIONS = 2
+
+
+@dataclass(frozen=True)
+class HessianFactors:
+    """What every step needs from one layer's Hessian, computed once per layer.
+
+    `hessian` is damped with dead inputs set to 1 (as SparseGPT); `hinv` is the upper Cholesky factor of its
+    inverse; `eigvecs`/`root` are `Q` and `Λ^½` of its eigendecomposition, for the rank-r fit.
+    """
+
+    hessian: torch.Tensor
+    hinv: torch.Tensor
+    dead: torch.Tensor
+    eigvecs: torch.Tensor
+    root: torch.Tensor
+
+
+def hessian_factors(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFactors:
+    """Damp `hessian` exactly as [`inverse_hessian_factor`] does and factor it both ways."""
+    if not torch.isfinite(hessian).all():
+        raise ValueError(
+            "The Hessian holds NaN/inf: run the calibration in float32 and check the model's activations."
+        )
+    hinv, dead = inverse_hessian_factor(hessian, percdamp)
+    damped = hessian.to(dtype=SPARSEGPT_PRECISION, copy=True)
+    damped[dead, dead] = 1
+    damped.diagonal().add_(percdamp * torch.mean(torch.diag(damped)))
+    eigvals, eigvecs = torch.linalg.eigh(damped.double())
+    # Positive definite after damping (the Cholesky above succeeded); the clamp only absorbs rounding.
+    root = eigvals.clamp_min(eigvals.max() * 1e-12).sqrt()
+    return HessianFactors(damped, hinv, dead, eigvecs, root)
+
+
+def hessian_objective(residual: torch.Tensor, hessian: torch.Tensor) -> float:
+    """`tr(R H R^T)`: the summed squared output error of `R` on the calibration inputs (up to `2/n`)."""
+    residual = residual.to(hessian.dtype)
+    return float(((residual @ hessian) * residual).sum())
+
+
+def weighted_low_rank(
+    residual: torch.Tensor, factors: HessianFactors, rank: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The rank-`rank` `L = U V` minimising `tr((R - L) H (R - L)^T)`, as balanced factors `(d_out, r)`, `(r, d_in)`.
+
+    `||(R - L) H^½||_F` with `H^½ = Q Λ^½ Q^T` equals `||R Q Λ^½ - L Q Λ^½||_F`, and `L -> L Q Λ^½` is a
+    rank-preserving bijection, so Eckart–Young on `R Q Λ^½` gives the exact minimiser.
+    """
+    if rank == 0:
+        return None, None
+    q = factors.eigvecs
+    scaled = (residual.double() @ q) * factors.root
+    u, s, vh = torch.linalg.svd(scaled, full_matrices=False)
+    half = s[:rank].sqrt()
+    lowrank_u = u[:, :rank] * half
+    lowrank_v = ((half.unsqueeze(1) * vh[:rank]) / factors.root) @ q.T
+    return lowrank_u.to(residual.dtype), lowrank_v.to(residual.dtype)
+
+
+def hessian_sparse_low_rank(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    rank: int,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    iterations: int = DEFAULT_HESSIAN_ITERATIONS,
+    warm_start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    percdamp: float = 0.01,
+) -> Decomposition:
+    """Decompose `weight ≈ S + U V` in the metric of `hessian` (see the module docstring).
+
+    Args:
+        weight: `(d_out, d_in)`; not modified.
+        hessian: `(d_in, d_in)` layer Hessian `2 X^T X / n`.
+        rank: rank of `L`, in `[0, min(d_out, d_in)]`.
+        sparsity: fraction of `S` pruned, jointly per 128-column block as SparseGPT does (unstructured).
+        nm: `(N, M)`: `S` keeps N of every M consecutive columns of each row (instead of `sparsity`).
+        iterations: S-step / L-step alternations (at least 1).
+        warm_start: `(U, V)` of a first low-rank term (OATS's); none: `L = 0`, so with `rank=0` and one iteration
+            this is exactly SparseGPT at `sparsity`.
+        percdamp: diagonal damping as a fraction of `mean(diag H)` (SparseGPT's default).
+
+    Returns:
+        A `Decomposition` in float32; `history` holds the relative objective `tr(ΔHΔ^T) / tr(WHW^T)` after every
+        accepted iteration. Weights and low-rank columns of dead inputs (`H_jj = 0`) are zero.
+    """
+    d_out, d_in = weight.shape
+    if not 0 <= rank <= min(d_out, d_in):
+        raise ValueError(
+            f"`rank` must be in [0, {min(d_out, d_in)}] for a {d_out}x{d_in} weight, got {rank}: lower "
+            "`rank_ratio` or `compression_rate`."
+        )
+    if (sparsity is None) == (nm is None):
+        raise ValueError(f"Give exactly one of `sparsity` or `nm`, got sparsity={sparsity}, nm={nm}.")
+    if iterations < 1:
+        raise ValueError(f"`iterations` must be >= 1, got {iterations}.")
+    with no_tf32():
+        return _alternate(weight, hessian, rank, sparsity, nm, iterations, warm_start, percdamp)
+
+
+def _alternate(weight, hessian, rank, sparsity, nm, iterations, warm_start, percdamp) -> Decomposition:
+    target = weight.detach().to(SPARSEGPT_PRECISION, copy=True)
+    factors = hessian_factors(hessian.to(target.device), percdamp)
+    target[:, factors.dead] = 0
+    scale = max(hessian_objective(target, factors.hessian), 1e-30)
+    lowrank_u, lowrank_v = warm_start if warm_start is not None and rank > 0 else (None, None)
+    if lowrank_u is not None:
+        lowrank_u, lowrank_v = lowrank_u.to(target), lowrank_v.to(target)
+    best: Decomposition | None = None
+    for _ in range(iterations):
+        lowrank = lowrank_u @ lowrank_v if lowrank_u is not None else 0
+        sparse = prune_with_factor(target - lowrank, factors.hinv, factors.dead, sparsity=sparsity, nm=nm)
+        lowrank_u, lowrank_v = weighted_low_rank(target - sparse, factors, rank)
+        approx = sparse if lowrank_u is None else sparse + lowrank_u @ lowrank_v
+        loss = hessian_objective(target - approx, factors.hessian) / scale
+        if best is not None and loss > best.history[-1]:
+            break  # a greedy S-step made it worse: keep the previous iterate
+        history = [*best.history, loss] if best is not None else [loss]
+        best = Decomposition(sparse, lowrank_u, lowrank_v, history=history, iterations=len(history))
+    if best.lowrank_v is not None:
+        best.lowrank_v[:, factors.dead] = 0  # no response to features calibration never saw, as S
+    return best
