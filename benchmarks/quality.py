@@ -75,6 +75,15 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--refine-steps", type=int, default=0, help="block refinement steps (OATSConfig.refine_steps)")
     parser.add_argument("--refine-lr", type=float, default=1e-4, help="block refinement learning rate")
+    parser.add_argument(
+        "--hessian-iterations", type=int, default=2, help="method hassle: alternations (OATSConfig.hessian_iterations)"
+    )
+    parser.add_argument(
+        "--hassle-rank-ratio",
+        type=float,
+        default=0.1,
+        help="method hassle: kappa (the library default, not --rank-ratio)",
+    )
     parser.add_argument("--svd", nargs="+", default=["exact"], choices=["exact", "fast"], help="OATS's rank-r step")
     parser.add_argument(
         "--patterns",
@@ -132,7 +141,8 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(model_path)
             config = OATSConfig(
                 compression_rate=entry.rate,
-                rank_ratio=args.rank_ratio,
+                rank_ratio=args.hassle_rank_ratio if entry.method == "hassle" else args.rank_ratio,
+                hessian_iterations=args.hessian_iterations,
                 method=entry.method,
                 sparsity_pattern=entry.pattern,
                 dataset="c4",
@@ -209,6 +219,8 @@ def main() -> None:
         )
     if "oats" in args.methods and len(args.svd) == 2:
         print_solver_pairs(results)
+    if "sparsegpt" in args.methods and len(args.seed) > 1:
+        print_paired_vs_baseline(results, args, "sparsegpt")
     if args.plot:
         print(f"\nplot: {plot_sweep(results, dense_ppl, args, Path(args.plot))}")
 
@@ -264,6 +276,41 @@ def print_solver_pairs(results: dict[Entry, dict | None]) -> None:
     print("\n" + "\n".join(summaries))
 
 
+def print_paired_vs_baseline(results: dict[Entry, dict | None], args: argparse.Namespace, baseline: str) -> None:
+    """Every method's perplexity over the baseline's at the same setting, paired by calibration seed: geometric
+    mean and 95% t interval of the ratio (below 1: better than the baseline; an interval excluding 1: evidence)."""
+    from scipy.stats import t as student_t
+
+    ratios: dict[tuple, list[float]] = {}
+    for entry, result in results.items():
+        base = results.get(entry._replace(method=baseline, svd=args.svd[0]))
+        if entry.method == baseline or result is None or base is None:
+            continue
+        setting = (
+            label(entry._replace(seed=0), args).replace(" seed 0", ""),
+            entry.rate,
+            entry.layerwise,
+            entry.pattern,
+        )
+        ratios.setdefault(setting, []).append(result["perplexity"] / base["perplexity"])
+    if not ratios:
+        return
+    refine = f", both refined ({args.refine_steps} steps, lr {args.refine_lr:g})" if args.refine_steps else ""
+    print(f"\n### Perplexity / {baseline}'s, paired by calibration seed{refine}\n")
+    print("| method | rho | layerwise | pattern | seeds | ratio per seed | geometric mean | 95% t interval |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (method, rate, layerwise, pattern), values in ratios.items():
+        logs = [math.log(v) for v in values]
+        interval = "-"
+        if len(logs) > 1:
+            half = student_t.ppf(0.975, len(logs) - 1) * stdev(logs) / math.sqrt(len(logs))
+            interval = f"[{math.exp(fmean(logs) - half):.3f}, {math.exp(fmean(logs) + half):.3f}]"
+        print(
+            f"| {method} | {rate} | {layerwise} | {pattern} | {len(values)} | {' '.join(f'{v:.3f}' for v in values)}"
+            f" | {math.exp(fmean(logs)):.3f} | {interval} |"
+        )
+
+
 def nm_rate(pattern: str) -> float:
     """The nominal rate of an N:M pattern (its sparse part's; OATS adds the low-rank term on top)."""
     n, m = parse_nm(pattern)
@@ -280,6 +327,8 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += f"-{entry.svd}"
     if method == "oats" and args.rank_ratio != 0.25:
         key += f"-k{args.rank_ratio}"
+    if method == "hassle":
+        key += f"-{entry.svd}-k{args.hassle_rank_ratio}-h{args.hessian_iterations}"
     if layerwise == "owl" and (args.owl_threshold, args.owl_lambda) != SWEEP_OWL:
         key += f"-M{args.owl_threshold}-l{args.owl_lambda}"
     if entry.seed != 0:

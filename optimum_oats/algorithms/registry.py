@@ -112,7 +112,7 @@ def _run_hassle(weight, stats, budget, settings) -> Decomposition:
         rank=budget.rank,
         sparsity=None if budget.nm is not None else _layer_sparsity(weight, budget),
         nm=budget.nm,
-        iterations=settings.hessian_iterations,
+        iterations=settings.hessian_iterations if budget.rank > 0 else 1,  # L = 0: every pass would be the same
         warm_start=(warm.lowrank_u, warm.lowrank_v) if warm is not None else None,
     )
 

@@ -12,7 +12,12 @@ from optimum_oats.algorithms import (
     oats_decompose,
     sparsegpt_prune,
 )
-from optimum_oats.algorithms.hessian_slr import hessian_factors, hessian_objective, weighted_low_rank
+from optimum_oats.algorithms.hessian_slr import (
+    hessian_factors,
+    hessian_objective,
+    refit_on_support,
+    weighted_low_rank,
+)
 
 
 def _problem(seed: int, d_out: int = 96, d_in: int = 128, structured: bool = True):
@@ -58,13 +63,28 @@ def test_objective_never_rises_across_iterations(seed, warm):
 def test_rank_zero_one_iteration_is_sparsegpt_exactly(nm):
     W, H, _ = _problem(3)
     if nm is None:
-        out = hessian_sparse_low_rank(W, H, rank=0, sparsity=0.6, iterations=1)
+        out = hessian_sparse_low_rank(W, H, rank=0, sparsity=0.6, iterations=1, refit_steps=0)
         expected = sparsegpt_prune(W, H, sparsity=0.6)
     else:
-        out = hessian_sparse_low_rank(W, H, rank=0, nm=nm, iterations=1)
+        out = hessian_sparse_low_rank(W, H, rank=0, nm=nm, iterations=1, refit_steps=0)
         expected = sparsegpt_prune(W, H, nm=nm)
     assert out.lowrank_u is None and out.lowrank_v is None
     assert torch.equal(out.sparse, expected)
+
+
+def test_refit_lowers_the_error_at_every_step_and_keeps_the_support():
+    W, H, _ = _problem(7)
+    damped = hessian_factors(H).hessian
+    pruned = sparsegpt_prune(W, H, sparsity=0.7)
+    errors = [hessian_objective(W - refit_on_support(W, pruned, damped, k), damped) for k in range(0, 8)]
+    assert errors[0] == pytest.approx(hessian_objective(W - pruned, damped))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 0.97 * errors[0]
+    refit = refit_on_support(W, pruned, damped, 10)
+    assert torch.equal(refit != 0, pruned != 0)
+    # Many steps reach the least-squares optimum on the support: the gradient there vanishes.
+    exact = refit_on_support(W, pruned, damped, 400)
+    assert (((W - exact) @ damped) * (pruned != 0)).abs().max() < 1e-3 * (W @ damped).abs().max()
 
 
 def test_low_rank_step_is_the_exact_weighted_minimiser():
@@ -120,6 +140,8 @@ def test_bad_input_is_named():
         hessian_sparse_low_rank(W, H, rank=W.shape[0] + 1, sparsity=0.5)
     with pytest.raises(ValueError, match="not positive definite"):
         hessian_sparse_low_rank(W, -H, rank=2, sparsity=0.5)
+    with pytest.raises(ValueError, match="refit_steps"):
+        hessian_sparse_low_rank(W, H, rank=2, sparsity=0.5, refit_steps=-1)
     with pytest.raises(ValueError, match="exactly one of"):
         hessian_sparse_low_rank(W, H, rank=2)
     with pytest.raises(ValueError, match="hessian_iterations"):
