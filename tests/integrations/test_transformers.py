@@ -254,3 +254,27 @@ def test_push_to_hub_uploads_compact_checkpoint(hub, compressed_dir):
     assert {"config.json", "model.safetensors", "oats_report.json"} <= set(files)
     again = AutoModelForCausalLM.from_pretrained("user/tiny-oats")
     assert torch.equal(again(IDS).logits, torch.load(compressed_dir / "expected_logits.pt"))
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process still maps the file (Linux: /proc/self/maps)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see memory maps")
+def test_loading_in_another_dtype_releases_the_file_mapping(compressed_dir):
+    """fp32 checkpoint loaded as bf16: the values are converted copies, so nothing may keep the file mapped (the
+    uint8 masks did, and with them every fp32 page read during conversion: more resident memory than the model)."""
+    import gc
+
+    model = AutoModelForCausalLM.from_pretrained(compressed_dir, dtype=torch.bfloat16)
+    gc.collect()
+    file = compressed_dir / "model.safetensors"
+    assert not _mapped(file)
+    layer = model.get_submodule(_compressed(model)[0])
+    assert layer.weight.dtype == torch.bfloat16 and layer.weight_mask._base is None
+    expected = torch.load(compressed_dir / "expected_logits.pt")
+    assert torch.allclose(model(IDS).logits.float(), expected, atol=0.2, rtol=0.05)
+    same = AutoModelForCausalLM.from_pretrained(compressed_dir, dtype=torch.float32)
+    assert _mapped(file)  # no conversion: the values are the mapping, and stay lazily paged
+    assert torch.allclose(same(IDS).logits, expected, atol=1e-5)
