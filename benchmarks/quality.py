@@ -36,7 +36,7 @@ from optimum_oats.config import parse_nm
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
 from optimum_oats.integrations.default_model import default_model_path
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "oats")
+METHODS = ("magnitude", "wanda", "sparsegpt", "oats", "hassle")
 SWEEP_OWL = (5.0, 0.08)  # (M, lambda) of every OWL entry without an -M..-l.. suffix in its key
 
 
