@@ -1,0 +1,241 @@
+"""The Triton kernels of `optimum_oats.kernels.gpu`, run on the CPU through Triton's interpreter.
+
+`triton.jit` picks interpreter or GPU compilation when a kernel is defined, reading `TRITON_INTERPRET` through
+`triton.knobs`; `optimum_oats.kernels.triton_sparse_lowrank` defines its kernels at import, so the module-scoped
+fixture below sets the variable and (re)imports that module, then restores both after this file: other tests in
+the session (and a GPU run of the suite) keep compiled kernels. Shapes stay small (the interpreter runs each
+program in numpy) but cross block and chunk edges: the interpreter configuration is 16 rows x 64 columns for
+decode and 8 x 64 for decompression.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_oats.kernels import gpu
+from optimum_oats.nn import LinearSparseLowRank
+
+pytest.importorskip("triton", reason="Triton is in the `test` extra on Linux x86-64; other platforms lack wheels")
+
+TOLERANCE = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+}
+MODULE = "optimum_oats.kernels.triton_sparse_lowrank"
+
+
+def _import_kernels():
+    module = sys.modules.get(MODULE)
+    return importlib.import_module(MODULE) if module is None else importlib.reload(module)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        assert _import_kernels().INTERPRETED
+        yield
+    assert not _import_kernels().INTERPRETED  # later tests (a GPU run of the suite) get compiled kernels again
+
+
+def _layer(out_features, in_features, rank, *, bias, dtype, seed):
+    """A layer with uneven rows: densities from 0 to 1 (an empty row and a full row included)."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=generator))
+    density = torch.rand(out_features, 1, generator=generator)
+    density[0] = 0.0
+    density[-1] = 1.0
+    keep = torch.rand(out_features, in_features, generator=generator) < density
+    sparse = linear.weight.detach() * keep
+    u = torch.randn(out_features, rank, generator=generator) / 4 if rank else None
+    v = torch.randn(rank, in_features, generator=generator) / 4 if rank else None
+    layer = LinearSparseLowRank.from_linear(linear.to(dtype), sparse, u, v)
+    counts = layer.dense_mask().sum(dim=1)
+    assert counts[0] == 0 and counts[-1] == in_features and layer.rank == rank
+    return layer
+
+
+def _offsets(layer):
+    counts = layer.dense_mask().sum(dim=1)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
+
+
+def _tensors(layer):
+    return (
+        layer.weight.detach(),
+        layer.weight_mask,
+        _offsets(layer),
+        layer.lowrank_u.detach(),
+        layer.lowrank_v.detach(),
+    )
+
+
+def _reference(layer, x):
+    """`x (S + U V)^T + b` in float64 from the stored tensors: the PyTorch reference (`layer.to_dense()`)."""
+    weight = layer.sparse_weight().double() + layer.lowrank_u.double() @ layer.lowrank_v.double()
+    y = x.double() @ weight.t()
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def _assert_close(out, expected, dtype):
+    assert out.dtype == dtype and out.shape == expected.shape
+    scale = expected.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(out.double() / scale, expected / scale, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "rank", "bias"),
+    [(37, 77, 3, True), (16, 64, 0, False), (50, 130, 20, False), (5, 9, 1, True), (33, 200, 0, True)],
+)
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_matches_reference(out_features, in_features, rank, bias, tokens, dtype):
+    layer = _layer(out_features, in_features, rank, bias=bias, dtype=dtype, seed=out_features * in_features + rank)
+    x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    out = gpu.triton_forward(x, *_tensors(layer), None if layer.bias is None else layer.bias.detach())
+    _assert_close(out, _reference(layer, x), dtype)
+
+
+def test_decode_keeps_leading_dims_and_fp16():
+    layer = _layer(24, 40, 4, bias=True, dtype=torch.float16, seed=1)
+    x = torch.randn(2, 3, 40).to(torch.float16)
+    out = gpu.triton_forward(x, *_tensors(layer), layer.bias.detach())
+    assert out.shape == (2, 3, 24)
+    _assert_close(out, _reference(layer, x.view(6, 40)).view(2, 3, 24), torch.float16)
+
+
+def test_decode_more_tokens_than_one_tile():
+    # 40 tokens: three token tiles of 16 (the second grid axis), the last one partial.
+    layer = _layer(20, 70, 2, bias=True, dtype=torch.float32, seed=2)
+    x = torch.randn(40, 70)
+    _assert_close(gpu.triton_forward(x, *_tensors(layer), layer.bias.detach()), _reference(layer, x), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("out_features", "in_features"), [(37, 77), (8, 64), (19, 130)])
+def test_decompress_writes_s_exactly(dtype, out_features, in_features):
+    layer = _layer(out_features, in_features, 0, bias=False, dtype=dtype, seed=in_features)
+    values, bitmask, offsets, _, _ = _tensors(layer)
+    # A row slice of a wider buffer pre-filled with garbage: every entry must be overwritten, the rest untouched.
+    buffer = torch.full((out_features, in_features + 5), 7.0, dtype=dtype)
+    out = gpu.triton_decompress(values, bitmask, offsets, buffer[:, :in_features])
+    assert torch.equal(out, layer.sparse_weight().detach())
+    assert (buffer[:, in_features:] == 7.0).all()
+
+
+@pytest.mark.parametrize(("rank", "bias"), [(0, False), (6, True)])
+def test_prefill_through_shared_workspace(rank, bias):
+    gpu.clear_workspaces()
+    first = _layer(24, 72, rank, bias=bias, dtype=torch.float32, seed=3)
+    second = _layer(24, 72, rank, bias=bias, dtype=torch.float32, seed=4)
+    x = torch.randn(3, 11, 72)
+    for layer in (first, second, first):
+        out = gpu.triton_prefill(x, *_tensors(layer), None if layer.bias is None else layer.bias.detach())
+        _assert_close(out, _reference(layer, x.view(33, 72)).view(3, 11, 24), torch.float32)
+    assert len(gpu._workspaces) == 1  # one buffer for the shape, shared by both layers
+    gpu.clear_workspaces()
+
+
+def test_semi_structured_falls_back_when_unsupported():
+    # On the CPU `to_sparse_semi_structured` raises: the call must still be right, warned once, then remembered.
+    gpu._semi_structured_failed.clear()
+    layer = _layer(32, 64, 2, bias=True, dtype=torch.float32, seed=5)
+    x = torch.randn(20, 64)
+    with pytest.warns(RuntimeWarning, match="semi-structured"):
+        out = gpu.semi_structured_prefill(x, *_tensors(layer), layer.bias.detach())
+    _assert_close(out, _reference(layer, x), torch.float32)
+    assert torch.device("cpu") in gpu._semi_structured_failed
+    gpu._semi_structured_failed.clear()
+    gpu.clear_workspaces()
+
+
+def test_bad_storage_is_named():
+    layer = _layer(16, 64, 0, bias=False, dtype=torch.float32, seed=6)
+    values, bitmask, offsets, u, v = _tensors(layer)
+    with pytest.raises(ValueError, match="row_offsets"):
+        gpu.triton_forward(torch.randn(1, 64), values, bitmask, offsets.int(), u, v)
+    with pytest.raises(ValueError, match="bitmask"):
+        gpu.triton_forward(torch.randn(1, 64), values, bitmask[:, :4], offsets, u, v)
+    with pytest.raises(ValueError, match="features"):
+        gpu.triton_forward(torch.randn(1, 63), values, bitmask, offsets, u, v)
+
+
+def test_two_four_detection():
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, 0::4] = True
+    mask[:, 3::4] = True  # 2 of every 4
+    layer = LinearSparseLowRank(16, 4, rank=0, nnz=int(mask.sum()), bias=False)
+    layer.load_decomposition(torch.randn(4, 16) * mask)
+    assert gpu.is_two_four(layer.weight_mask, 16)
+    mask[1, 1] = True  # 3 of 4 in one group
+    layer = LinearSparseLowRank(16, 4, rank=0, nnz=int(mask.sum()), bias=False)
+    layer.load_decomposition(torch.randn(4, 16).abs().add(0.1) * mask)
+    assert not gpu.is_two_four(layer.weight_mask, 16)
+    assert not gpu.is_two_four(torch.zeros(4, 2, dtype=torch.uint8), 14)  # columns not a multiple of 4
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "shape", "tokens", "two_four", "expected"),
+    [
+        ((9, 0), torch.bfloat16, (4096, 4096), 1, True, "triton_decode"),  # decode: bytes-bound, Triton reads fewer
+        ((9, 0), torch.bfloat16, (4096, 4096), 16, True, "triton_decode"),
+        ((9, 0), torch.bfloat16, (4096, 4096), 17, True, "semi_structured"),
+        ((9, 0), torch.float16, (14336, 4096), 512, True, "semi_structured"),
+        ((9, 0), torch.bfloat16, (4096, 4096), 512, False, "workspace"),  # not 2:4
+        ((7, 5), torch.bfloat16, (4096, 4096), 512, True, "workspace"),  # no sparse tensor cores
+        ((9, 0), torch.float32, (4096, 4096), 512, True, "workspace"),  # fp32 not in the 2:4 GEMM
+        ((9, 0), torch.bfloat16, (4100, 4096), 512, True, "workspace"),  # rows not a multiple of 32
+        ((9, 0), torch.bfloat16, (4096, 4000), 512, True, "workspace"),  # columns not a multiple of 64
+    ],
+)
+def test_gpu_path_selection(monkeypatch, capability, dtype, shape, tokens, two_four, expected):
+    # The hardware query is the only thing faked: the rule itself is what runs on a GPU.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    path = gpu.choose_gpu_path(
+        tokens,
+        device=torch.device("cuda"),
+        dtype=dtype,
+        out_features=shape[0],
+        in_features=shape[1],
+        two_four=two_four,
+    )
+    assert path == expected
+    assert gpu.choose_gpu_path(512, device=torch.device("cpu"), dtype=dtype, out_features=64, in_features=64) == (
+        "workspace"
+    )
+
+
+def test_cpu_build_works_without_triton():
+    # The CPU build must not need Triton: with it missing (blocked in a fresh process), the package imports, a
+    # compressed layer runs on the CPU, and the GPU path reports itself unavailable instead of failing.
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # what `import triton` sees when it is not installed
+        import torch
+        from optimum_oats.kernels import gpu
+        from optimum_oats.nn import LinearSparseLowRank
+        layer = LinearSparseLowRank.from_linear(torch.nn.Linear(8, 4), torch.eye(4, 8), torch.ones(4, 1), torch.ones(1, 8))
+        with torch.no_grad():
+            y = layer(torch.ones(2, 8))
+        assert torch.allclose(y - layer.bias, torch.full((2, 4), 9.0)), y
+        assert not gpu.triton_available(torch.zeros(2, 3))
+        assert gpu._triton_module() is None
+        assert "optimum_oats.kernels.triton_sparse_lowrank" not in sys.modules
+        print("ok")
+        """
+    )
+    env = {**os.environ, "OATS_DISABLE_KERNELS": "1"}  # the PyTorch path: no C++ build in this child process
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
