@@ -136,7 +136,7 @@ def _topk_and_midpoints(groups: torch.Tensor, keep: int) -> tuple[torch.Tensor, 
     if not 0 < keep < groups.shape[1]:  # all or nothing kept: any threshold outside the scores separates them
         fill = float("-inf") if keep else float("inf")
         return rowwise_topk_mask(groups, keep), groups.new_full((groups.shape[0],), fill)
-    if groups.device.type != "cpu":
+    if not _on_host(groups):  # on an accelerator: stay on the device (no numpy, no copy to the host)
         values, indices = groups.topk(keep + 1, dim=1, sorted=False)
         boundary = values.topk(2, dim=1, largest=False)  # the (keep+1)-th and the keep-th largest
         mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, indices, True)
@@ -305,8 +305,16 @@ def threshold_step(
     return sparse, mask, dropped, work, work_energy
 
 
+def _on_host(tensor: torch.Tensor) -> bool:
+    """Whether the CPU-only helpers (numpy partition, the C++ thresholding kernel) may run on `tensor`.
+
+    The one place the solver branches on the device, so a test can take the accelerator path on CPU tensors.
+    """
+    return tensor.device.type == "cpu"
+
+
 def _threshold_kernel(residual: torch.Tensor):
-    if residual.device.type != "cpu" or residual.dtype != torch.float32:
+    if not _on_host(residual) or residual.dtype != torch.float32:
         return None
     from ..kernels import load_kernel  # lazy: building the extension is only worth it once a solve runs
 
