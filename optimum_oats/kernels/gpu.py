@@ -225,6 +225,40 @@ def choose_gpu_path(
     return "workspace"
 
 
+_TWO_FOUR_ATTR = "_oats_two_four"  # plain attribute in the layer's __dict__: (cache key, bool)
+_PATHS = {}  # filled below: path name of choose_gpu_path -> function
+
+
+def layer_two_four(layer) -> bool:
+    """[`is_two_four`] of a `LinearSparseLowRank`, cached on the layer until its mask changes (one sync per change)."""
+    mask = layer.weight_mask
+    key = (mask.data_ptr(), mask._version)
+    cached = layer.__dict__.get(_TWO_FOUR_ATTR)
+    if cached is None or cached[0] != key:
+        cached = layer.__dict__[_TWO_FOUR_ATTR] = (key, is_two_four(mask, layer.in_features))
+    return cached[1]
+
+
+def layer_forward(layer, x: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
+    """One call of a `LinearSparseLowRank` on the GPU, on the path [`choose_gpu_path`] picks for its token count.
+
+    For the execution dispatch in `optimum_oats/nn`: call it when [`triton_available`]`(x)`, `x.dtype` is the
+    layer's and no gradient is needed; `row_offsets` is the layer's cached offset table. Takes the layer
+    duck-typed so this package does not import `optimum_oats.nn` (which imports it).
+    """
+    tokens = x.numel() // max(1, x.shape[-1])
+    two_four = tokens > GPU_MAX_DECODE_TOKENS and layer_two_four(layer)
+    path = choose_gpu_path(
+        tokens,
+        device=x.device,
+        dtype=x.dtype,
+        out_features=layer.out_features,
+        in_features=layer.in_features,
+        two_four=two_four,
+    )
+    return _PATHS[path](x, layer.weight, layer.weight_mask, row_offsets, layer.lowrank_u, layer.lowrank_v, layer.bias)
+
+
 def semi_structured_prefill(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -259,11 +293,15 @@ def semi_structured_prefill(
     return y.view(*x.shape[:-1], out_features)
 
 
+_PATHS.update(triton_decode=triton_forward, workspace=triton_prefill, semi_structured=semi_structured_prefill)
+
 __all__ = [
     "GPU_MAX_DECODE_TOKENS",
     "choose_gpu_path",
     "clear_workspaces",
     "is_two_four",
+    "layer_forward",
+    "layer_two_four",
     "semi_structured_prefill",
     "semi_structured_supported",
     "triton_available",

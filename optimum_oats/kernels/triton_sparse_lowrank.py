@@ -16,6 +16,8 @@ the variable before importing this module (tests/nn/test_triton_kernels.py).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,10 @@ DOT_MIN = 16  # tl.dot needs every dimension >= 16: tokens are padded to this wh
 
 def interpreting() -> bool:
     """Whether kernels defined now run through Triton's CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older releases read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 INTERPRETED = interpreting()  # fixed at import, like every `triton.jit` kernel below
@@ -114,8 +119,14 @@ def decode_kernel(
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
             r_ok = ranks < R
-            u = tl.load(u_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :], mask=row_ok[:, None] & r_ok[None, :])
-            tt = tl.load(t_ptr + toks[None, :] * R + ranks[:, None], mask=tok_ok[None, :] & r_ok[:, None])
+            # other=0 on every masked load: without it masked-off lanes are undefined on a GPU (zeros only in the
+            # interpreter), and padding ranks would add garbage.
+            u = tl.load(
+                u_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :],
+                mask=row_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            tt = tl.load(t_ptr + toks[None, :] * R + ranks[:, None], mask=tok_ok[None, :] & r_ok[:, None], other=0.0)
             if BLOCK_M == 1:
                 acc += tl.reduce(u.to(tl.float32) * tl.reshape(tt.to(tl.float32), (1, BLOCK_R)), 1, add)[:, None]
             else:  # products in fp32 (small: rank x tokens per row)

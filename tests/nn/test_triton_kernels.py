@@ -147,6 +147,17 @@ def test_prefill_through_shared_workspace(rank, bias):
     gpu.clear_workspaces()
 
 
+@pytest.mark.parametrize("tokens", [3, 40])  # decode kernel, then workspace prefill (above GPU_MAX_DECODE_TOKENS)
+def test_layer_forward_for_the_dispatch(tokens):
+    layer = _layer(40, 96, 5, bias=True, dtype=torch.float32, seed=7)
+    x = torch.randn(1, tokens, 96)
+    with torch.no_grad():
+        out = gpu.layer_forward(layer, x, _offsets(layer))
+    _assert_close(out, _reference(layer, x.view(tokens, 96)).view(1, tokens, 40), torch.float32)
+    assert not gpu.layer_two_four(layer)
+    gpu.clear_workspaces()
+
+
 def test_semi_structured_falls_back_when_unsupported():
     # On the CPU `to_sparse_semi_structured` raises: the call must still be right, warned once, then remembered.
     gpu._semi_structured_failed.clear()
@@ -226,7 +237,8 @@ def test_cpu_build_works_without_triton():
         import torch
         from optimum_oats.kernels import gpu
         from optimum_oats.nn import LinearSparseLowRank
-        layer = LinearSparseLowRank.from_linear(torch.nn.Linear(8, 4), torch.eye(4, 8), torch.ones(4, 1), torch.ones(1, 8))
+        ones = torch.ones
+        layer = LinearSparseLowRank.from_linear(torch.nn.Linear(8, 4), torch.eye(4, 8), ones(4, 1), ones(1, 8))
         with torch.no_grad():
             y = layer(torch.ones(2, 8))
         assert torch.allclose(y - layer.bias, torch.full((2, 4), 9.0)), y
