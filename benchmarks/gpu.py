@@ -445,14 +445,14 @@ def section_model(args, device, dtype, results) -> None:
 
 
 def section_compress(args, device, dtype, results) -> None:
-    from optimum_oats.compress import compress_with_inputs
+    from optimum_oats.engine.loop import compress_with_inputs
 
     rows = []
     generator = torch.Generator(device=device).manual_seed(0)
     input_ids = torch.randint(
         0, args.dims["vocab_size"], (args.calib_samples, args.calib_seqlen), generator=generator, device=device
     )
-    for method in ("oats", "sparsegpt", "wanda"):
+    for method in ("oats", "hassle", "sparsegpt", "wanda"):
         if time.perf_counter() - args.start > args.budget_s:
             rows.append({"method": method, "skipped": "time budget"})
             continue

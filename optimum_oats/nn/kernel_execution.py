@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from ..kernels import load_kernel, ops  # noqa: F401  (ops registers optimum_oats::sparse_lowrank_forward)
+from ..kernels import gpu, load_kernel, ops  # noqa: F401  (ops registers optimum_oats::sparse_lowrank_forward)
 from .execution import Layer, _low_rank, decompress_forward, register_execution_mode
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -80,9 +80,28 @@ def _run_kernel(kernel: ModuleType, layer: Layer, x: torch.Tensor) -> torch.Tens
     return run(x, layer.weight, layer.weight_mask, row_offsets(layer), layer.lowrank_u, layer.lowrank_v, layer.bias)
 
 
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def gpu_kernels_apply(layer: Layer, x: torch.Tensor) -> bool:
+    """Whether this call runs the Triton kernels (`kernels/gpu.py`): a CUDA input in the layer's dtype, no gradient
+    needed, Triton importable. They pick decode, workspace or 2:4 prefill per call from the token count."""
+    return _on_gpu(x) and x.dtype == layer.weight.dtype and not _needs_grad(layer, x) and gpu.triton_available(x)
+
+
+def _gpu_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    if gpu_kernels_apply(layer, x):
+        return gpu.layer_forward(layer, x, row_offsets(layer))
+    return decompress_forward(layer, x)
+
+
 @register_execution_mode("sparse_kernel")
 def sparse_kernel_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    """Compiled CPU kernel on the compact storage (no dense matrix formed); falls back to "decompress"."""
+    """Compiled kernel on the compact storage (no dense matrix formed): C++ on CPU, Triton on CUDA; falls back to
+    "decompress"."""
+    if _on_gpu(x):
+        return _gpu_forward(layer, x)
     kernel = _usable_kernel(layer, x)
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)
 
@@ -101,8 +120,9 @@ def workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) 
 
 
 def release_workspaces() -> None:
-    """Free this thread's prefill workspaces (they are rebuilt on the next long prompt)."""
+    """Free this thread's prefill workspaces and the GPU ones (they are rebuilt on the next long prompt)."""
     _WORKSPACES.__dict__.pop("buffers", None)
+    gpu.clear_workspaces()
 
 
 @register_execution_mode("workspace")
@@ -129,10 +149,14 @@ def choose_mode(layer: Layer, x: torch.Tensor) -> str:
       S decompressed into a buffer shared by the layers of one shape and one dense GEMM, so a long prompt never
       leaves a dense copy behind ("merged" caches one per layer, and stays an explicit opt-in);
     - fewer tokens (decode, short prompts): "sparse_kernel", bound by bytes read, or "decompress" (always correct)
-      where the kernel cannot run (not CPU, another dtype, extension unavailable or disabled).
+      where the kernel cannot run (another dtype, extension unavailable or disabled);
+    - a CUDA call: "sparse_kernel", i.e. the Triton kernels, which choose decode / workspace / 2:4 prefill per call
+      (`kernels/gpu.py`), or "decompress" without Triton.
     """
     if _needs_grad(layer, x):
         return "decompress"
+    if _on_gpu(x):
+        return "sparse_kernel" if gpu_kernels_apply(layer, x) else "decompress"
     if _prefill(layer, x):
         return "workspace"
     return "decompress" if _fast_kernel(layer, x) is None else "sparse_kernel"
@@ -155,5 +179,7 @@ def auto_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
         return decompress_forward(layer, x)
     if _prefill(layer, x):
         return workspace_forward(layer, x)
+    if _on_gpu(x):
+        return _gpu_forward(layer, x)
     kernel = _fast_kernel(layer, x)
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)

@@ -11,8 +11,7 @@ import torch
 
 from optimum_oats.algorithms import layer_budget, oats_decompose
 from optimum_oats.algorithms import oats as oats_module
-
-from structured import structured_matrix
+from tests.helpers.structured import structured_matrix
 
 
 def _forbid_host(monkeypatch):

@@ -35,6 +35,6 @@ def test_gpu_benchmark_tiny_cpu(tmp_path):
     assert model["compressed"]["linear_bytes"] < 0.6 * model["dense"]["linear_bytes"]
     assert model["dense"]["new_tokens"] == model["compressed"]["new_tokens"] == 8
     methods = {row["method"]: row for row in data["compress"]["rows"]}
-    assert set(methods) == {"oats", "sparsegpt", "wanda"}
+    assert set(methods) == {"oats", "hassle", "sparsegpt", "wanda"}
     assert all(row["seconds"] > 0 and row["layers"] == 7 for row in methods.values())
     assert "### Per-layer time" in result.stdout and "### Compression wall time" in result.stdout
