@@ -13,6 +13,7 @@ iteration count and start; the perplexity protocol is `benchmarks/quality.py`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -37,7 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank-ratio", type=float, default=0.1, help="κ (OATSConfig's default)")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 15, 28], help="decoder blocks to sample")
     parser.add_argument("--projections", nargs="+", default=list(PROJECTIONS), choices=PROJECTIONS)
-    parser.add_argument("--iterations", type=int, nargs="+", default=[1, 2, 3, 5], help="hassle alternations")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[1, 2, 3], help="hassle alternations")
+    parser.add_argument("--refit-steps", type=int, nargs="+", default=[0, 10], help="CG steps per S-step")
     parser.add_argument("--oats-iterations", type=int, default=80)
     parser.add_argument("--num-sequences", type=int, default=8, help="C4 windows for the Hessians")
     parser.add_argument("--seqlen", type=int, default=512)
@@ -110,6 +112,11 @@ def main() -> None:
             t = time.perf_counter()
             pruned = sparsegpt_prune(weight, H, sparsity=rate)
             record("sparsegpt (all budget to S)", pruned, time.perf_counter() - t)
+            for steps in args.refit_steps:
+                if steps:
+                    t = time.perf_counter()
+                    out = hessian_sparse_low_rank(weight, H, rank=0, sparsity=rate, iterations=1, refit_steps=steps)
+                    record(f"sparsegpt + {steps} CG refit steps (hassle, rank 0)", out.sparse, time.perf_counter() - t)
             t = time.perf_counter()
             norms = (H.diagonal().clamp_min(0) / 2).sqrt()
             oats = oats_decompose(
@@ -122,15 +129,21 @@ def main() -> None:
             )
             oats_s = time.perf_counter() - t
             record("oats (fast)", oats.sparse + oats.lowrank_u @ oats.lowrank_v, oats_s)
-            for iterations in args.iterations:
-                for start_label, warm in (("oats start", (oats.lowrank_u, oats.lowrank_v)), ("L=0 start", None)):
-                    t = time.perf_counter()
-                    out = hessian_sparse_low_rank(
-                        weight, H, rank=budget.rank, sparsity=sparsity, iterations=iterations, warm_start=warm
-                    )
-                    seconds = time.perf_counter() - t + (oats_s if warm is not None else 0.0)
-                    approx = out.sparse + (out.lowrank_u @ out.lowrank_v if out.lowrank_u is not None else 0)
-                    record(f"hassle, {start_label}, {iterations} it.", approx, seconds)
+            starts = (("oats start", (oats.lowrank_u, oats.lowrank_v)), ("L=0 start", None))
+            for iterations, steps, (start_label, warm) in itertools.product(args.iterations, args.refit_steps, starts):
+                t = time.perf_counter()
+                out = hessian_sparse_low_rank(
+                    weight,
+                    H,
+                    rank=budget.rank,
+                    sparsity=sparsity,
+                    iterations=iterations,
+                    warm_start=warm,
+                    refit_steps=steps,
+                )
+                seconds = time.perf_counter() - t + (oats_s if warm is not None else 0.0)
+                approx = out.sparse + (out.lowrank_u @ out.lowrank_v if out.lowrank_u is not None else 0)
+                record(f"hassle, {start_label}, {iterations} it., {steps} CG steps", approx, seconds)
         print(f"\n### ρ = {rate}, κ = {args.rank_ratio}, blocks {args.layers}, {len(names)} matrices\n")
         print("| method | rel. output error Σ tr(ΔHΔᵀ) / Σ tr(WHWᵀ) | vs SparseGPT | seconds |")
         print("|---|---:|---:|---:|")
