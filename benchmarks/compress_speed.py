@@ -26,6 +26,8 @@ CONFIGS = {
     "wanda": {"method": "wanda"},
     "oats-fast": {"method": "oats", "svd": "fast"},
     "oats-exact": {"method": "oats", "svd": "exact"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "hassle": {"method": "hassle"},
 }
 
 
@@ -119,6 +121,12 @@ def main() -> None:
         print(
             f"| {name} | {wall:.1f} | {solver:.1f} | {wall_ratio} | {solver_ratio} | {whole:.0f} | {peak:.0f} | "
             f"{error:.4f} |"
+        )
+    if "sparsegpt" in runs and "hassle" in runs:
+        peak = {name: max(r["peak_rss_mb"] for r in runs[name]) for name in ("sparsegpt", "hassle")}
+        print(
+            f"\nhassle / sparsegpt wall time {median['hassle'] / median['sparsegpt']:.2f}x; peak RSS "
+            f"{peak['hassle'] - peak['sparsegpt']:+.0f} MB"
         )
 
 
