@@ -23,9 +23,9 @@ Sections, each timed against the `--budget-s` wall-clock limit and written to th
   calibration token ids).
 
 Timing: CUDA events around `--inner` calls, median of `--reps` repetitions, variants interleaved; on the CPU
-`time.perf_counter`. The compressed layers run through `optimum_oats.kernels.gpu.layer_forward` (registered here
-as the execution mode "gpu_bench" until the library's "auto" dispatch calls it), which falls back to the
-PyTorch "decompress" path where Triton cannot run (the CPU smoke test).
+`time.perf_counter`. The compressed layers run in the library's default execution mode "auto", which on CUDA calls
+`optimum_oats.kernels.gpu.layer_forward` (Triton decode, workspace or 2:4 prefill) and elsewhere the CPU paths
+(the CPU smoke test); the `check` section records the mode each call took and fails if CUDA did not use Triton.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from optimum_oats.algorithms.budget import layer_budget
 from optimum_oats.algorithms.masks import sparsity_mask
 from optimum_oats.config import OATSConfig
 from optimum_oats.kernels import gpu
-from optimum_oats.nn import LinearSparseLowRank, pack_bitmask, register_execution_mode
-from optimum_oats.nn.execution import EXECUTION_MODES
+from optimum_oats.nn import LinearSparseLowRank, pack_bitmask
+from optimum_oats.nn.kernel_execution import choose_mode
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -70,32 +70,7 @@ TINY = dict(
     num_hidden_layers=2,
     vocab_size=512,
 )
-BENCH_MODE = "gpu_bench"
-_OFFSETS = "_bench_row_offsets"
-
-
-# ---------------------------------------------------------------- the GPU execution mode (until "auto" has it)
-
-
-def row_offsets(layer: LinearSparseLowRank) -> torch.Tensor:
-    """Start of each row's values (int64, out + 1), cached on the layer: the library's, where it exists."""
-    try:
-        from optimum_oats.nn.kernel_execution import row_offsets as library_offsets
-
-        return library_offsets(layer)
-    except ImportError:  # moved by a later restructuring: same definition
-        cached = layer.__dict__.get(_OFFSETS)
-        if cached is None:
-            counts = layer.dense_mask().sum(dim=1)
-            cached = layer.__dict__[_OFFSETS] = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return cached
-
-
-@register_execution_mode(BENCH_MODE)
-def bench_forward(layer: LinearSparseLowRank, x: torch.Tensor) -> torch.Tensor:
-    if gpu.triton_available(x) and x.dtype == layer.weight.dtype and not torch.is_grad_enabled():
-        return gpu.layer_forward(layer, x, row_offsets(layer))
-    return EXECUTION_MODES["decompress"](layer, x)
+BENCH_MODE = "auto"  # the library default: the Triton path on CUDA (see optimum_oats/nn/kernel_execution.py)
 
 
 # ---------------------------------------------------------------- building layers and models
@@ -255,8 +230,9 @@ def section_check(args, device, dtype, results) -> None:
         for tokens in (1, 16, args.prefill[0]):
             x = torch.randn(tokens, d_in, device=device, dtype=dtype)
             with torch.no_grad():
-                out = layer(x)
-            rows.append({"shape": name, "tokens": tokens, "rel_error": _relative_error(out, x.float() @ reference.T)})
+                out, mode = layer(x), choose_mode(layer, x)
+            error = _relative_error(out, x.float() @ reference.T)
+            rows.append({"shape": name, "tokens": tokens, "mode": mode, "rel_error": error})
     nm_layer = random_compressed(*args.shapes["q/o"], args.rho, args.kappa, dtype, device, seed=2, nm=(2, 4))
     x = torch.randn(args.prefill[0], nm_layer.in_features, device=device, dtype=dtype)
     with torch.no_grad():
@@ -280,15 +256,22 @@ def section_check(args, device, dtype, results) -> None:
     tolerance = 2e-2 if dtype != torch.float32 else 1e-4
     for row in rows:
         row["ok"] = row["rel_error"] < tolerance
+    triton = gpu.triton_available(x)
+    # On CUDA the "auto" dispatch must have taken the Triton path ("sparse_kernel"), else nothing was checked.
+    modes = {row["mode"] for row in rows if "mode" in row}
+    dispatched = device.type != "cuda" or (triton and modes == {"sparse_kernel"})
     results["check"] = {
-        "triton_available": gpu.triton_available(x),
+        "triton_available": triton,
+        "dispatched_to_triton": dispatched,
         "rows": rows,
-        "all_ok": all(r["ok"] for r in rows),
+        "all_ok": dispatched and all(r["ok"] for r in rows),
     }
     print(f"\n### Correctness of the GPU path (relative error vs x (S + U V)^T, tolerance {tolerance})\n")
-    print("| shape | tokens | relative error | ok |\n|---|---|---|---|")
+    print(f'Triton available: {triton}; CUDA calls dispatched to it by "auto": {dispatched}\n')
+    print("| shape | tokens | mode | relative error | ok |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['shape']} | {row['tokens']} | {row['rel_error']:.2e} | {row['ok']} |")
+        mode = row.get("mode", row.get("path"))
+        print(f"| {row['shape']} | {row['tokens']} | {mode} | {row['rel_error']:.2e} | {row['ok']} |")
 
 
 def section_layers(args, device, dtype, results) -> None:

@@ -5,25 +5,33 @@ derived on first use, 8 bytes per output row), so a decode step reads about half
 It is inference-only: whenever autograd would need gradients, or the kernel cannot run (not CPU, a dtype other
 than float32/bfloat16, extension unavailable), it falls back to the differentiable `"decompress"` path.
 
+On CUDA, both `"sparse_kernel"` and `"auto"` run the Triton path of `optimum_oats.kernels.gpu` (decode kernel for few
+tokens, shared workspace or 2:4 semi-structured GEMM for prefill, chosen per call there) when [`gpu_eligible`]: no
+gradient needed, `x` in the layer's dtype (bf16/fp16/fp32) and Triton importable. That module is imported on the first
+CUDA call only, and imports Triton only then, so the CPU build never needs either.
+
 `"auto"` (the default) picks per call from the number of tokens, see [`choose_mode`]; the rule and the measured
 crossover are documented in docs/inference.md.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gpu, load_kernel, ops  # noqa: F401  (ops registers optimum_oats::sparse_lowrank_forward)
+from ..kernels import load_kernel, ops  # noqa: F401  (ops registers optimum_oats::sparse_lowrank_forward)
 from .execution import Layer, _low_rank, decompress_forward, register_execution_mode
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # Largest number of tokens (rows of x) for which "auto" uses the kernel, per dtype; above it the "workspace" mode (one
 # dense GEMM on decompressed S) is as fast or faster on the measured CPU (benchmarks/speed.py --section layers).
 AUTO_MAX_KERNEL_TOKENS = {torch.float32: 16, torch.bfloat16: 8}
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the Triton kernels take
+_GPU_MODULE = "optimum_oats.kernels.gpu"
 
 
 def row_offsets(layer: Layer) -> torch.Tensor:
@@ -62,6 +70,32 @@ def _vector_isa(kernel: ModuleType) -> bool:
     return _VECTOR_ISA[key]
 
 
+def gpu_eligible(
+    device_type: str, x_dtype: torch.dtype, weight_dtype: torch.dtype, needs_grad: bool, triton_ready: bool
+) -> bool:
+    """Whether a call goes to the Triton GPU path: a CUDA input, no gradient needed, the input in the layer's dtype
+    (bf16, fp16 or fp32), and Triton usable (`optimum_oats.kernels.gpu.triton_available`). A pure function of those."""
+    return (
+        device_type == "cuda" and not needs_grad and x_dtype == weight_dtype and x_dtype in GPU_DTYPES and triton_ready
+    )
+
+
+def _gpu_path(layer: Layer, x: torch.Tensor) -> ModuleType | None:
+    """`optimum_oats.kernels.gpu` when [`gpu_eligible`] for this call, else None. Never imports it for a CPU input."""
+    if not x.is_cuda:
+        return None
+    from ..kernels import gpu  # lazy: only CUDA calls load the GPU module (it imports Triton only when usable)
+
+    needs_grad = _needs_grad(layer, x)
+    # Triton is looked up (imported once) only for a call that could use it.
+    ready = not needs_grad and x.dtype == layer.weight.dtype and gpu.triton_available(x)
+    return gpu if gpu_eligible(x.device.type, x.dtype, layer.weight.dtype, needs_grad, ready) else None
+
+
+def _run_gpu(gpu: ModuleType, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    return gpu.layer_forward(layer, x, row_offsets(layer))
+
+
 def kernel_supports(layer: Layer, x: torch.Tensor) -> bool:
     """Whether the compiled kernel can compute this call (else the PyTorch path is used)."""
     return _usable_kernel(layer, x) is not None
@@ -80,28 +114,13 @@ def _run_kernel(kernel: ModuleType, layer: Layer, x: torch.Tensor) -> torch.Tens
     return run(x, layer.weight, layer.weight_mask, row_offsets(layer), layer.lowrank_u, layer.lowrank_v, layer.bias)
 
 
-def _on_gpu(x: torch.Tensor) -> bool:
-    return x.is_cuda
-
-
-def gpu_kernels_apply(layer: Layer, x: torch.Tensor) -> bool:
-    """Whether this call runs the Triton kernels (`kernels/gpu.py`): a CUDA input in the layer's dtype, no gradient
-    needed, Triton importable. They pick decode, workspace or 2:4 prefill per call from the token count."""
-    return _on_gpu(x) and x.dtype == layer.weight.dtype and not _needs_grad(layer, x) and gpu.triton_available(x)
-
-
-def _gpu_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    if gpu_kernels_apply(layer, x):
-        return gpu.layer_forward(layer, x, row_offsets(layer))
-    return decompress_forward(layer, x)
-
-
 @register_execution_mode("sparse_kernel")
 def sparse_kernel_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    """Compiled kernel on the compact storage (no dense matrix formed): C++ on CPU, Triton on CUDA; falls back to
+    """Compiled kernel on the compact storage (C++ on the CPU, Triton on CUDA; no dense matrix kept); falls back to
     "decompress"."""
-    if _on_gpu(x):
-        return _gpu_forward(layer, x)
+    gpu = _gpu_path(layer, x)
+    if gpu is not None:
+        return _run_gpu(gpu, layer, x)
     kernel = _usable_kernel(layer, x)
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)
 
@@ -120,9 +139,11 @@ def workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) 
 
 
 def release_workspaces() -> None:
-    """Free this thread's prefill workspaces and the GPU ones (they are rebuilt on the next long prompt)."""
+    """Free this thread's prefill workspaces, and the GPU path's if it was loaded (rebuilt on the next long prompt)."""
     _WORKSPACES.__dict__.pop("buffers", None)
-    gpu.clear_workspaces()
+    gpu = sys.modules.get(_GPU_MODULE)
+    if gpu is not None:
+        gpu.clear_workspaces()
 
 
 @register_execution_mode("workspace")
@@ -145,18 +166,17 @@ def choose_mode(layer: Layer, x: torch.Tensor) -> str:
     """The mode "auto" runs for this call.
 
     - autograd needs gradients: "decompress" (differentiable);
+    - a CUDA call [`gpu_eligible`] for the Triton path: "sparse_kernel" (which picks decode or prefill on the GPU);
     - a CPU call in float32/bfloat16 with more than `AUTO_MAX_KERNEL_TOKENS[dtype]` tokens (prefill): "workspace",
       S decompressed into a buffer shared by the layers of one shape and one dense GEMM, so a long prompt never
       leaves a dense copy behind ("merged" caches one per layer, and stays an explicit opt-in);
     - fewer tokens (decode, short prompts): "sparse_kernel", bound by bytes read, or "decompress" (always correct)
-      where the kernel cannot run (another dtype, extension unavailable or disabled);
-    - a CUDA call: "sparse_kernel", i.e. the Triton kernels, which choose decode / workspace / 2:4 prefill per call
-      (`kernels/gpu.py`), or "decompress" without Triton.
+      where the kernel cannot run (not CPU, another dtype, extension unavailable or disabled).
     """
     if _needs_grad(layer, x):
         return "decompress"
-    if _on_gpu(x):
-        return "sparse_kernel" if gpu_kernels_apply(layer, x) else "decompress"
+    if _gpu_path(layer, x) is not None:
+        return "sparse_kernel"
     if _prefill(layer, x):
         return "workspace"
     return "decompress" if _fast_kernel(layer, x) is None else "sparse_kernel"
@@ -177,9 +197,10 @@ def auto_forward(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """
     if _needs_grad(layer, x):
         return decompress_forward(layer, x)
+    gpu = _gpu_path(layer, x)
+    if gpu is not None:
+        return _run_gpu(gpu, layer, x)
     if _prefill(layer, x):
         return workspace_forward(layer, x)
-    if _on_gpu(x):
-        return _gpu_forward(layer, x)
     kernel = _fast_kernel(layer, x)
     return decompress_forward(layer, x) if kernel is None else _run_kernel(kernel, layer, x)

@@ -58,36 +58,3 @@ def test_workspace_keeps_autograd():
     x = torch.randn(20, 12, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
-
-
-def test_cuda_calls_route_to_the_triton_kernels(monkeypatch):
-    """The wiring of `auto`/`sparse_kernel` on CUDA, on a CPU machine: with the device check and Triton's
-    availability patched, inference calls in the layer's dtype go to `gpu.layer_forward` (which the interpreter
-    tests check numerically), and calls needing gradients or in another dtype stay on the PyTorch path."""
-    from optimum_oats.nn.execution import EXECUTION_MODES
-
-    layer = _layer(24, 40, 3)
-    calls = []
-    monkeypatch.setattr(kernel_execution, "_on_gpu", lambda x: True)
-    monkeypatch.setattr(kernel_execution.gpu, "triton_available", lambda x: True)
-    monkeypatch.setattr(
-        kernel_execution.gpu,
-        "layer_forward",
-        lambda layer, x, offsets: calls.append(x.shape) or x @ layer.to_dense().T,
-    )
-    x = torch.randn(3, 40)
-    for mode in ("auto", "sparse_kernel"):
-        with torch.no_grad():
-            EXECUTION_MODES[mode](layer, x)
-    assert calls == [x.shape, x.shape]
-    assert kernel_execution.choose_mode(layer, x) == "decompress"  # grad enabled and the layer's parameters need it
-    with torch.no_grad():
-        assert kernel_execution.choose_mode(layer, x) == "sparse_kernel"
-        assert not kernel_execution.gpu_kernels_apply(layer, x.double())  # another dtype: the PyTorch path
-    out = EXECUTION_MODES["auto"](layer, x)  # gradients needed: differentiable path
-    assert out.requires_grad and len(calls) == 2
-    monkeypatch.setattr(kernel_execution.gpu, "triton_available", lambda x: False)
-    with torch.no_grad():
-        assert kernel_execution.choose_mode(layer, x) == "decompress"
-        EXECUTION_MODES["sparse_kernel"](layer, x)
-    assert len(calls) == 2
