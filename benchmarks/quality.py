@@ -341,27 +341,35 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
 
 
 def plot_sweep(results: dict[Entry, dict | None], dense_ppl: float, args: argparse.Namespace, path: Path) -> Path:
-    """Perplexity against compression rate, one line per (method, layerwise); N:M entries as markers."""
+    """Perplexity against compression rate, one line per (method, layerwise); N:M entries as markers.
+
+    With several calibration seeds a point is the geometric mean over the seeds run, its bar their range."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    lines: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    lines: dict[tuple[str, str, str], dict[float, list[float]]] = {}
     for entry, result in results.items():
         if result is None:
             continue
         ppl, color = result["perplexity"], f"C{METHODS.index(entry.method)}"
+        name = label(entry._replace(seed=0), args).replace(" seed 0", "")
         if entry.pattern == "unstructured":
-            lines.setdefault((label(entry, args), entry.layerwise, color), []).append((entry.rate, ppl))
+            lines.setdefault((name, entry.layerwise, color), {}).setdefault(entry.rate, []).append(ppl)
         else:
             real_rate = 1 - result["kept_fraction"]  # N:M + low rank keeps more than N/M: plot where it really is
-            ax.scatter([real_rate], [ppl], marker="x", color=color, label=f"{label(entry, args)} {entry.pattern}")
-    for (name, layerwise, color), points in sorted(lines.items()):
-        xs, ys = zip(*sorted(points), strict=True)
+            ax.scatter([real_rate], [ppl], marker="x", color=color, label=f"{name} {entry.pattern} seed {entry.seed}")
+    for (name, layerwise, color), by_rate in sorted(lines.items()):
+        xs = sorted(by_rate)
+        ys = [math.exp(fmean(math.log(v) for v in by_rate[x])) for x in xs]
+        low = [y - min(by_rate[x]) for x, y in zip(xs, ys, strict=True)]
+        high = [max(by_rate[x]) - y for x, y in zip(xs, ys, strict=True)]
+        seeds = max(len(v) for v in by_rate.values())
         style = "-" if layerwise == "uniform" else "--"
-        ax.plot(xs, ys, marker="o", color=color, linestyle=style, label=f"{name} ({layerwise})")
+        tag = f"{name} ({layerwise})" + (f", geo-mean of <= {seeds} seeds" if seeds > 1 else "")
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", color=color, linestyle=style, capsize=3, label=tag)
     ax.axhline(dense_ppl, color="black", linewidth=0.8, label=f"dense ({dense_ppl:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("compression rate rho (fraction of each layer's parameters removed)")

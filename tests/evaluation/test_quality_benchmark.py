@@ -1,0 +1,52 @@
+"""benchmarks/quality.py --table-only: the paired-by-seed ratio and its interval, and the seed-aggregated plot.
+
+The stored results are written by the test (made-up perplexities); what is checked is the arithmetic the
+docs quote (geometric mean and 95% t interval of per-seed ratios) and that the plot renders several seeds.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from scipy.stats import t as student_t
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SWEEP = ["--num-samples", "16", "--seqlen", "1024", "--eval-seqlen", "1024", "--windows", "16", "--svd", "fast"]
+
+
+def store(folder: Path, key: str, perplexity: float) -> None:
+    record = {"perplexity": perplexity, "seconds": 1.0, "kept_fraction": 0.3, "mean_relative_error": 0.3}
+    (folder / f"{key}.json").write_text(json.dumps(record))
+
+
+def test_table_only_pairs_by_seed_and_plots_the_seed_mean(tmp_path):
+    (tmp_path / "dense.json").write_text(json.dumps({"perplexity": 20.0, "seconds": 0.0}))
+    sparsegpt, hassle = [300.0, 330.0, 280.0], [240.0, 250.0, 250.0]
+    for seed, (base, new) in enumerate(zip(sparsegpt, hassle, strict=True)):
+        suffix = f"-s{seed}" if seed else ""
+        store(tmp_path, f"sparsegpt-uniform-0.7{suffix}", base)
+        store(tmp_path, f"hassle-uniform-0.7-fast-k0.1-h2{suffix}", new)
+    plot = tmp_path / "plot.png"
+    args = [*SWEEP, "--output", str(tmp_path), "--methods", "sparsegpt", "hassle", "--rates", "0.7"]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), *args, "--seed", "0", "1", "2"]
+        + ["--table-only", "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| hassle | 0.7 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    logs = [math.log(n / b) for n, b in zip(hassle, sparsegpt, strict=True)]
+    mean = sum(logs) / 3
+    half = student_t.ppf(0.975, 2) * math.sqrt(sum((x - mean) ** 2 for x in logs) / 2) / math.sqrt(3)
+    assert cells[4] == "3"
+    assert cells[5] == " ".join(f"{n / b:.3f}" for n, b in zip(hassle, sparsegpt, strict=True))
+    assert cells[6] == f"{math.exp(mean):.3f}"
+    assert cells[7] == f"[{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]"
+    assert plot.stat().st_size > 10_000 and not list(tmp_path.glob("*.tmp.png"))
