@@ -54,6 +54,26 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
   return static_cast<uint16_t>(bits >> 16);
 }
 
+// Software prefetch of the next row tile's kept values, spread over the column steps of the current tile (a few
+// lines per step) rather than issued in one burst: decode addresses depend on popcounts, so the hardware prefetcher
+// alone leaves a tile latency-bound when it comes from DRAM, and a burst at the tile's start only queues behind
+// itself. Measured on a 2-core Zen 3 (AVX2), 1536x576 fp32 at 45% density, DRAM-cold: 404 us without, 331 us with
+// one burst, 187 us spread (dense GEMV: 356 us).
+struct Prefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int per_step = 0;
+  __attribute__((always_inline)) inline void step() {
+    if (next < end) {
+      for (int i = 0; i < per_step; ++i) __builtin_prefetch(next + 64 * i);
+      next += 64 * per_step;
+    }
+  }
+  void drain() {  // everything left at once (paths that do not step)
+    for (; next < end; next += 64) __builtin_prefetch(next);
+  }
+};
+
 // Decode one row of S to a dense row in `dst` (zeros where pruned), one kept value at a time.
 template <typename scalar_t>
 inline void expand_row_scalar(const scalar_t* w, const uint8_t* mask, int64_t in_features, scalar_t* dst) {
@@ -119,14 +139,17 @@ __attribute__((always_inline)) inline void step_f32(const float** wp, const uint
 // out[r][t] = row_r . x_t over all columns (row_r of S, expanded from values + bitmask, or a dense row), fp32.
 template <int R, int T, bool MASKED>
 inline void tile_f32(const float* const* w, const uint8_t* const* mask, int64_t in_features, const float* x,
-                     int64_t ldx, bool safe, float out[kRows][kTokens]) {
+                     int64_t ldx, bool safe, Prefetch& pf, float out[kRows][kTokens]) {
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   const float* wp[R];
   for (int r = 0; r < R; ++r) wp[r] = w[r];
   int64_t c = 0;
-  for (; c + 16 <= in_features; c += 16) step_f32<R, T, MASKED, true>(wp, mask, c, in_features, x, ldx, safe, acc);
+  for (; c + 16 <= in_features; c += 16) {
+    if (MASKED) pf.step();
+    step_f32<R, T, MASKED, true>(wp, mask, c, in_features, x, ldx, safe, acc);
+  }
   if (c < in_features) step_f32<R, T, MASKED, false>(wp, mask, c, in_features, x, ldx, safe, acc);
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) out[r][t] = hsum(acc[r][t]);
@@ -160,14 +183,17 @@ __attribute__((always_inline)) inline void step_bf16(const uint16_t** wp, const 
 
 template <int R, int T, bool MASKED>
 inline void tile_bf16(const uint16_t* const* w, const uint8_t* const* mask, int64_t in_features, const uint16_t* x,
-                      int64_t ldx, bool safe, float out[kRows][kTokens]) {
+                      int64_t ldx, bool safe, Prefetch& pf, float out[kRows][kTokens]) {
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   const uint16_t* wp[R];
   for (int r = 0; r < R; ++r) wp[r] = w[r];
   int64_t c = 0;
-  for (; c + 32 <= in_features; c += 32) step_bf16<R, T, MASKED, true>(wp, mask, c, in_features, x, ldx, safe, acc);
+  for (; c + 32 <= in_features; c += 32) {
+    if (MASKED) pf.step();
+    step_bf16<R, T, MASKED, true>(wp, mask, c, in_features, x, ldx, safe, acc);
+  }
   if (c < in_features) step_bf16<R, T, MASKED, false>(wp, mask, c, in_features, x, ldx, safe, acc);
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) out[r][t] = hsum(acc[r][t]);
@@ -294,7 +320,7 @@ __attribute__((always_inline)) inline __m256 expand8(const scalar_t* p, unsigned
 // out[r][t] = row_r . x_t over all columns (row_r of S, expanded from values + bitmask, or a dense row), fp32.
 template <int R, int T, bool MASKED, typename scalar_t>
 inline void tile_avx2(const scalar_t* const* w, const uint8_t* const* mask, int64_t in_features, const scalar_t* x,
-                      int64_t ldx, bool safe, float out[kRows][kTokens]) {
+                      int64_t ldx, bool safe, Prefetch& pf, float out[kRows][kTokens]) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -302,6 +328,7 @@ inline void tile_avx2(const scalar_t* const* w, const uint8_t* const* mask, int6
   for (int r = 0; r < R; ++r) wp[r] = w[r];
   int64_t c = 0;
   for (; c + 8 <= in_features; c += 8) {
+    if (MASKED) pf.step();
     __m256 xv[T];
     for (int t = 0; t < T; ++t) xv[t] = load8(x + t * ldx + c, true, 8);
     for (int r = 0; r < R; ++r) {
@@ -410,14 +437,14 @@ void tile_portable(const scalar_t* const* w, const uint8_t* const* mask, int row
 
 template <typename scalar_t, bool MASKED>
 void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_t in_features, const scalar_t* x,
-          int64_t ldx, int tokens, bool safe, float out[kRows][kTokens], std::vector<float>& scratch) {
+          int64_t ldx, int tokens, bool safe, Prefetch& pf, float out[kRows][kTokens], std::vector<float>& scratch) {
 #if OATS_AVX512
 #define OATS_DISPATCH(R, T)                                                                            \
   if (rows == R && tokens == T) {                                                                      \
     if constexpr (std::is_same_v<scalar_t, float>) {                                                   \
-      tile_f32<R, T, MASKED>(w, mask, in_features, x, ldx, safe, out);                                      \
+      tile_f32<R, T, MASKED>(w, mask, in_features, x, ldx, safe, pf, out);                                      \
     } else {                                                                                           \
-      tile_bf16<R, T, MASKED>(w, mask, in_features, x, ldx, safe, out);                                     \
+      tile_bf16<R, T, MASKED>(w, mask, in_features, x, ldx, safe, pf, out);                                     \
     }                                                                                                  \
     return;                                                                                            \
   }
@@ -432,12 +459,12 @@ void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_
 #undef OATS_DISPATCH
   (void)scratch;
   for (int r = 0; r < rows; ++r) {
-    tile<scalar_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, safe, out + r, scratch);
+    tile<scalar_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, safe, pf, out + r, scratch);
   }
 #elif OATS_AVX2
 #define OATS_DISPATCH(R, T)                                                            \
   if (rows == R && tokens == T) {                                                      \
-    tile_avx2<R, T, MASKED, scalar_t>(w, mask, in_features, x, ldx, safe, out);        \
+    tile_avx2<R, T, MASKED, scalar_t>(w, mask, in_features, x, ldx, safe, pf, out);        \
     return;                                                                            \
   }
   OATS_DISPATCH(4, 1)
@@ -451,9 +478,10 @@ void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_
 #undef OATS_DISPATCH
   (void)scratch;
   for (int r = 0; r < rows; ++r) {
-    tile<scalar_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, safe, out + r, scratch);
+    tile<scalar_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, safe, pf, out + r, scratch);
   }
 #else
+  pf.drain();
   tile_portable<scalar_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
 #endif
 }
@@ -497,6 +525,7 @@ void rows_times_tokens(const scalar_t* weight, const uint8_t* mask, const int64_
   float out[kRows][kTokens];
   const int64_t nnz = MASKED ? offsets[ld_out] : 0;
   constexpr int64_t kLane = 64 / sizeof(scalar_t);  // values in one 64-byte load
+  constexpr int64_t kStepColumns = OATS_AVX512 ? kLane : 8;  // columns per step of the vector tile
   for (int64_t row = row_begin; row < row_end; row += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - row));
     const scalar_t* w[kRows];
@@ -506,14 +535,15 @@ void rows_times_tokens(const scalar_t* weight, const uint8_t* mask, const int64_
       m[r] = MASKED ? mask + (row + r) * mask_stride : nullptr;
     }
     const bool safe = !MASKED || offsets[row + rows] + kLane <= nnz;
+    Prefetch pf;
     if (MASKED) {
-      // The next-but-one tile's values, mask and U rows: the read addresses depend on popcounts, so the hardware
-      // prefetcher alone leaves decode latency-bound when the weights come from DRAM.
-      const int64_t ahead = std::min<int64_t>(row + 2 * kRows, row_end);
+      // The next tile's values, spread over this tile's column steps; its mask and U rows (small) at once.
+      const int64_t ahead = std::min<int64_t>(row + kRows, row_end);
       const int64_t ahead_end = std::min<int64_t>(ahead + kRows, row_end);
-      const char* p = reinterpret_cast<const char*>(weight + offsets[ahead]);
-      const char* p_end = reinterpret_cast<const char*>(weight + offsets[ahead_end]);
-      for (; p < p_end; p += 64) __builtin_prefetch(p);
+      pf.next = reinterpret_cast<const char*>(weight + offsets[ahead]);
+      pf.end = reinterpret_cast<const char*>(weight + offsets[ahead_end]);
+      const int64_t lines = (pf.end - pf.next + 63) / 64, steps = (in_features + kStepColumns - 1) / kStepColumns;
+      pf.per_step = static_cast<int>(std::max<int64_t>(1, (lines + steps - 1) / steps));
       for (const uint8_t* q = mask + ahead * mask_stride; q < mask + ahead_end * mask_stride; q += 64) {
         __builtin_prefetch(q);
       }
@@ -530,6 +560,7 @@ void rows_times_tokens(const scalar_t* weight, const uint8_t* mask, const int64_
     const bool decoded = MASKED && tokens > kTokens;
     if (decoded) {
       dense_rows.resize(static_cast<size_t>(kRows * in_features));
+      pf.drain();
       for (int r = 0; r < rows; ++r) {
         expand_row(w[r], m[r], in_features, safe, dense_rows.data() + r * in_features);
         w[r] = dense_rows.data() + r * in_features;
@@ -541,9 +572,9 @@ void rows_times_tokens(const scalar_t* weight, const uint8_t* mask, const int64_
     for (int64_t n = 0; n < tokens; n += kTokens) {
       const int tk = static_cast<int>(std::min<int64_t>(kTokens, tokens - n));
       if (decoded) {
-        tile<scalar_t, false>(w, m, rows, in_features, x + n * in_features, in_features, tk, true, out, scratch);
+        tile<scalar_t, false>(w, m, rows, in_features, x + n * in_features, in_features, tk, true, pf, out, scratch);
       } else {
-        tile<scalar_t, MASKED>(w, m, rows, in_features, x + n * in_features, in_features, tk, safe, out, scratch);
+        tile<scalar_t, MASKED>(w, m, rows, in_features, x + n * in_features, in_features, tk, safe, pf, out, scratch);
       }
       for (int r = 0; r < rows; ++r) {
         for (int k = 0; k < tk; ++k) {
