@@ -40,8 +40,10 @@ _failed = False
 
 
 def kernels_disabled() -> bool:
-    """Whether the user turned the compiled kernel off with `OATS_DISABLE_KERNELS` (read at every call)."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    """Whether the user turned the compiled kernel off with `OATS_DISABLE_KERNELS` (read at every call: the unset
+    case, every decode step's, returns after one lookup)."""
+    value = os.environ.get(DISABLE_ENV)
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no")
 
 
 def _cpu_signature() -> str:

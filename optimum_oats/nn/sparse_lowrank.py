@@ -123,7 +123,7 @@ class LinearSparseLowRank(nn.Module):
         This is the only derived inference data of the kernels (8 bytes per output row): they read the stored values
         and packed bitmask as they are.
         """
-        mask = self.weight_mask
+        mask = self._buffers["weight_mask"]  # the dict, not Module.__getattr__: this runs on every decode call
         key = (mask.data_ptr(), mask._version)
         if self._row_offsets is not None and self._row_offsets[0] == key:
             return self._row_offsets[1]

@@ -157,6 +157,28 @@ def test_disabled_extension_falls_back(monkeypatch):
         torch.testing.assert_close(layer(x), compiled, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("value", ["0", "", "false", "No"])
+def test_disable_switch_off_values_keep_the_kernel(monkeypatch, value):
+    monkeypatch.setenv(DISABLE_ENV, value)
+    assert load_kernel() is not None
+
+
+def test_kernel_reads_storage_a_wrapper_moved_out_of_the_module_dicts():
+    # The decode path reads the tensors from `_parameters`/`_buffers` (fast); a layer whose bias was replaced by a
+    # plain attribute still gets the right answer through the attribute fallback.
+    layer = _layer(12, 40, 3)
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        layer.set_execution_mode("sparse_kernel")
+        expected = layer(x)
+        bias = layer.bias.detach().clone()
+        del layer.bias
+        layer.__dict__["bias"] = bias
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        layer.__dict__["bias"] = bias + 1
+        torch.testing.assert_close(layer(x), expected + 1, rtol=1e-5, atol=1e-5)
+
+
 def test_failed_build_warns_once_and_falls_back(tmp_path):
     # A fresh process whose compiler is missing: the build really fails, a warning is shown once, results stay right.
     script = textwrap.dedent(
