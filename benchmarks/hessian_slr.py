@@ -129,7 +129,7 @@ def main() -> None:
             )
             oats_s = time.perf_counter() - t
             record("oats (fast)", oats.sparse + oats.lowrank_u @ oats.lowrank_v, oats_s)
-            starts = (("oats start", (oats.lowrank_u, oats.lowrank_v)), ("L=0 start", None))
+            starts = (("oats start", oats), ("L=0 start", None))
             for iterations, steps, (start_label, warm) in itertools.product(args.iterations, args.refit_steps, starts):
                 t = time.perf_counter()
                 out = hessian_sparse_low_rank(

@@ -10,10 +10,14 @@ solution instead of `L = 0`:
   the support; then conjugate-gradient steps on the kept values with the support fixed (the "backsolve" of ALPS
   and 3BASiL), which SparseGPT's one-pass OBS update only approximates: on SmolLM2 layers at ρ = 0.6–0.7 ten
   steps cut SparseGPT's output error by 13–14% for about the cost of the pass itself (`benchmarks/hessian_slr.py`);
-- L-step: the exact minimiser for that `S`: with `H = Q Λ Q^T`, `L = SVD_r((W - S) Q Λ^½) Λ^-½ Q^T` (EoRA's fit).
+- L-step: the exact minimiser for that `S`: with any square root `H = C C^T`, `L = SVD_r((W - S) C) C^-1` (EoRA's
+  fit uses `C = Q Λ^½`; the Cholesky factor gives the same minimiser without an eigendecomposition, whose time and
+  `2 d_in²` workspace it saves).
 
-The L-step and the CG steps cannot raise the objective; SparseGPT's greedy support choice can. An S-step that leaves
-the objective above the previous iterate's is rejected and the iteration stops, so the history never rises.
+The first iterate polishes the warm start: CG on the OATS support, then the L-step, so the result is never worse than
+OATS in this metric (at low ρ, where OATS's support is already good, SparseGPT's greedy support can be). The L-step
+and the CG steps cannot raise the objective; SparseGPT's greedy support choice can. An S-step that leaves the
+objective above the best iterate's is rejected and the iteration stops, so the history never rises.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from .oats import Decomposition
-from .sparsegpt import SPARSEGPT_PRECISION, inverse_hessian_factor, no_tf32, prune_with_factor
+from .sparsegpt import (
+    SPARSEGPT_PRECISION,
+    damped_hessian,
+    inverse_factor_from_cholesky,
+    no_tf32,
+    prune_with_factor,
+)
 
 # Alternations after the warm start; measured on SmolLM2-135M by `benchmarks/hessian_slr.py` (docs/quality.md).
 DEFAULT_HESSIAN_ITERATIONS = 2
@@ -35,31 +45,31 @@ DEFAULT_REFIT_STEPS = 10
 class HessianFactors:
     """What every step needs from one layer's Hessian, computed once per layer.
 
-    `hessian` is damped with dead inputs set to 1 (as SparseGPT); `hinv` is the upper Cholesky factor of its
-    inverse; `eigvecs`/`root` are `Q` and `Λ^½` of its eigendecomposition, for the rank-r fit.
+    `hessian` is damped with dead inputs set to 1 (as SparseGPT); `cholesky` is its lower Cholesky factor `C`
+    (`H = C C^T`), the square root of the rank-r fit; `hinv` is the upper Cholesky factor of `H^-1` that SparseGPT's
+    pass reads, computed from `C` by the reference's own steps.
     """
 
     hessian: torch.Tensor
+    cholesky: torch.Tensor
     hinv: torch.Tensor
     dead: torch.Tensor
-    eigvecs: torch.Tensor
-    root: torch.Tensor
 
 
 def hessian_factors(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFactors:
-    """Damp `hessian` exactly as [`inverse_hessian_factor`] does and factor it both ways."""
+    """Damp `hessian` exactly as [`inverse_hessian_factor`] does and factor it."""
     if not torch.isfinite(hessian).all():
         raise ValueError(
             "The Hessian holds NaN/inf: run the calibration in float32 and check the model's activations."
         )
-    hinv, dead = inverse_hessian_factor(hessian, percdamp)
-    damped = hessian.to(dtype=SPARSEGPT_PRECISION, copy=True)
-    damped[dead, dead] = 1
-    damped.diagonal().add_(percdamp * torch.mean(torch.diag(damped)))
-    eigvals, eigvecs = torch.linalg.eigh(damped)  # float32: half float64's time, ample for a damped H
-    # Positive definite after damping (the Cholesky above succeeded); the clamp only absorbs rounding.
-    root = eigvals.clamp_min(eigvals.max() * 1e-7).sqrt()
-    return HessianFactors(damped, hinv, dead, eigvecs, root)
+    damped, dead = damped_hessian(hessian, percdamp)
+    cholesky, info = torch.linalg.cholesky_ex(damped)
+    if info.item() != 0:
+        raise ValueError(
+            f"The dampened Hessian is not positive definite (`percdamp`={percdamp}); increase `percdamp` "
+            "or check the calibration statistics for NaN/inf."
+        )
+    return HessianFactors(damped, cholesky, inverse_factor_from_cholesky(cholesky, percdamp), dead)
 
 
 def hessian_objective(residual: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -73,17 +83,16 @@ def weighted_low_rank(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The rank-`rank` `L = U V` minimising `tr((R - L) H (R - L)^T)`, as balanced factors `(d_out, r)`, `(r, d_in)`.
 
-    `||(R - L) H^½||_F` with `H^½ = Q Λ^½ Q^T` equals `||R Q Λ^½ - L Q Λ^½||_F`, and `L -> L Q Λ^½` is a
-    rank-preserving bijection, so Eckart–Young on `R Q Λ^½` gives the exact minimiser.
+    The objective is `||(R - L) C||_F²` with `H = C C^T`, and `L -> L C` is a rank-preserving bijection (`C` is
+    invertible after damping), so Eckart–Young on `R C` gives the exact minimiser; `C^-1` is a triangular solve.
     """
     if rank == 0:
         return None, None
-    q = factors.eigvecs
-    scaled = (residual.to(q.dtype) @ q) * factors.root
-    u, s, vh = torch.linalg.svd(scaled, full_matrices=False)
+    chol = factors.cholesky
+    u, s, vh = torch.linalg.svd(residual.to(chol.dtype) @ chol, full_matrices=False)
     half = s[:rank].sqrt()
     lowrank_u = u[:, :rank] * half
-    lowrank_v = ((half.unsqueeze(1) * vh[:rank]) / factors.root) @ q.T
+    lowrank_v = torch.linalg.solve_triangular(chol, half.unsqueeze(1) * vh[:rank], upper=False, left=False)
     return lowrank_u.to(residual.dtype), lowrank_v.to(residual.dtype)
 
 
@@ -121,7 +130,7 @@ def hessian_sparse_low_rank(
     sparsity: float | None = None,
     nm: tuple[int, int] | None = None,
     iterations: int = DEFAULT_HESSIAN_ITERATIONS,
-    warm_start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    warm_start: Decomposition | None = None,
     refit_steps: int = DEFAULT_REFIT_STEPS,
     percdamp: float = 0.01,
 ) -> Decomposition:
@@ -134,14 +143,16 @@ def hessian_sparse_low_rank(
         sparsity: fraction of `S` pruned, jointly per 128-column block as SparseGPT does (unstructured).
         nm: `(N, M)`: `S` keeps N of every M consecutive columns of each row (instead of `sparsity`).
         iterations: S-step / L-step alternations (at least 1).
-        warm_start: `(U, V)` of a first low-rank term (OATS's); none: `L = 0`, so with `rank=0`, one iteration and
-            `refit_steps=0` this is exactly SparseGPT at `sparsity`.
+        warm_start: a first decomposition at the same budget (OATS's): its support is refitted and its low-rank
+            term re-fitted in this metric as the first iterate, which the alternation must then beat. None: start
+            from `L = 0`, so with `rank=0`, one iteration and `refit_steps=0` this is exactly SparseGPT.
         refit_steps: conjugate-gradient steps on the kept values of S after each SparseGPT pass.
         percdamp: diagonal damping as a fraction of `mean(diag H)` (SparseGPT's default).
 
     Returns:
-        A `Decomposition` in float32; `history` holds the relative objective `tr(ΔHΔ^T) / tr(WHW^T)` after every
-        accepted iteration. Weights and low-rank columns of dead inputs (`H_jj = 0`) are zero.
+        A `Decomposition` in float32; `history` holds the relative objective `tr(ΔHΔ^T) / tr(WHW^T)` of every
+        accepted iterate (the polished warm start first, when given), so `iterations` is at most `iterations + 1`.
+        Weights and low-rank columns of dead inputs (`H_jj = 0`) are zero.
     """
     d_out, d_in = weight.shape
     if not 0 <= rank <= min(d_out, d_in):
@@ -163,21 +174,33 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
     factors = hessian_factors(hessian.to(target.device), percdamp)
     target[:, factors.dead] = 0
     scale = max(hessian_objective(target, factors.hessian), 1e-30)
-    lowrank_u, lowrank_v = warm_start if warm_start is not None and rank > 0 else (None, None)
-    if lowrank_u is not None:
-        lowrank_u, lowrank_v = lowrank_u.to(target), lowrank_v.to(target)
     best: Decomposition | None = None
+
+    def accept(sparse: torch.Tensor, lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None) -> bool:
+        nonlocal best
+        approx = sparse if lowrank_u is None else sparse + lowrank_u @ lowrank_v
+        loss = hessian_objective(target - approx, factors.hessian) / scale
+        if best is not None and loss > best.history[-1]:
+            return False  # a greedy S-step made it worse: keep the previous iterate
+        history = [*best.history, loss] if best is not None else [loss]
+        best = Decomposition(sparse, lowrank_u, lowrank_v, history=history, iterations=len(history))
+        return True
+
+    lowrank_u = lowrank_v = None
+    if warm_start is not None and rank > 0:
+        start = warm_start.sparse.to(target, copy=True)
+        start[:, factors.dead] = 0
+        lowrank = warm_start.lowrank_u.to(target) @ warm_start.lowrank_v.to(target)
+        sparse = refit_on_support(target - lowrank, start, factors.hessian, refit_steps)
+        lowrank_u, lowrank_v = weighted_low_rank(target - sparse, factors, rank)
+        accept(sparse, lowrank_u, lowrank_v)
     for _ in range(iterations):
         lowrank = lowrank_u @ lowrank_v if lowrank_u is not None else 0
         sparse = prune_with_factor(target - lowrank, factors.hinv, factors.dead, sparsity=sparsity, nm=nm)
         sparse = refit_on_support(target - lowrank, sparse, factors.hessian, refit_steps)
         lowrank_u, lowrank_v = weighted_low_rank(target - sparse, factors, rank)
-        approx = sparse if lowrank_u is None else sparse + lowrank_u @ lowrank_v
-        loss = hessian_objective(target - approx, factors.hessian) / scale
-        if best is not None and loss > best.history[-1]:
-            break  # a greedy S-step made it worse: keep the previous iterate
-        history = [*best.history, loss] if best is not None else [loss]
-        best = Decomposition(sparse, lowrank_u, lowrank_v, history=history, iterations=len(history))
+        if not accept(sparse, lowrank_u, lowrank_v):
+            break
     if best.lowrank_v is not None:
         best.lowrank_v[:, factors.dead] = 0  # no response to features calibration never saw, as S
     return best

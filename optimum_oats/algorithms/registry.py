@@ -104,7 +104,7 @@ def _run_sparsegpt(weight, stats, budget, settings) -> Decomposition:
 
 
 def _run_hassle(weight, stats, budget, settings) -> Decomposition:
-    """OATS at the same budget for the first low-rank term, then S/L alternation in the full Hessian metric."""
+    """OATS at the same budget as the first iterate, then S/L alternation in the full Hessian metric."""
     warm = _run_oats(weight, stats, budget, settings) if budget.rank > 0 else None
     return hessian_sparse_low_rank(
         weight,
@@ -113,7 +113,7 @@ def _run_hassle(weight, stats, budget, settings) -> Decomposition:
         sparsity=None if budget.nm is not None else _layer_sparsity(weight, budget),
         nm=budget.nm,
         iterations=settings.hessian_iterations if budget.rank > 0 else 1,  # L = 0: every pass would be the same
-        warm_start=(warm.lowrank_u, warm.lowrank_v) if warm is not None else None,
+        warm_start=warm,
     )
 
 

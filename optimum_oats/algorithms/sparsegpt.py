@@ -81,19 +81,37 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
     Returns:
         `Hinv`, `(d_in, d_in)` upper-triangular float32 with `Hinv^T Hinv = H^-1`, and bool `dead` `(d_in,)`.
     """
+    H, dead = damped_hessian(hessian, percdamp)
+    L, info = torch.linalg.cholesky_ex(H)
+    del H
+    if info.item() == 0:
+        return inverse_factor_from_cholesky(L, percdamp), dead
+    raise _not_positive_definite(percdamp)
+
+
+def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy of `hessian` with dead inputs set to 1 and `percdamp · mean(diag H)` on the diagonal, as the
+    reference damps it before inverting; and the bool mask of dead inputs."""
     H = hessian.to(dtype=SPARSEGPT_PRECISION, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() == 0:
-        L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    return H, dead
+
+
+def inverse_factor_from_cholesky(cholesky: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """The reference's upper Cholesky factor of `H^-1`, from the lower Cholesky factor of the damped `H`."""
+    factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(cholesky), upper=True)
     if info.item() != 0:
-        raise ValueError(
-            f"The dampened Hessian is not positive definite (`percdamp`={percdamp}); increase `percdamp` "
-            "or check the calibration statistics for NaN/inf."
-        )
-    return L, dead
+        raise _not_positive_definite(percdamp)
+    return factor
+
+
+def _not_positive_definite(percdamp: float) -> ValueError:
+    return ValueError(
+        f"The dampened Hessian is not positive definite (`percdamp`={percdamp}); increase `percdamp` "
+        "or check the calibration statistics for NaN/inf."
+    )
 
 
 def _prune_block_mask(scores: torch.Tensor, prune: int, jointly: bool) -> torch.Tensor:

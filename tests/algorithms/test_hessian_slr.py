@@ -48,11 +48,11 @@ def test_objective_never_rises_across_iterations(seed, warm):
     start = None
     if warm:
         oats = oats_decompose(W, X.norm(dim=0), rank=budget.rank, keep_per_row=budget.keep_per_row, iterations=10)
-        start = (oats.lowrank_u, oats.lowrank_v)
+        start = oats
     out = hessian_sparse_low_rank(
         W, H, rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1], iterations=6, warm_start=start
     )
-    assert 1 <= out.iterations == len(out.history) <= 6
+    assert 1 <= out.iterations == len(out.history) <= 6 + warm
     assert all(b <= a for a, b in zip(out.history, out.history[1:], strict=False))
     # The history is the objective of what is returned (dead inputs: none here).
     energy = hessian_objective(W, hessian_factors(H).hessian)
@@ -88,13 +88,15 @@ def test_refit_lowers_the_error_at_every_step_and_keeps_the_support():
 
 
 def test_low_rank_step_is_the_exact_weighted_minimiser():
-    """Against the same fit through a Cholesky square root (`H = C C^T`): a different route, the same optimum."""
+    """Against the same fit through the symmetric square root (`H^½ = Q Λ^½ Q^T`, EoRA's route): a different
+    route, the same optimum."""
     W, H, _ = _problem(4)
     factors = hessian_factors(H)
     u, v = weighted_low_rank(W, factors, 5)
-    C = torch.linalg.cholesky(factors.hessian.double())
-    a, s, bh = torch.linalg.svd(W.double() @ C, full_matrices=False)
-    best = (a[:, :5] * s[:5]) @ bh[:5] @ torch.linalg.inv(C)
+    eigvals, Q = torch.linalg.eigh(factors.hessian.double())
+    root = Q * eigvals.sqrt()
+    a, s, bh = torch.linalg.svd(W.double() @ root, full_matrices=False)
+    best = (a[:, :5] * s[:5]) @ bh[:5] @ (Q / eigvals.sqrt()).T
     H_d = factors.hessian
     assert hessian_objective(W - u @ v, H_d) == pytest.approx(hessian_objective(W - best.float(), H_d), rel=1e-4)
     for scale in (0.9, 1.1):  # and no nearby rank-5 point is better
@@ -114,12 +116,32 @@ def test_beats_oats_and_sparsegpt_on_structured_layers():
             rank=budget.rank,
             sparsity=1 - budget.keep_per_row / W.shape[1],
             iterations=3,
-            warm_start=(oats.lowrank_u, oats.lowrank_v),
+            warm_start=oats,
         )
         pruned = sparsegpt_prune(W, H, sparsity=0.6)
         new_error = _objective(W, H, new)
         wins += new_error < _objective(W, H, oats) and new_error < hessian_objective(W - pruned, H)
     assert wins == 3
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_never_worse_than_its_warm_start(structured):
+    """The first iterate is OATS polished in the Hessian metric (CG on its support, then the exact L-step), so
+    the result can only improve on OATS, even where SparseGPT's greedy support would not (low ρ)."""
+    W, H, X = _problem(8, structured=structured)
+    budget = layer_budget(*W.shape, 0.3, 0.2)
+    oats = oats_decompose(W, X.norm(dim=0), rank=budget.rank, keep_per_row=budget.keep_per_row, iterations=10)
+    out = hessian_sparse_low_rank(
+        W, H, rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1], iterations=2, warm_start=oats
+    )
+    factors = hessian_factors(H)
+    polished = refit_on_support(W - oats.lowrank_u @ oats.lowrank_v, oats.sparse, factors.hessian, 10)
+    u, v = weighted_low_rank(W - polished, factors, budget.rank)
+    energy = hessian_objective(W, factors.hessian)
+    assert out.history[0] == pytest.approx(hessian_objective(W - polished - u @ v, factors.hessian) / energy, rel=1e-4)
+    assert out.history[0] < _objective(W, H, oats) / energy
+    assert _objective(W, H, out) / energy <= out.history[0] * (1 + 1e-6)
+    assert int((out.sparse != 0).sum()) <= budget.keep_per_row * W.shape[0]
 
 
 def test_budget_and_dead_inputs():
