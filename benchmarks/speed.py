@@ -144,16 +144,17 @@ def section_layers(args: argparse.Namespace) -> None:
                 ratios = {mode: times["dense"] / times[mode] for mode in args.modes}
                 best = max(ratios, key=ratios.get)
                 speedups.setdefault((dtype_name, tokens), []).append(ratios.get("auto", ratios[best]))
+                auto_cell = f"{ratios['auto']:.2f}x" if "auto" in ratios else "-"
                 cells = " | ".join(f"{times[m] * 1e6:.1f} ({ratios[m]:.2f}x)" for m in args.modes)
                 print(
                     f"| {name} {d_out}x{d_in} | {dtype_name} | {tokens} | {times['dense'] * 1e6:.1f} | {cells} | "
-                    f"{best} {ratios[best]:.2f}x | {ratios.get('auto', float('nan')):.2f}x |",
+                    f"{best} {ratios[best]:.2f}x | {auto_cell} |",
                     flush=True,
                 )
                 del variants
             del pairs
     print("\nMedian over the layer shapes of dense time / auto time:\n")
-    print("| dtype | tokens | median speedup (auto vs dense) |")
+    print("| dtype | tokens | median speedup (auto vs dense, else the best mode) |")
     print("|---|---|---|")
     for (dtype_name, tokens), values in speedups.items():
         print(f"| {dtype_name} | {tokens} | {statistics.median(values):.2f}x |")
@@ -250,8 +251,11 @@ def section_generate(args: argparse.Namespace) -> None:
         f"\n### Greedy generation of {args.new_tokens} new tokens, prompt of {prompt['input_ids'].shape[1]} tokens, "
         f"threads={torch.get_num_threads()}, median of {args.reps_generate} interleaved runs\n"
     )
-    print("| dtype | model | tokens/s (prompt + generation) | vs dense | prefill tokens/s | vs dense |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| dtype | model | tokens/s (prompt + generation) | vs dense | prefill tokens/s | vs dense "
+        "| decode tokens/s (generation - prefill) | vs dense |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         models = {"dense": _load(args.model, dtype, None)}
@@ -279,10 +283,15 @@ def section_generate(args: argparse.Namespace) -> None:
         with torch.no_grad():
             times = time_variants({name: runner(m) for name, m in models.items()}, args.reps_generate, 1)
             prefill = time_variants({name: prefiller(m) for name, m in models.items()}, args.reps_generate, 1)
+        # The first new token comes out of the prefill; the other `new_tokens - 1` are decode steps.
+        decode = {
+            name: max(seconds - prefill[name], 1e-9) / max(args.new_tokens - 1, 1) for name, seconds in times.items()
+        }
         for name, seconds in times.items():
             print(
                 f"| {dtype_name} | {name} | {args.new_tokens / seconds:.1f} | {times['dense'] / seconds:.2f}x |"
-                f" {prompt['input_ids'].shape[1] / prefill[name]:.0f} | {prefill['dense'] / prefill[name]:.2f}x |",
+                f" {prompt['input_ids'].shape[1] / prefill[name]:.0f} | {prefill['dense'] / prefill[name]:.2f}x |"
+                f" {1 / decode[name]:.1f} | {decode['dense'] / decode[name]:.2f}x |",
                 flush=True,
             )
         del models

@@ -13,7 +13,13 @@ from torch import nn
 
 from optimum_oats.kernels import DISABLE_ENV, kernel_available, load_kernel
 from optimum_oats.nn import LinearSparseLowRank, choose_mode, set_execution_mode
-from optimum_oats.nn.kernel_execution import AUTO_MAX_KERNEL_TOKENS, row_offsets
+from optimum_oats.nn.kernel_execution import (
+    AUTO_MAX_KERNEL_TOKENS,
+    fold_low_rank,
+    release_workspaces,
+    row_offsets,
+    workspace,
+)
 
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
 
@@ -135,6 +141,27 @@ def test_auto_chooses_by_tokens_and_matches():
         assert layer._merged_cache is None
     with torch.enable_grad():
         assert choose_mode(layer, small) == "decompress"  # trainable parameters: keep autograd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_prompts_fold_the_low_rank_term_into_the_workspace(dtype):
+    """From d_out d_in / (d_out + d_in) tokens on (15 for 24x40), `U V` goes into the workspace, one GEMM follows."""
+    layer = _layer(24, 40, 3, dtype=dtype)
+    assert not fold_low_rank(layer, 15) and fold_low_rank(layer, 16)
+    assert not fold_low_rank(_layer(24, 40, 0), 10_000)  # no low-rank term: nothing to fold
+    reference = layer.to_dense().float()
+    release_workspaces()
+    layer.set_execution_mode("workspace")
+    with torch.no_grad():
+        for tokens, folded in ((15, False), (16, True), (64, True)):
+            x = torch.randn(tokens, 40).to(dtype)
+            expected = x.float() @ reference.T + layer.bias.float()
+            tol = 1e-4 if dtype == torch.float32 else 0.1
+            torch.testing.assert_close(layer(x).float(), expected, rtol=tol, atol=tol * 10)
+            buffer = workspace((24, 40), dtype, torch.device("cpu"))
+            holds = reference if folded else layer.sparse_weight().float()
+            torch.testing.assert_close(buffer.float(), holds, rtol=1e-2, atol=1e-2)
+    release_workspaces()
 
 
 def test_set_execution_mode_on_a_model():
