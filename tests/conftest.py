@@ -22,7 +22,7 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("OATS_DATA_DIR", DEFAULT_DATA_DIR))
+    path = Path(os.environ.get("OATS_DATA_DIR", DEFAULT_DATA_DIR)).resolve()  # absolute: CLI tests run elsewhere
     assert (path / "wikitext2" / "wiki.test.raw").is_file(), (
         f"Evaluation data not found at {path}. Set OATS_DATA_DIR to the shared data folder (see README)."
     )

@@ -34,7 +34,7 @@ REQUIRED_FILES = (
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The offline evaluation data folder (`$OATS_DATA_DIR`, default `<repo>/../shared/data`)."""
-    path = Path(os.environ.get("OATS_DATA_DIR") or DEFAULT_DATA_DIR)
+    path = Path(os.environ.get("OATS_DATA_DIR") or DEFAULT_DATA_DIR).resolve()  # absolute: CLI tests run elsewhere
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     assert not missing, (
         f"Evaluation data not found in {path} (missing: {', '.join(missing)}). Set OATS_DATA_DIR to the shared "
