@@ -57,7 +57,8 @@ class OATSConfig(QuantizationConfigMixin):
             Alternating-thresholding iterations of OATS (the reference code runs 80).
         hessian_iterations (`int`, defaults to 2):
             `method="hassle"` only: SparseGPT / weighted-SVD alternations after the OATS start (each costs about one
-            SparseGPT pass over the layer).
+            SparseGPT pass over the layer). 0 keeps OATS's support and only refits its values and low-rank term
+            in the Hessian metric.
         method (`str`, defaults to `"oats"`):
             A one-shot method of the registry (`optimum_oats.algorithms.ALGORITHMS`): `"oats"`, `"hassle"`,
             `"wanda"`, `"sparsegpt"`, `"magnitude"`. `"hassle"` minimises the output error in the full Hessian
@@ -152,7 +153,7 @@ class OATSConfig(QuantizationConfigMixin):
         self.compression_rate = _check_float("compression_rate", self.compression_rate, 0.0, 1.0, low_inclusive=False)
         self.rank_ratio = _check_float("rank_ratio", self.rank_ratio, 0.0, 1.0, low_inclusive=True)
         self.num_iterations = _check_int("num_iterations", self.num_iterations, 1)
-        self.hessian_iterations = _check_int("hessian_iterations", self.hessian_iterations, 1)
+        self.hessian_iterations = _check_int("hessian_iterations", self.hessian_iterations, 0)
         self.num_samples = _check_int("num_samples", self.num_samples, 1)
         self.seqlen = _check_int("seqlen", self.seqlen, 1)
         self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)

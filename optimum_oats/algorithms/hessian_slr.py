@@ -142,7 +142,8 @@ def hessian_sparse_low_rank(
         rank: rank of `L`, in `[0, min(d_out, d_in)]`.
         sparsity: fraction of `S` pruned, jointly per 128-column block as SparseGPT does (unstructured).
         nm: `(N, M)`: `S` keeps N of every M consecutive columns of each row (instead of `sparsity`).
-        iterations: S-step / L-step alternations (at least 1).
+        iterations: S-step / L-step alternations after the polished warm start; 0 keeps the warm start's support
+            (its values refitted and its low-rank term re-fitted in this metric, nothing else).
         warm_start: a first decomposition at the same budget (OATS's): its support is refitted and its low-rank
             term re-fitted in this metric as the first iterate, which the alternation must then beat. None: start
             from `L = 0`, so with `rank=0`, one iteration and `refit_steps=0` this is exactly SparseGPT.
@@ -162,8 +163,13 @@ def hessian_sparse_low_rank(
         )
     if (sparsity is None) == (nm is None):
         raise ValueError(f"Give exactly one of `sparsity` or `nm`, got sparsity={sparsity}, nm={nm}.")
-    if iterations < 1 or refit_steps < 0:
-        raise ValueError(f"Need `iterations` >= 1 and `refit_steps` >= 0, got {iterations} and {refit_steps}.")
+    if iterations < 0 or refit_steps < 0:
+        raise ValueError(f"Need `iterations` >= 0 and `refit_steps` >= 0, got {iterations} and {refit_steps}.")
+    if iterations == 0 and (warm_start is None or rank == 0):
+        raise ValueError(
+            "`iterations=0` polishes the warm start only: it needs a `warm_start` and `rank` > 0 (give "
+            "`iterations` >= 1 otherwise)."
+        )
     with no_tf32():
         return _alternate(weight, hessian, rank, (sparsity, nm), iterations, warm_start, refit_steps, percdamp)
 

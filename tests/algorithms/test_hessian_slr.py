@@ -142,6 +142,10 @@ def test_never_worse_than_its_warm_start(structured):
     assert out.history[0] < _objective(W, H, oats) / energy
     assert _objective(W, H, out) / energy <= out.history[0] * (1 + 1e-6)
     assert int((out.sparse != 0).sum()) <= budget.keep_per_row * W.shape[0]
+    only = hessian_sparse_low_rank(
+        W, H, rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1], iterations=0, warm_start=oats
+    )
+    assert only.history == out.history[:1] and torch.equal(only.sparse != 0, oats.sparse != 0)
 
 
 def test_budget_and_dead_inputs():
@@ -167,7 +171,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="exactly one of"):
         hessian_sparse_low_rank(W, H, rank=2)
     with pytest.raises(ValueError, match="hessian_iterations"):
-        OATSConfig(method="hassle", hessian_iterations=0)
+        OATSConfig(method="hassle", hessian_iterations=-1)
+    with pytest.raises(ValueError, match="polishes the warm start only"):
+        hessian_sparse_low_rank(W, H, rank=2, sparsity=0.5, iterations=0)
 
 
 def test_engine_error_names_the_layer(tiny_llama, tokenizer, calibration_texts, monkeypatch):
