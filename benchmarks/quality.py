@@ -79,6 +79,12 @@ def parse_args() -> argparse.Namespace:
         "--hessian-iterations", type=int, default=2, help="method hassle: alternations (OATSConfig.hessian_iterations)"
     )
     parser.add_argument(
+        "--hessian-shrinkage",
+        type=float,
+        default=0.0,
+        help="method hassle: metric (1 - lambda) H + lambda diag(H) (OATSConfig.hessian_shrinkage)",
+    )
+    parser.add_argument(
         "--hassle-rank-ratio",
         type=float,
         default=0.1,
@@ -143,6 +149,7 @@ def main() -> None:
                 compression_rate=entry.rate,
                 rank_ratio=args.hassle_rank_ratio if entry.method == "hassle" else args.rank_ratio,
                 hessian_iterations=args.hessian_iterations,
+                hessian_shrinkage=args.hessian_shrinkage,
                 method=entry.method,
                 sparsity_pattern=entry.pattern,
                 dataset="c4",
@@ -329,6 +336,8 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += f"-k{args.rank_ratio}"
     if method == "hassle":
         key += f"-{entry.svd}-k{args.hassle_rank_ratio}-h{args.hessian_iterations}"
+        if args.hessian_shrinkage:
+            key += f"-lam{args.hessian_shrinkage:g}"
     if layerwise == "owl" and (args.owl_threshold, args.owl_lambda) != SWEEP_OWL:
         key += f"-M{args.owl_threshold}-l{args.owl_lambda}"
     if entry.seed != 0:

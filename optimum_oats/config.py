@@ -59,6 +59,11 @@ class OATSConfig(QuantizationConfigMixin):
             `method="hassle"` only: SparseGPT / weighted-SVD alternations after the OATS start (each costs about one
             SparseGPT pass over the layer). 0 keeps OATS's support and only refits its values and low-rank term
             in the Hessian metric.
+        hessian_shrinkage (`float`, defaults to 0.0):
+            `method="hassle"` only: λ in [0, 1], the metric is `(1 - λ) H + λ diag(H)`. 0 is the full Hessian;
+            1 is OATS's own diagonal metric. A step between trusts the calibration sample's input correlations less
+            (shrinkage towards the diagonal, as in covariance estimation), which is what low ρ needs
+            (docs/quality.md).
         method (`str`, defaults to `"oats"`):
             A one-shot method of the registry (`optimum_oats.algorithms.ALGORITHMS`): `"oats"`, `"hassle"`,
             `"wanda"`, `"sparsegpt"`, `"magnitude"`. `"hassle"` minimises the output error in the full Hessian
@@ -125,6 +130,7 @@ class OATSConfig(QuantizationConfigMixin):
     rank_ratio: float = 0.1
     num_iterations: int = 80
     hessian_iterations: int = DEFAULT_HESSIAN_ITERATIONS
+    hessian_shrinkage: float = 0.0
     method: str = "oats"
     sparsity_pattern: str = "unstructured"
     dataset: str | list[str] | Any = "c4"
@@ -154,6 +160,9 @@ class OATSConfig(QuantizationConfigMixin):
         self.rank_ratio = _check_float("rank_ratio", self.rank_ratio, 0.0, 1.0, low_inclusive=True)
         self.num_iterations = _check_int("num_iterations", self.num_iterations, 1)
         self.hessian_iterations = _check_int("hessian_iterations", self.hessian_iterations, 0)
+        self.hessian_shrinkage = _check_float(
+            "hessian_shrinkage", self.hessian_shrinkage, 0.0, 1.0, low_inclusive=True, high_inclusive=True
+        )
         self.num_samples = _check_int("num_samples", self.num_samples, 1)
         self.seqlen = _check_int("seqlen", self.seqlen, 1)
         self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
@@ -264,18 +273,21 @@ class OATSConfig(QuantizationConfigMixin):
 _RUNTIME_FIELDS = ("tokenizer", "image_processor")
 
 
-def _check_float(name: str, value: Any, low: float, high: float, *, low_inclusive: bool) -> float:
+def _check_float(
+    name: str, value: Any, low: float, high: float, *, low_inclusive: bool, high_inclusive: bool = False
+) -> float:
     """`value` as a float in the range; NaN fails every comparison, so it is refused too."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
-    bracket = "[" if low_inclusive else "("
+    interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
     try:
         number = float(value)
     except OverflowError:
-        raise ValueError(f"`{name}` must be in {bracket}{low}, {high}), got {value}.") from None
+        raise ValueError(f"`{name}` must be in {interval}, got {value}.") from None
     above_low = number >= low if low_inclusive else number > low
-    if not (above_low and number < high):
-        raise ValueError(f"`{name}` must be in {bracket}{low}, {high}), got {value}.")
+    below_high = number <= high if high_inclusive else number < high
+    if not (above_low and below_high):
+        raise ValueError(f"`{name}` must be in {interval}, got {value}.")
     return number
 
 

@@ -18,6 +18,11 @@ The first iterate polishes the warm start: CG on the OATS support, then the L-st
 OATS in this metric (at low ρ, where OATS's support is already good, SparseGPT's greedy support can be). The L-step
 and the CG steps cannot raise the objective; SparseGPT's greedy support choice can. An S-step that leaves the
 objective above the best iterate's is rejected and the iteration stops, so the history never rises.
+
+`shrinkage` λ replaces `H` by `(1 - λ) H + λ diag(H)` (before damping): λ = 1 is OATS's diagonal metric, where
+every weight's error counts independently, λ = 0 the full one. `H` is estimated from a few thousand calibration
+tokens; its off-diagonal correlations are what SparseGPT's updates and the CG refit exploit, and at low ρ, where
+the errors are small, fitting them exactly fits the sample more than the model (docs/quality.md measures it).
 """
 
 from __future__ import annotations
@@ -70,6 +75,17 @@ def hessian_factors(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFac
             "or check the calibration statistics for NaN/inf."
         )
     return HessianFactors(damped, cholesky, inverse_factor_from_cholesky(cholesky, percdamp), dead)
+
+
+def shrink_hessian(hessian: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """`(1 - λ) H + λ diag(H)`: the off-diagonal input correlations scaled by `1 - λ`, the diagonal kept."""
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"`shrinkage` must be in [0, 1] (0: full Hessian, 1: its diagonal), got {shrinkage}.")
+    if shrinkage == 0.0:
+        return hessian
+    shrunk = hessian * (1.0 - shrinkage)
+    shrunk.diagonal().copy_(hessian.diagonal())
+    return shrunk
 
 
 def hessian_objective(residual: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -133,6 +149,7 @@ def hessian_sparse_low_rank(
     warm_start: Decomposition | None = None,
     refit_steps: int = DEFAULT_REFIT_STEPS,
     percdamp: float = 0.01,
+    shrinkage: float = 0.0,
 ) -> Decomposition:
     """Decompose `weight ≈ S + U V` in the metric of `hessian` (see the module docstring).
 
@@ -149,6 +166,7 @@ def hessian_sparse_low_rank(
             from `L = 0`, so with `rank=0`, one iteration and `refit_steps=0` this is exactly SparseGPT.
         refit_steps: conjugate-gradient steps on the kept values of S after each SparseGPT pass.
         percdamp: diagonal damping as a fraction of `mean(diag H)` (SparseGPT's default).
+        shrinkage: λ in [0, 1]: the metric is `(1 - λ) H + λ diag(H)` (0: the full Hessian, 1: OATS's diagonal).
 
     Returns:
         A `Decomposition` in float32; `history` holds the relative objective `tr(ΔHΔ^T) / tr(WHW^T)` of every
@@ -170,6 +188,7 @@ def hessian_sparse_low_rank(
             "`iterations=0` polishes the warm start only: it needs a `warm_start` and `rank` > 0 (give "
             "`iterations` >= 1 otherwise)."
         )
+    hessian = shrink_hessian(hessian, shrinkage)
     with no_tf32():
         return _alternate(weight, hessian, rank, (sparsity, nm), iterations, warm_start, refit_steps, percdamp)
 

@@ -30,6 +30,7 @@ class RunSettings(Protocol):
     num_iterations: int
     svd: str
     hessian_iterations: int
+    hessian_shrinkage: float
 
 
 Run = Callable[[torch.Tensor, dict[str, torch.Tensor], LayerBudget, RunSettings], Decomposition]
@@ -114,6 +115,7 @@ def _run_hassle(weight, stats, budget, settings) -> Decomposition:
         nm=budget.nm,
         iterations=settings.hessian_iterations if budget.rank > 0 else 1,  # L = 0: every pass would be the same
         warm_start=warm,
+        shrinkage=settings.hessian_shrinkage,
     )
 
 

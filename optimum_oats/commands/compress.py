@@ -17,6 +17,7 @@ CONFIG_FIELDS = (
     "seqlen",
     "num_iterations",
     "hessian_iterations",
+    "hessian_shrinkage",
     "seed",
     "calibration_sampling",
     "svd",

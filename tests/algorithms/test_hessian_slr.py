@@ -16,6 +16,7 @@ from optimum_oats.algorithms.hessian_slr import (
     hessian_factors,
     hessian_objective,
     refit_on_support,
+    shrink_hessian,
     weighted_low_rank,
 )
 
@@ -148,6 +149,26 @@ def test_never_worse_than_its_warm_start(structured):
     assert only.history == out.history[:1] and torch.equal(only.sparse != 0, oats.sparse != 0)
 
 
+def test_shrinkage_interpolates_to_the_diagonal_metric_of_oats():
+    """λ scales the off-diagonal input correlations by 1 - λ; at λ = 1 the objective is OATS's own
+    `||(W - Ŵ) D||_F²` with `D² = diag(H)` (no damping here, so the two are equal to rounding)."""
+    W, H, _ = _problem(9)
+    assert shrink_hessian(H, 0.0) is H
+    half = shrink_hessian(H, 0.5)
+    off = ~torch.eye(H.shape[0], dtype=torch.bool)
+    assert torch.equal(half.diagonal(), H.diagonal()) and torch.allclose(half[off], 0.5 * H[off])
+    assert torch.equal(shrink_hessian(H, 1.0), torch.diag(H.diagonal()))
+    budget = layer_budget(*W.shape, 0.5, 0.1)
+    out = hessian_sparse_low_rank(
+        W, H, rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1], shrinkage=1.0, percdamp=0.0
+    )
+    scale = H.diagonal().sqrt()
+    error = ((W - out.sparse - out.lowrank_u @ out.lowrank_v) * scale).norm() ** 2 / (W * scale).norm() ** 2
+    assert out.history[-1] == pytest.approx(float(error), rel=1e-4)
+    full = hessian_sparse_low_rank(W, H, rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1])
+    assert _objective(W, H, full) < _objective(W, H, out)  # each metric's minimiser wins in its own metric
+
+
 def test_budget_and_dead_inputs():
     W, H, _ = _problem(5)
     H[7, :] = H[:, 7] = 0  # an input never active in calibration
@@ -172,6 +193,10 @@ def test_bad_input_is_named():
         hessian_sparse_low_rank(W, H, rank=2)
     with pytest.raises(ValueError, match="hessian_iterations"):
         OATSConfig(method="hassle", hessian_iterations=-1)
+    with pytest.raises(ValueError, match=r"`shrinkage` must be in \[0, 1\]"):
+        hessian_sparse_low_rank(W, H, rank=2, sparsity=0.5, shrinkage=1.5)
+    with pytest.raises(ValueError, match=r"`hessian_shrinkage` must be in \[0.0, 1.0\], got -0.1"):
+        OATSConfig(method="hassle", hessian_shrinkage=-0.1)
     with pytest.raises(ValueError, match="polishes the warm start only"):
         hessian_sparse_low_rank(W, H, rank=2, sparsity=0.5, iterations=0)
 
