@@ -32,6 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_oats import OATSConfig, compress, compression_report
+from optimum_oats.algorithms.hessian_slr import default_shrinkage
 from optimum_oats.config import parse_nm
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
 from optimum_oats.integrations.default_model import default_model_path
@@ -81,8 +82,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--hessian-shrinkage",
         type=float,
-        default=0.0,
-        help="method hassle: metric (1 - lambda) H + lambda diag(H) (OATSConfig.hessian_shrinkage)",
+        default=None,
+        help="method hassle: metric (1 - lambda) H + lambda diag(H) (OATSConfig.hessian_shrinkage; default: by rate)",
     )
     parser.add_argument(
         "--hassle-rank-ratio",
@@ -336,8 +337,10 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += f"-k{args.rank_ratio}"
     if method == "hassle":
         key += f"-{entry.svd}-k{args.hassle_rank_ratio}-h{args.hessian_iterations}"
-        if args.hessian_shrinkage:
-            key += f"-lam{args.hessian_shrinkage:g}"
+        shrinkage = args.hessian_shrinkage
+        if shrinkage is None and layerwise == "uniform" and pattern == "unstructured":
+            shrinkage = default_shrinkage(entry.rate)  # the same run as that value given explicitly
+        key += "-lamauto" if shrinkage is None else f"-lam{shrinkage:g}" if shrinkage else ""
     if layerwise == "owl" and (args.owl_threshold, args.owl_lambda) != SWEEP_OWL:
         key += f"-M{args.owl_threshold}-l{args.owl_lambda}"
     if entry.seed != 0:

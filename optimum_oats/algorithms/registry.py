@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from .budget import LayerBudget
-from .hessian_slr import hessian_sparse_low_rank
+from .hessian_slr import default_shrinkage, hessian_sparse_low_rank
 from .oats import Decomposition, oats_decompose
 from .pruning import magnitude_prune, wanda_prune
 from .sparsegpt import sparsegpt_prune
@@ -30,7 +30,7 @@ class RunSettings(Protocol):
     num_iterations: int
     svd: str
     hessian_iterations: int
-    hessian_shrinkage: float
+    hessian_shrinkage: float | None
 
 
 Run = Callable[[torch.Tensor, dict[str, torch.Tensor], LayerBudget, RunSettings], Decomposition]
@@ -115,8 +115,16 @@ def _run_hassle(weight, stats, budget, settings) -> Decomposition:
         nm=budget.nm,
         iterations=settings.hessian_iterations if budget.rank > 0 else 1,  # L = 0: every pass would be the same
         warm_start=warm,
-        shrinkage=settings.hessian_shrinkage,
+        shrinkage=_shrinkage(weight, budget, settings),
     )
+
+
+def _shrinkage(weight: torch.Tensor, budget: LayerBudget, settings: RunSettings) -> float:
+    """The configured λ, or the default for the rate this layer's budget actually removes."""
+    if settings.hessian_shrinkage is not None:
+        return settings.hessian_shrinkage
+    d_out, d_in = weight.shape
+    return default_shrinkage(1.0 - budget.num_parameters(d_out, d_in) / (d_out * d_in))
 
 
 def _run_magnitude(weight, stats, budget, settings) -> Decomposition:

@@ -13,6 +13,7 @@ from optimum_oats.algorithms import (
     sparsegpt_prune,
 )
 from optimum_oats.algorithms.hessian_slr import (
+    default_shrinkage,
     hessian_factors,
     hessian_objective,
     refit_on_support,
@@ -167,6 +168,28 @@ def test_shrinkage_interpolates_to_the_diagonal_metric_of_oats():
     assert out.history[-1] == pytest.approx(float(error), rel=1e-4)
     full = hessian_sparse_low_rank(W, H, rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1])
     assert _objective(W, H, full) < _objective(W, H, out)  # each metric's minimiser wins in its own metric
+
+
+@pytest.mark.parametrize("rate, expected", [(0.3, 0.5), (0.5, 0.5), (0.6, 0.0), (0.7, 0.0)])
+def test_unset_shrinkage_follows_the_layer_rate(rate, expected):
+    """`hessian_shrinkage=None` runs exactly what the measured default for the layer's rate gives explicitly."""
+    from types import SimpleNamespace
+
+    from optimum_oats.algorithms import ALGORITHMS
+    from optimum_oats.algorithms.registry import HESSIAN, INPUT_NORMS
+
+    assert default_shrinkage(rate) == expected
+    W, H, X = _problem(10, d_out=48, d_in=64)
+    stats = {HESSIAN: H, INPUT_NORMS: X.norm(dim=0)}
+    budget = layer_budget(*W.shape, rate, 0.3)
+    assert budget.rank > 0
+    settings = dict(num_iterations=5, svd="exact", hessian_iterations=1)
+    run = ALGORITHMS["hassle"].run
+    auto = run(W, stats, budget, SimpleNamespace(**settings, hessian_shrinkage=None))
+    given = run(W, stats, budget, SimpleNamespace(**settings, hessian_shrinkage=expected))
+    other = run(W, stats, budget, SimpleNamespace(**settings, hessian_shrinkage=0.5 - expected))
+    assert torch.equal(auto.sparse, given.sparse) and torch.equal(auto.lowrank_v, given.lowrank_v)
+    assert not torch.equal(auto.sparse, other.sparse)
 
 
 def test_budget_and_dead_inputs():

@@ -50,3 +50,21 @@ def test_table_only_pairs_by_seed_and_plots_the_seed_mean(tmp_path):
     assert cells[6] == f"{math.exp(mean):.3f}"
     assert cells[7] == f"[{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]"
     assert plot.stat().st_size > 10_000 and not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_default_shrinkage_reads_the_runs_of_the_value_it_resolves_to(tmp_path):
+    """Unset `--hessian-shrinkage` is the library default: at ρ = 0.3 it is λ = 0.5, so the stored λ = 0.5 run is
+    that cell; at 0.6 it is the full Hessian, stored without a suffix."""
+    (tmp_path / "dense.json").write_text(json.dumps({"perplexity": 20.0, "seconds": 0.0}))
+    store(tmp_path, "hassle-uniform-0.3-fast-k0.1-h2-lam0.5", 24.5)
+    store(tmp_path, "hassle-uniform-0.6-fast-k0.1-h2", 80.0)
+    args = [*SWEEP, "--output", str(tmp_path), "--methods", "hassle", "--rates", "0.3", "0.6", "--table-only"]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "| 24.50 |" in result.stdout and "| 80.00 |" in result.stdout and "not run yet" not in result.stdout

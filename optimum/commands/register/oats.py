@@ -23,7 +23,7 @@ CONFIG_DEFAULTS = {
     "seqlen": 2048,
     "num_iterations": 80,
     "hessian_iterations": 2,
-    "hessian_shrinkage": 0.0,
+    "hessian_shrinkage": None,
     "seed": 0,
     "calibration_sampling": "joined",
     "svd": "fast",
@@ -74,7 +74,12 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
     option("--seqlen", int, "N", "Tokens per calibration sequence")
     option("--num-iterations", int, "N", "Alternating-thresholding iterations (OATS)")
     option("--hessian-iterations", int, "N", "SparseGPT / weighted-SVD alternations (method `hassle`)")
-    option("--hessian-shrinkage", float, "LAMBDA", "Metric (1 - LAMBDA) H + LAMBDA diag(H) (method `hassle`)")
+    option(
+        "--hessian-shrinkage",
+        float,
+        "LAMBDA",
+        "Metric (1 - LAMBDA) H + LAMBDA diag(H) (method `hassle`); None: 0.5 below rho 0.55, else 0",
+    )
     option("--seed", int, "N", "Seed for calibration sampling")
     option(
         "--calibration-sampling",
