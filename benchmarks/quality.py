@@ -102,6 +102,13 @@ def parse_args() -> argparse.Namespace:
     # stored entries keep their meaning when the library default changes; other values get their own result key.
     parser.add_argument("--owl-threshold", type=float, default=SWEEP_OWL[0], help="OWL's M")
     parser.add_argument("--owl-lambda", type=float, default=SWEEP_OWL[1], help="OWL's lambda")
+    parser.add_argument(
+        "--paired-against",
+        nargs="+",
+        default=["sparsegpt"],
+        choices=METHODS,
+        help="with several seeds: a table of every method's perplexity over each of these, paired by seed",
+    )
     parser.add_argument("--plot", default=None, help="write perplexity vs rate (one line per method) to this PNG")
     parser.add_argument("--output", default="bench_results/quality")
     parser.add_argument("--quick", action="store_true", help="4 x 256 calibration, 4 x 512 evaluation, 10 iterations")
@@ -227,8 +234,9 @@ def main() -> None:
         )
     if "oats" in args.methods and len(args.svd) == 2:
         print_solver_pairs(results)
-    if "sparsegpt" in args.methods and len(args.seed) > 1:
-        print_paired_vs_baseline(results, args, "sparsegpt")
+    for baseline in args.paired_against:
+        if baseline in args.methods and len(args.seed) > 1:
+            print_paired_vs_baseline(results, args, baseline)
     if args.plot:
         print(f"\nplot: {plot_sweep(results, dense_ppl, args, Path(args.plot))}")
 
