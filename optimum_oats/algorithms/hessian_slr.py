@@ -19,10 +19,11 @@ OATS in this metric (at low ρ, where OATS's support is already good, SparseGPT'
 and the CG steps cannot raise the objective; SparseGPT's greedy support choice can. An S-step that leaves the
 objective above the best iterate's is rejected and the iteration stops, so the history never rises.
 
-`shrinkage` λ replaces `H` by `(1 - λ) H + λ diag(H)` (before damping): λ = 1 is OATS's diagonal metric, where
-every weight's error counts independently, λ = 0 the full one. `H` is estimated from a few thousand calibration
-tokens; its off-diagonal correlations are what SparseGPT's updates and the CG refit exploit, and at low ρ, where
-the errors are small, fitting them exactly fits the sample more than the model (docs/quality.md measures it).
+[`shrink_hessian`] with λ gives the metric `(1 - λ) H + λ diag(H)` (the caller passes it as `hessian`): λ = 1 is
+OATS's diagonal metric, where every weight's error counts independently, λ = 0 the full one. `H` is estimated from a
+few thousand calibration tokens; its off-diagonal correlations are what SparseGPT's updates and the CG refit exploit,
+and at low ρ, where the errors are small, fitting them exactly fits the sample more than the model
+(docs/quality.md measures it).
 """
 
 from __future__ import annotations
@@ -160,13 +161,12 @@ def hessian_sparse_low_rank(
     warm_start: Decomposition | None = None,
     refit_steps: int = DEFAULT_REFIT_STEPS,
     percdamp: float = 0.01,
-    shrinkage: float = 0.0,
 ) -> Decomposition:
     """Decompose `weight ≈ S + U V` in the metric of `hessian` (see the module docstring).
 
     Args:
         weight: `(d_out, d_in)`; not modified.
-        hessian: `(d_in, d_in)` layer Hessian `2 X^T X / n`.
+        hessian: `(d_in, d_in)` layer Hessian `2 X^T X / n`, or its [`shrink_hessian`] (the metric minimised).
         rank: rank of `L`, in `[0, min(d_out, d_in)]`.
         sparsity: fraction of `S` pruned, jointly per 128-column block as SparseGPT does (unstructured).
         nm: `(N, M)`: `S` keeps N of every M consecutive columns of each row (instead of `sparsity`).
@@ -177,7 +177,6 @@ def hessian_sparse_low_rank(
             from `L = 0`, so with `rank=0`, one iteration and `refit_steps=0` this is exactly SparseGPT.
         refit_steps: conjugate-gradient steps on the kept values of S after each SparseGPT pass.
         percdamp: diagonal damping as a fraction of `mean(diag H)` (SparseGPT's default).
-        shrinkage: λ in [0, 1]: the metric is `(1 - λ) H + λ diag(H)` (0: the full Hessian, 1: OATS's diagonal).
 
     Returns:
         A `Decomposition` in float32; `history` holds the relative objective `tr(ΔHΔ^T) / tr(WHW^T)` of every
@@ -199,7 +198,6 @@ def hessian_sparse_low_rank(
             "`iterations=0` polishes the warm start only: it needs a `warm_start` and `rank` > 0 (give "
             "`iterations` >= 1 otherwise)."
         )
-    hessian = shrink_hessian(hessian, shrinkage)
     with no_tf32():
         return _alternate(weight, hessian, rank, (sparsity, nm), iterations, warm_start, refit_steps, percdamp)
 

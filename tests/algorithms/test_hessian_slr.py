@@ -161,7 +161,7 @@ def test_shrinkage_interpolates_to_the_diagonal_metric_of_oats():
     assert torch.equal(shrink_hessian(H, 1.0), torch.diag(H.diagonal()))
     budget = layer_budget(*W.shape, 0.5, 0.1)
     out = hessian_sparse_low_rank(
-        W, H, rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1], shrinkage=1.0, percdamp=0.0
+        W, shrink_hessian(H, 1.0), rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1], percdamp=0.0
     )
     scale = H.diagonal().sqrt()
     error = ((W - out.sparse - out.lowrank_u @ out.lowrank_v) * scale).norm() ** 2 / (W * scale).norm() ** 2
@@ -217,7 +217,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="hessian_iterations"):
         OATSConfig(method="hassle", hessian_iterations=-1)
     with pytest.raises(ValueError, match=r"`shrinkage` must be in \[0, 1\]"):
-        hessian_sparse_low_rank(W, H, rank=2, sparsity=0.5, shrinkage=1.5)
+        shrink_hessian(H, 1.5)
     with pytest.raises(ValueError, match=r"`hessian_shrinkage` must be in \[0.0, 1.0\], got -0.1"):
         OATSConfig(method="hassle", hessian_shrinkage=-0.1)
     with pytest.raises(ValueError, match="polishes the warm start only"):
