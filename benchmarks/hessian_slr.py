@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_oats.algorithms import hessian_sparse_low_rank, layer_budget, oats_decompose, sparsegpt_prune
-from optimum_oats.algorithms.hessian_slr import hessian_factors, hessian_objective
+from optimum_oats.algorithms.hessian_slr import hessian_metric, hessian_objective
 from optimum_oats.data.paths import resolve_data_dir
 from optimum_oats.engine.statistics import HessianAccumulator
 from optimum_oats.integrations.default_model import default_model_path
@@ -100,7 +100,7 @@ def main() -> None:
             d_out, d_in = weight.shape
             budget = layer_budget(d_out, d_in, rate, args.rank_ratio)
             sparsity = 1 - budget.keep_per_row / d_in
-            damped = hessian_factors(H).hessian
+            damped = hessian_metric(H).hessian()
             energy = hessian_objective(weight, damped)
 
             def record(label, approx, seconds, rate=rate, weight=weight, damped=damped, energy=energy) -> None:

@@ -275,7 +275,9 @@ def section_generate(args: argparse.Namespace) -> None:
             return run
 
         with torch.no_grad():
-            times = time_variants({name: runner(m, args.new_tokens) for name, m in models.items()}, args.reps_generate, 1)
+            times = time_variants(
+                {name: runner(m, args.new_tokens) for name, m in models.items()}, args.reps_generate, 1
+            )
             # Time to the first token: `generate` with one new token is the prefill with the cache on, as users run it.
             prefill = time_variants({name: runner(m, 1) for name, m in models.items()}, args.reps_generate, 1)
         # The first new token comes out of the prefill; the other `new_tokens - 1` are decode steps, so their time is

@@ -19,7 +19,8 @@ OATS in this metric (at low ρ, where OATS's support is already good, SparseGPT'
 and the CG steps cannot raise the objective; SparseGPT's greedy support choice can. An S-step that leaves the
 objective above the best iterate's is rejected and the iteration stops, so the history never rises.
 
-[`shrink_hessian`] with λ gives the metric `(1 - λ) H + λ diag(H)` (the caller passes it as `hessian`): λ = 1 is
+Shrinkage λ (`hessian_metric(H, shrinkage=λ)`, or [`shrink_hessian`] applied by the caller) gives the metric
+`(1 - λ) H + λ diag(H)`: λ = 1 is
 OATS's diagonal metric, where every weight's error counts independently, λ = 0 the full one. `H` is estimated from a
 few thousand calibration tokens; its off-diagonal correlations are what SparseGPT's updates and the CG refit exploit,
 and at low ρ, where the errors are small, fitting them exactly fits the sample more than the model
@@ -28,15 +29,15 @@ and at low ρ, where the errors are small, fitting them exactly fits the sample 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .oats import Decomposition
 from .sparsegpt import (
     SPARSEGPT_PRECISION,
+    _not_positive_definite,
     damped_hessian,
-    inverse_factor_from_cholesky,
     no_tf32,
     prune_with_factor,
 )
@@ -51,35 +52,65 @@ AUTO_SHRINKAGE = 0.5
 AUTO_SHRINKAGE_BELOW_RATE = 0.55
 
 
-@dataclass(frozen=True)
-class HessianFactors:
-    """What every step needs from one layer's Hessian, computed once per layer.
+# Rows of S refitted (and of the objective summed) per batch: bounds the conjugate-gradient workspace to a few
+# `(ROW_CHUNK, d_in)` matrices instead of five full `(d_out, d_in)` ones; rows are independent problems.
+ROW_CHUNK = 128
 
-    `hessian` is damped with dead inputs set to 1 (as SparseGPT); `cholesky` is its lower Cholesky factor `C`
-    (`H = C C^T`), the square root of the rank-r fit; `hinv` is the upper Cholesky factor of `H^-1` that SparseGPT's
-    pass reads, computed from `C` by the reference's own steps.
+
+@dataclass(frozen=True)
+class HessianMetric:
+    """One layer's metric: the caller's Hessian (never copied for long), its damping, shrinkage and dead inputs.
+
+    The damped, shrunk matrix and its factors are built when a step needs them and freed when it returns, so a layer
+    holds at most two `d_in²` matrices besides the caller's statistics at any moment, fewer than SparseGPT's own
+    inverse (three); keeping them all for the whole layer cost hassle tens of MB above SparseGPT (docs/quality.md).
+    Each rebuild is one copy or one Cholesky factorisation, small next to the SVD and the OBS pass of a step.
     """
 
-    hessian: torch.Tensor
-    cholesky: torch.Tensor
-    hinv: torch.Tensor
+    raw: torch.Tensor
     dead: torch.Tensor
+    percdamp: float
+    shrinkage: float
+
+    def hessian(self) -> torch.Tensor:
+        """The metric minimised: damped as SparseGPT damps it (dead inputs set to 1), then `shrink_hessian`'s
+        `(1 - λ) H + λ diag(H)` (the same matrix as shrinking first: the diagonal the damping reads is unchanged)."""
+        damped, _ = damped_hessian(self.raw, self.percdamp)
+        if self.shrinkage:
+            diagonal = damped.diagonal().clone()
+            damped.mul_(1.0 - self.shrinkage).diagonal().copy_(diagonal)
+        return damped
+
+    def cholesky(self) -> torch.Tensor:
+        """The lower Cholesky factor `C` of the metric (`H = C C^T`), the square root of the rank-r fit."""
+        factor, info = torch.linalg.cholesky_ex(self.hessian())
+        if info.item() != 0:
+            raise _not_positive_definite(self.percdamp)
+        return factor
+
+    def inverse_factor(self) -> torch.Tensor:
+        """The upper Cholesky factor of `H^-1` that SparseGPT's pass reads, by the reference's own steps."""
+        inverse = torch.cholesky_inverse(self.cholesky())
+        factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
+        if info.item() != 0:
+            raise _not_positive_definite(self.percdamp)
+        return factor
 
 
-def hessian_factors(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFactors:
-    """Damp `hessian` exactly as [`inverse_hessian_factor`] does and factor it."""
+def hessian_metric(hessian: torch.Tensor, percdamp: float = 0.01, shrinkage: float = 0.0) -> HessianMetric:
+    """Check `hessian` (finite) and `shrinkage` and wrap them; a Hessian that is not positive definite once damped
+    is named by the first step that factors it.
+
+    `hessian` is not copied or modified; the caller must not change it while the metric is in use.
+    """
     if not torch.isfinite(hessian).all():
         raise ValueError(
             "The Hessian holds NaN/inf: run the calibration in float32 and check the model's activations."
         )
-    damped, dead = damped_hessian(hessian, percdamp)
-    cholesky, info = torch.linalg.cholesky_ex(damped)
-    if info.item() != 0:
-        raise ValueError(
-            f"The dampened Hessian is not positive definite (`percdamp`={percdamp}); increase `percdamp` "
-            "or check the calibration statistics for NaN/inf."
-        )
-    return HessianFactors(damped, cholesky, inverse_factor_from_cholesky(cholesky, percdamp), dead)
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"`shrinkage` must be in [0, 1] (0: full Hessian, 1: its diagonal), got {shrinkage}.")
+    return HessianMetric(hessian, torch.diagonal(hessian) == 0, percdamp, shrinkage)
 
 
 def shrink_hessian(hessian: torch.Tensor, shrinkage: float) -> torch.Tensor:
@@ -102,12 +133,15 @@ def default_shrinkage(compression_rate: float) -> float:
 
 def hessian_objective(residual: torch.Tensor, hessian: torch.Tensor) -> float:
     """`tr(R H R^T)`: the summed squared output error of `R` on the calibration inputs (up to `2/n`)."""
-    residual = residual.to(hessian.dtype)
-    return float(((residual @ hessian) * residual).sum())
+    total = 0.0
+    for rows in residual.split(ROW_CHUNK):
+        rows = rows.to(hessian.dtype)
+        total += float(((rows @ hessian) * rows).sum())
+    return total
 
 
 def weighted_low_rank(
-    residual: torch.Tensor, factors: HessianFactors, rank: int
+    residual: torch.Tensor, metric: HessianMetric, rank: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The rank-`rank` `L = U V` minimising `tr((R - L) H (R - L)^T)`, as balanced factors `(d_out, r)`, `(r, d_in)`.
 
@@ -116,21 +150,33 @@ def weighted_low_rank(
     """
     if rank == 0:
         return None, None
-    chol = factors.cholesky
-    u, s, vh = torch.linalg.svd(residual.to(chol.dtype) @ chol, full_matrices=False)
+    weighted = residual.to(SPARSEGPT_PRECISION) @ metric.cholesky()
+    # The SVD's workspace is the L-step's peak: `C` is factored again for the solve instead of held beside it.
+    u, s, vh = torch.linalg.svd(weighted, full_matrices=False)
+    del weighted
     half = s[:rank].sqrt()
     lowrank_u = u[:, :rank] * half
-    lowrank_v = torch.linalg.solve_triangular(chol, half.unsqueeze(1) * vh[:rank], upper=False, left=False)
+    top = half.unsqueeze(1) * vh[:rank]
+    del u, vh
+    lowrank_v = torch.linalg.solve_triangular(metric.cholesky(), top, upper=False, left=False)
     return lowrank_u.to(residual.dtype), lowrank_v.to(residual.dtype)
 
 
 def refit_on_support(target: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` conjugate-gradient steps from `sparse` on `min tr((T - S) H (T - S)^T)` over S's non-zeros.
 
-    Rows are independent problems (the support differs per row) and run as one batch: each step is one
-    `(d_out, d_in) x (d_in, d_in)` product. CG on the support-restricted (positive definite) system lowers the
-    objective at every step, so it can only improve on SparseGPT's values.
+    Rows are independent problems (the support differs per row) and run as batches of `ROW_CHUNK` rows: each step
+    is one `(rows, d_in) x (d_in, d_in)` product. CG on the support-restricted (positive definite) system lowers
+    the objective at every step, so it can only improve on SparseGPT's values.
     """
+    refit = torch.empty_like(sparse)
+    for start in range(0, sparse.shape[0], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        refit[rows] = _refit_rows(target[rows], sparse[rows], hessian, steps)
+    return refit
+
+
+def _refit_rows(target: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor, steps: int) -> torch.Tensor:
     support = sparse != 0
     values = sparse.clone()
     residual = (target - values) @ hessian * support  # minus the gradient, restricted to the support
@@ -152,7 +198,7 @@ def refit_on_support(target: torch.Tensor, sparse: torch.Tensor, hessian: torch.
 
 def hessian_sparse_low_rank(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianMetric,
     *,
     rank: int,
     sparsity: float | None = None,
@@ -166,7 +212,9 @@ def hessian_sparse_low_rank(
 
     Args:
         weight: `(d_out, d_in)`; not modified.
-        hessian: `(d_in, d_in)` layer Hessian `2 X^T X / n`, or its [`shrink_hessian`] (the metric minimised).
+        hessian: `(d_in, d_in)` layer Hessian `2 X^T X / n` (or its [`shrink_hessian`]), damped by `percdamp`;
+            or a [`hessian_metric`] of it (its own damping and shrinkage; `percdamp` is then ignored), which keeps
+            no copy of the matrix between steps.
         rank: rank of `L`, in `[0, min(d_out, d_in)]`.
         sparsity: fraction of `S` pruned, jointly per 128-column block as SparseGPT does (unstructured).
         nm: `(N, M)`: `S` keeps N of every M consecutive columns of each row (instead of `sparsity`).
@@ -176,7 +224,7 @@ def hessian_sparse_low_rank(
             term re-fitted in this metric as the first iterate, which the alternation must then beat. None: start
             from `L = 0`, so with `rank=0`, one iteration and `refit_steps=0` this is exactly SparseGPT.
         refit_steps: conjugate-gradient steps on the kept values of S after each SparseGPT pass.
-        percdamp: diagonal damping as a fraction of `mean(diag H)` (SparseGPT's default).
+        percdamp: diagonal damping as a fraction of `mean(diag H)` (SparseGPT's default) of a tensor `hessian`.
 
     Returns:
         A `Decomposition` in float32; `history` holds the relative objective `tr(ΔHΔ^T) / tr(WHW^T)` of every
@@ -204,37 +252,55 @@ def hessian_sparse_low_rank(
 
 def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_steps, percdamp) -> Decomposition:
     sparsity, nm = pattern
-    target = weight.detach().to(SPARSEGPT_PRECISION, copy=True)
-    factors = hessian_factors(hessian.to(target.device), percdamp)
-    target[:, factors.dead] = 0
-    scale = max(hessian_objective(target, factors.hessian), 1e-30)
+    if not isinstance(hessian, HessianMetric):
+        hessian = hessian_metric(hessian.to(weight.device), percdamp)
+    elif hessian.raw.device != weight.device:
+        hessian = replace(hessian, raw=hessian.raw.to(weight.device), dead=hessian.dead.to(weight.device))
+    metric = hessian
+    target = weight.detach().to(SPARSEGPT_PRECISION)  # read only: no copy unless dead inputs are zeroed
+    if metric.dead.any():
+        target = target.clone()
+        target[:, metric.dead] = 0
+    scale = max(hessian_objective(target, metric.hessian()), 1e-30)
     best: Decomposition | None = None
 
     def accept(sparse: torch.Tensor, lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None) -> bool:
         nonlocal best
-        approx = sparse if lowrank_u is None else sparse + lowrank_u @ lowrank_v
-        loss = hessian_objective(target - approx, factors.hessian) / scale
+        residual = target - sparse
+        if lowrank_u is not None:
+            residual.addmm_(lowrank_u, lowrank_v, alpha=-1)
+        loss = hessian_objective(residual, metric.hessian()) / scale
+        del residual
         if best is not None and loss > best.history[-1]:
             return False  # a greedy S-step made it worse: keep the previous iterate
         history = [*best.history, loss] if best is not None else [loss]
         best = Decomposition(sparse, lowrank_u, lowrank_v, history=history, iterations=len(history))
         return True
 
+    def minus_low_rank(lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None) -> torch.Tensor:
+        return target if lowrank_u is None else torch.addmm(target, lowrank_u, lowrank_v, alpha=-1)
+
     lowrank_u = lowrank_v = None
     if warm_start is not None and rank > 0:
-        start = warm_start.sparse.to(target, copy=True)
-        start[:, factors.dead] = 0
-        lowrank = warm_start.lowrank_u.to(target) @ warm_start.lowrank_v.to(target)
-        sparse = refit_on_support(target - lowrank, start, factors.hessian, refit_steps)
-        lowrank_u, lowrank_v = weighted_low_rank(target - sparse, factors, rank)
+        start = warm_start.sparse.to(target)  # read only, as `target`
+        if metric.dead.any():
+            start = start.clone()
+            start[:, metric.dead] = 0
+        goal = minus_low_rank(warm_start.lowrank_u.to(target), warm_start.lowrank_v.to(target))
+        sparse = refit_on_support(goal, start, metric.hessian(), refit_steps)
+        del goal, start
+        lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
         accept(sparse, lowrank_u, lowrank_v)
     for _ in range(iterations):
-        lowrank = lowrank_u @ lowrank_v if lowrank_u is not None else 0
-        sparse = prune_with_factor(target - lowrank, factors.hinv, factors.dead, sparsity=sparsity, nm=nm)
-        sparse = refit_on_support(target - lowrank, sparse, factors.hessian, refit_steps)
-        lowrank_u, lowrank_v = weighted_low_rank(target - sparse, factors, rank)
+        inverse_factor = metric.inverse_factor()  # its two-matrix transient before `goal` exists
+        goal = minus_low_rank(lowrank_u, lowrank_v)
+        sparse = prune_with_factor(goal, inverse_factor, metric.dead, sparsity=sparsity, nm=nm)
+        del inverse_factor
+        sparse = refit_on_support(goal, sparse, metric.hessian(), refit_steps)
+        del goal
+        lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
         if not accept(sparse, lowrank_u, lowrank_v):
             break
     if best.lowrank_v is not None:
-        best.lowrank_v[:, factors.dead] = 0  # no response to features calibration never saw, as S
+        best.lowrank_v[:, metric.dead] = 0  # no response to features calibration never saw, as S
     return best

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from .budget import LayerBudget
-from .hessian_slr import default_shrinkage, hessian_sparse_low_rank, shrink_hessian
+from .hessian_slr import default_shrinkage, hessian_metric, hessian_sparse_low_rank
 from .oats import Decomposition, oats_decompose
 from .pruning import magnitude_prune, wanda_prune
 from .sparsegpt import sparsegpt_prune
@@ -109,7 +109,7 @@ def _run_hassle(weight, stats, budget, settings) -> Decomposition:
     warm = _run_oats(weight, stats, budget, settings) if budget.rank > 0 else None
     return hessian_sparse_low_rank(
         weight,
-        shrink_hessian(stats[HESSIAN], _shrinkage(weight, budget, settings)),
+        hessian_metric(stats[HESSIAN], shrinkage=_shrinkage(weight, budget, settings)),
         rank=budget.rank,
         sparsity=None if budget.nm is not None else _layer_sparsity(weight, budget),
         nm=budget.nm,

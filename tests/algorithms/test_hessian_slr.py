@@ -14,7 +14,7 @@ from optimum_oats.algorithms import (
 )
 from optimum_oats.algorithms.hessian_slr import (
     default_shrinkage,
-    hessian_factors,
+    hessian_metric,
     hessian_objective,
     refit_on_support,
     shrink_hessian,
@@ -39,7 +39,7 @@ def _problem(seed: int, d_out: int = 96, d_in: int = 128, structured: bool = Tru
 
 def _objective(W, H, out) -> float:
     approx = out.sparse + (out.lowrank_u @ out.lowrank_v if out.lowrank_u is not None else 0)
-    return hessian_objective(W - approx, hessian_factors(H).hessian)
+    return hessian_objective(W - approx, hessian_metric(H).hessian())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -57,7 +57,7 @@ def test_objective_never_rises_across_iterations(seed, warm):
     assert 1 <= out.iterations == len(out.history) <= 6 + warm
     assert all(b <= a for a, b in zip(out.history, out.history[1:], strict=False))
     # The history is the objective of what is returned (dead inputs: none here).
-    energy = hessian_objective(W, hessian_factors(H).hessian)
+    energy = hessian_objective(W, hessian_metric(H).hessian())
     assert _objective(W, H, out) / energy == pytest.approx(out.history[-1], rel=1e-4)
 
 
@@ -76,7 +76,7 @@ def test_rank_zero_one_iteration_is_sparsegpt_exactly(nm):
 
 def test_refit_lowers_the_error_at_every_step_and_keeps_the_support():
     W, H, _ = _problem(7)
-    damped = hessian_factors(H).hessian
+    damped = hessian_metric(H).hessian()
     pruned = sparsegpt_prune(W, H, sparsity=0.7)
     errors = [hessian_objective(W - refit_on_support(W, pruned, damped, k), damped) for k in range(0, 8)]
     assert errors[0] == pytest.approx(hessian_objective(W - pruned, damped))
@@ -93,13 +93,13 @@ def test_low_rank_step_is_the_exact_weighted_minimiser():
     """Against the same fit through the symmetric square root (`H^½ = Q Λ^½ Q^T`, EoRA's route): a different
     route, the same optimum."""
     W, H, _ = _problem(4)
-    factors = hessian_factors(H)
-    u, v = weighted_low_rank(W, factors, 5)
-    eigvals, Q = torch.linalg.eigh(factors.hessian.double())
+    metric = hessian_metric(H)
+    u, v = weighted_low_rank(W, metric, 5)
+    eigvals, Q = torch.linalg.eigh(metric.hessian().double())
     root = Q * eigvals.sqrt()
     a, s, bh = torch.linalg.svd(W.double() @ root, full_matrices=False)
     best = (a[:, :5] * s[:5]) @ bh[:5] @ (Q / eigvals.sqrt()).T
-    H_d = factors.hessian
+    H_d = metric.hessian()
     assert hessian_objective(W - u @ v, H_d) == pytest.approx(hessian_objective(W - best.float(), H_d), rel=1e-4)
     for scale in (0.9, 1.1):  # and no nearby rank-5 point is better
         assert hessian_objective(W - scale * (u @ v), H_d) > hessian_objective(W - u @ v, H_d)
@@ -136,11 +136,13 @@ def test_never_worse_than_its_warm_start(structured):
     out = hessian_sparse_low_rank(
         W, H, rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1], iterations=2, warm_start=oats
     )
-    factors = hessian_factors(H)
-    polished = refit_on_support(W - oats.lowrank_u @ oats.lowrank_v, oats.sparse, factors.hessian, 10)
-    u, v = weighted_low_rank(W - polished, factors, budget.rank)
-    energy = hessian_objective(W, factors.hessian)
-    assert out.history[0] == pytest.approx(hessian_objective(W - polished - u @ v, factors.hessian) / energy, rel=1e-4)
+    metric = hessian_metric(H)
+    polished = refit_on_support(W - oats.lowrank_u @ oats.lowrank_v, oats.sparse, metric.hessian(), 10)
+    u, v = weighted_low_rank(W - polished, metric, budget.rank)
+    energy = hessian_objective(W, metric.hessian())
+    assert out.history[0] == pytest.approx(
+        hessian_objective(W - polished - u @ v, metric.hessian()) / energy, rel=1e-4
+    )
     assert out.history[0] < _objective(W, H, oats) / energy
     assert _objective(W, H, out) / energy <= out.history[0] * (1 + 1e-6)
     assert int((out.sparse != 0).sum()) <= budget.keep_per_row * W.shape[0]
@@ -226,12 +228,47 @@ def test_bad_input_is_named():
 
 def test_engine_error_names_the_layer(tiny_llama, tokenizer, calibration_texts, monkeypatch):
     """A failing layer is reported by name and method, with the algorithm's own explanation."""
-    import optimum_oats.algorithms.hessian_slr as module
+    import optimum_oats.algorithms.registry as module
 
-    def broken(hessian, percdamp=0.01):
+    def broken(hessian, percdamp=0.01, shrinkage=0.0):
         raise ValueError("The dampened Hessian is not positive definite; increase `percdamp`.")
 
-    monkeypatch.setattr(module, "hessian_factors", broken)
+    monkeypatch.setattr(module, "hessian_metric", broken)
     cfg = OATSConfig(method="hassle", dataset=calibration_texts, num_samples=2, seqlen=32, num_iterations=2)
     with pytest.raises(ValueError, match=r"`model\.layers\.0\.self_attn\.q_proj` \(hassle\): The dampened"):
         compress(tiny_llama, cfg, tokenizer, progress=False)
+
+
+def test_the_metric_keeps_no_copy_and_equals_the_shrunk_hessian():
+    """`hessian_metric(H, shrinkage=λ)` holds the caller's matrix itself (the memory bound of issue 17) and builds
+    exactly the damped `shrink_hessian(H, λ)`; the decomposition is the same through either route."""
+    W, H, _ = _problem(11)
+    H[5, :] = H[:, 5] = 0  # a dead input: damping sets its diagonal to 1 in both routes
+    metric = hessian_metric(H, shrinkage=0.5)
+    assert metric.raw is H and metric.dead.nonzero().flatten().tolist() == [5]
+    assert torch.equal(metric.hessian(), hessian_metric(shrink_hessian(H, 0.5)).hessian())
+    assert torch.equal(metric.cholesky(), torch.linalg.cholesky(metric.hessian()))
+    budget = layer_budget(*W.shape, 0.5, 0.2)
+    args = dict(rank=budget.rank, sparsity=1 - budget.keep_per_row / W.shape[1], iterations=2)
+    through_metric = hessian_sparse_low_rank(W, metric, **args)
+    through_tensor = hessian_sparse_low_rank(W, shrink_hessian(H, 0.5), **args)
+    assert torch.equal(through_metric.sparse, through_tensor.sparse)
+    assert torch.equal(through_metric.lowrank_v, through_tensor.lowrank_v)
+    assert through_metric.history == through_tensor.history
+    with pytest.raises(ValueError, match=r"`shrinkage` must be in \[0, 1\]"):
+        hessian_metric(H, shrinkage=-0.5)
+
+
+def test_refit_in_row_batches_is_the_refit_of_all_rows(monkeypatch):
+    """Rows are independent CG problems: batching them (the workspace bound) changes no result beyond rounding."""
+    import optimum_oats.algorithms.hessian_slr as module
+
+    W, H, _ = _problem(12, d_out=200)
+    pruned = sparsegpt_prune(W, H, sparsity=0.6)
+    damped = hessian_metric(H).hessian()
+    whole = refit_on_support(W, pruned, damped, 8)
+    monkeypatch.setattr(module, "ROW_CHUNK", 64)  # 200 rows: three full batches and a ragged one
+    batched = refit_on_support(W, pruned, damped, 8)
+    assert torch.equal(batched != 0, pruned != 0)
+    torch.testing.assert_close(batched, whole, rtol=1e-5, atol=1e-6)
+    assert hessian_objective(W - batched, damped) == pytest.approx(hessian_objective(W - whole, damped), rel=1e-5)
