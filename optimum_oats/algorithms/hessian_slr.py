@@ -76,10 +76,7 @@ class HessianMetric:
         """The metric minimised: damped as SparseGPT damps it (dead inputs set to 1), then `shrink_hessian`'s
         `(1 - λ) H + λ diag(H)` (the same matrix as shrinking first: the diagonal the damping reads is unchanged)."""
         damped, _ = damped_hessian(self.raw, self.percdamp)
-        if self.shrinkage:
-            diagonal = damped.diagonal().clone()
-            damped.mul_(1.0 - self.shrinkage).diagonal().copy_(diagonal)
-        return damped
+        return _shrink_(damped, self.shrinkage)
 
     def cholesky(self) -> torch.Tensor:
         """The lower Cholesky factor `C` of the metric (`H = C C^T`), the square root of the rank-r fit."""
@@ -119,9 +116,15 @@ def shrink_hessian(hessian: torch.Tensor, shrinkage: float) -> torch.Tensor:
         raise ValueError(f"`shrinkage` must be in [0, 1] (0: full Hessian, 1: its diagonal), got {shrinkage}.")
     if shrinkage == 0.0:
         return hessian
-    shrunk = hessian * (1.0 - shrinkage)
-    shrunk.diagonal().copy_(hessian.diagonal())
-    return shrunk
+    return _shrink_(hessian.clone(), shrinkage)
+
+
+def _shrink_(matrix: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """[`shrink_hessian`] in place."""
+    if shrinkage:
+        diagonal = matrix.diagonal().clone()
+        matrix.mul_(1.0 - shrinkage).diagonal().copy_(diagonal)
+    return matrix
 
 
 def default_shrinkage(compression_rate: float) -> float:
