@@ -86,7 +86,10 @@ class HessianMetric:
         return factor
 
     def inverse_factor(self) -> torch.Tensor:
-        """The upper Cholesky factor of `H^-1` that SparseGPT's pass reads, by the reference's own steps."""
+        """The upper Cholesky factor of `H^-1` that SparseGPT's pass reads, by the reference's own steps.
+
+        Not `inverse_factor_from_cholesky(self.cholesky())`: that holds `C` as its argument beside the inverse and
+        its factor (three `d_in²` matrices); here `C` is freed once the inverse exists (two)."""
         inverse = torch.cholesky_inverse(self.cholesky())
         factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
         del inverse
@@ -105,18 +108,21 @@ def hessian_metric(hessian: torch.Tensor, percdamp: float = 0.01, shrinkage: flo
         raise ValueError(
             "The Hessian holds NaN/inf: run the calibration in float32 and check the model's activations."
         )
-    if not 0.0 <= shrinkage <= 1.0:
-        raise ValueError(f"`shrinkage` must be in [0, 1] (0: full Hessian, 1: its diagonal), got {shrinkage}.")
+    _check_shrinkage(shrinkage)
     return HessianMetric(hessian, torch.diagonal(hessian) == 0, percdamp, shrinkage)
 
 
 def shrink_hessian(hessian: torch.Tensor, shrinkage: float) -> torch.Tensor:
     """`(1 - λ) H + λ diag(H)`: the off-diagonal input correlations scaled by `1 - λ`, the diagonal kept."""
-    if not 0.0 <= shrinkage <= 1.0:
-        raise ValueError(f"`shrinkage` must be in [0, 1] (0: full Hessian, 1: its diagonal), got {shrinkage}.")
+    _check_shrinkage(shrinkage)
     if shrinkage == 0.0:
         return hessian
     return _shrink_(hessian.clone(), shrinkage)
+
+
+def _check_shrinkage(shrinkage: float) -> None:
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"`shrinkage` must be in [0, 1] (0: full Hessian, 1: its diagonal), got {shrinkage}.")
 
 
 def _shrink_(matrix: torch.Tensor, shrinkage: float) -> torch.Tensor:
