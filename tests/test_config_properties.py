@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_oats import OATSConfig
+from optimum_oats.algorithms import method_info
 from optimum_oats.config import LAYERWISE, METHODS, NAMED_DATASETS, SVD_SOLVERS, parse_nm
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -50,7 +51,7 @@ def valid_kwargs(draw) -> dict:
     if kwargs["layerwise"] == "uniform" and draw(st.booleans()):
         m = draw(st.integers(2, 64))
         n = draw(st.integers(1, m - 1))
-        if kwargs["method"] == "oats" and n / m / (1 - kwargs["rank_ratio"]) >= 1:
+        if method_info(kwargs["method"]).uses_low_rank and n / m / (1 - kwargs["rank_ratio"]) >= 1:
             kwargs["rank_ratio"] = 0.0
         kwargs["sparsity_pattern"] = f"{n}:{m}"
     return kwargs
