@@ -130,25 +130,18 @@ def table(args: argparse.Namespace) -> str:
             errors[spec].append(stderr)
             cells.append(f"{value:.3f} ± {stderr:.3f}")
         lines.append(f"| {task} | {metric} | {n} | " + " | ".join(cells) + " |")
-    means = []
-    for spec in specs:
-        if len(values[spec]) == len(ZERO_SHOT_TASKS):
-            mean = sum(values[spec]) / len(values[spec])
-            error = math.sqrt(sum(e * e for e in errors[spec])) / len(errors[spec])
-            means.append(f"**{mean:.4f}** ± {error:.4f}")
-        else:
-            means.append("-")
-    lines.append("| mean | | | " + " | ".join(means) + " |")
+    every_task = range(len(ZERO_SHOT_TASKS))
     multiple_choice = [i for i, task in enumerate(ZERO_SHOT_TASKS) if task not in BINARY_TASKS]
-    cells = []
-    for spec in specs:
-        if len(values[spec]) == len(ZERO_SHOT_TASKS):
-            mean = sum(values[spec][i] for i in multiple_choice) / len(multiple_choice)
-            error = math.sqrt(sum(errors[spec][i] ** 2 for i in multiple_choice)) / len(multiple_choice)
-            cells.append(f"{mean:.4f} ± {error:.4f}")
-        else:
-            cells.append("-")
-    lines.append(f"| mean without {', '.join(BINARY_TASKS)} | | | " + " | ".join(cells) + " |")
+    for label, picked in (("mean", every_task), (f"mean without {', '.join(BINARY_TASKS)}", multiple_choice)):
+        cells = []
+        for spec in specs:
+            if len(values[spec]) < len(ZERO_SHOT_TASKS):
+                cells.append("-")
+                continue
+            mean = sum(values[spec][i] for i in picked) / len(picked)
+            error = math.sqrt(sum(errors[spec][i] ** 2 for i in picked)) / len(picked)
+            cells.append(f"**{mean:.4f}** ± {error:.4f}" if label == "mean" else f"{mean:.4f} ± {error:.4f}")
+        lines.append(f"| {label} | | | " + " | ".join(cells) + " |")
     if "dense" in specs and len(values["dense"]) == len(ZERO_SHOT_TASKS):
         dense_mean = sum(values["dense"]) / len(values["dense"])
         deltas = []
