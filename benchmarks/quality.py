@@ -113,6 +113,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", default="bench_results/quality")
     parser.add_argument("--quick", action="store_true", help="4 x 256 calibration, 4 x 512 evaluation, 10 iterations")
     args = parser.parse_args()
+    if args.table_only and args.skip_dense:
+        parser.error("--table-only prints the table against the dense baseline; drop --skip-dense")
     if args.quick:
         args.num_samples, args.seqlen, args.eval_seqlen, args.windows, args.iterations = 4, 256, 512, 4, 10
         args.output = args.output + "-quick"

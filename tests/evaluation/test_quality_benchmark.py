@@ -68,3 +68,17 @@ def test_default_shrinkage_reads_the_runs_of_the_value_it_resolves_to(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| 24.50 |" in result.stdout and "| 80.00 |" in result.stdout and "not run yet" not in result.stdout
+
+
+def test_table_only_with_skip_dense_is_refused_not_silent(tmp_path):
+    """`--skip-dense` means "a worker run, no table"; with `--table-only` the run would print nothing and exit 0."""
+    args = [*SWEEP, "--output", str(tmp_path), "--methods", "sparsegpt", "--table-only", "--skip-dense"]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2
+    assert "drop --skip-dense" in result.stderr
