@@ -22,6 +22,17 @@ def store(folder: Path, key: str, perplexity: float) -> None:
     (folder / f"{key}.json").write_text(json.dumps(record))
 
 
+def run_quality(args: list[str]) -> subprocess.CompletedProcess:
+    """benchmarks/quality.py in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def test_table_only_pairs_by_seed_and_plots_the_seed_mean(tmp_path):
     (tmp_path / "dense.json").write_text(json.dumps({"perplexity": 20.0, "seconds": 0.0}))
     sparsegpt, hassle = [300.0, 330.0, 280.0], [240.0, 250.0, 250.0]
@@ -31,14 +42,7 @@ def test_table_only_pairs_by_seed_and_plots_the_seed_mean(tmp_path):
         store(tmp_path, f"hassle-uniform-0.7-fast-k0.1-h2{suffix}", new)
     plot = tmp_path / "plot.png"
     args = [*SWEEP, "--output", str(tmp_path), "--methods", "sparsegpt", "hassle", "--rates", "0.7"]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), *args, "--seed", "0", "1", "2"]
-        + ["--table-only", "--plot", str(plot)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = run_quality([*args, "--seed", "0", "1", "2", "--table-only", "--plot", str(plot)])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     row = next(line for line in result.stdout.splitlines() if line.startswith("| hassle | 0.7 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -59,13 +63,7 @@ def test_default_shrinkage_reads_the_runs_of_the_value_it_resolves_to(tmp_path):
     store(tmp_path, "hassle-uniform-0.3-fast-k0.1-h2-lam0.5", 24.5)
     store(tmp_path, "hassle-uniform-0.6-fast-k0.1-h2", 80.0)
     args = [*SWEEP, "--output", str(tmp_path), "--methods", "hassle", "--rates", "0.3", "0.6", "--table-only"]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = run_quality(args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| 24.50 |" in result.stdout and "| 80.00 |" in result.stdout and "not run yet" not in result.stdout
 
@@ -73,12 +71,6 @@ def test_default_shrinkage_reads_the_runs_of_the_value_it_resolves_to(tmp_path):
 def test_table_only_with_skip_dense_is_refused_not_silent(tmp_path):
     """`--skip-dense` means "a worker run, no table"; with `--table-only` the run would print nothing and exit 0."""
     args = [*SWEEP, "--output", str(tmp_path), "--methods", "sparsegpt", "--table-only", "--skip-dense"]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = run_quality(args)
     assert result.returncode == 2
     assert "drop --skip-dense" in result.stderr
