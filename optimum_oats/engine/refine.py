@@ -41,17 +41,22 @@ def refine_block(
     *,
     steps: int,
     lr: float,
+    lowrank_lr: float | None = None,
     progress: bool = False,
 ) -> tuple[float, float]:
     """Fit the compact layers of `block` to the dense block's outputs `targets`; returns `(loss before, after)`.
 
     One Adam step per calibration sample (cycled in a fixed order), on every compact layer's kept values, U and V;
     the rest of the block is frozen for the duration. Masks never change, so the result has the same shapes.
+    `lowrank_lr` (default: `lr`) is U and V's own rate: their product moves by about the sum of both steps, so at a
+    rate that suits the kept values it can overshoot (`benchmarks/refine_block.py` measures it).
     """
     from tqdm.auto import tqdm
 
     calls = sample_calls(kwargs, len(hidden_states))
-    trained = [p for layer in layers.values() for p in (layer.weight, layer.lowrank_u, layer.lowrank_v) if p.numel()]
+    values = [layer.weight for layer in layers.values() if layer.weight.numel()]
+    lowrank = [p for layer in layers.values() for p in (layer.lowrank_u, layer.lowrank_v) if p.numel()]
+    trained = values + lowrank
     before = block_loss(block, hidden_states, calls, targets)
     if steps <= 0 or not trained:
         return before, before
@@ -61,7 +66,8 @@ def refine_block(
         parameter.requires_grad_(False)
     for parameter in trained:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=lr)
+    groups = [{"params": values, "lr": lr}, {"params": lowrank, "lr": lr if lowrank_lr is None else lowrank_lr}]
+    optimizer = torch.optim.Adam([group for group in groups if group["params"]])
     try:
         with torch.enable_grad():
             for step in tqdm(range(steps), desc="Refining block", disable=not progress, leave=False):

@@ -65,6 +65,20 @@ def test_refinement_never_raises_the_loss(tiny_configs):
     assert all(torch.equal(a, b) for n in start for a, b in zip(start[n], end[n], strict=True))
 
 
+def test_lowrank_lr_is_the_rate_of_u_and_v_alone(tiny_configs):
+    """`lowrank_lr=0` trains the kept values and leaves U and V exactly where they were."""
+    block, layers, hidden, kwargs, targets = _compressed_block(tiny_configs, "oats")
+    ranked = [name for name, layer in layers.items() if layer.rank]
+    assert ranked
+    start = _state(layers)
+    before, after = refine_block(block, layers, hidden, kwargs, targets, steps=40, lr=1e-3, lowrank_lr=0.0)
+    assert after < before
+    end = _state(layers)
+    assert all(not torch.equal(start[name][0], end[name][0]) for name in layers)  # kept values moved
+    for name in ranked:
+        assert torch.equal(start[name][2], end[name][2]) and torch.equal(start[name][3], end[name][3])
+
+
 def test_requires_grad_is_restored(tiny_configs):
     block, layers, hidden, kwargs, targets = _compressed_block(tiny_configs)
     flags = {n: p.requires_grad for n, p in block.named_parameters()}
