@@ -141,7 +141,8 @@ def main() -> None:
     if len(args.methods) == 2:
         first, second = args.methods
         print(f"\n### Held-out loss, {second} / {first}, same block and learning rate")
-        print("| block | " + " | ".join(f"{lr:g}" + (f":{u:g}" if u else "") for lr, u in args.settings) + " |")
+        labels = [f"{lr:g}" + ("" if u is None else f":{u:g}") for lr, u in args.settings]
+        print("| block | " + " | ".join(labels) + " |")
         print("|---|" + "---|" * len(args.settings))
         for index in args.blocks:
             ratios = [held[index, second, s] / held[index, first, s] for s in args.settings]
