@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_oats import OATSConfig
 from optimum_oats.algorithms import ALGORITHMS, INPUT_NORMS
 from optimum_oats.data.inputs import CalibrationData, calibration_inputs
-from optimum_oats.engine.blocks import find_linear_layers, find_main_block_stack
+from optimum_oats.engine.blocks import find_linear_layers, find_main_block_stack, set_module
 from optimum_oats.engine.capture import block_forward, capture_block_inputs, sample_calls
 from optimum_oats.engine.layers import compress_block
 from optimum_oats.engine.refine import block_loss, refine_block
@@ -75,8 +75,7 @@ def compressed_copy(block, prefix: str, method: str, hidden, kwargs, args) -> tu
         block_forward(block, hidden, kwargs)
     layers = {}
     for name, (layer, _) in compress_block(prefix, local, accumulators, config).items():
-        parent, _, attribute = name.rpartition(".")
-        setattr(block.get_submodule(parent), attribute, layer)
+        set_module(block, name, layer)
         layers[name] = layer
     return block, layers
 

@@ -6,7 +6,7 @@ import torch
 
 from optimum_oats import OATSConfig
 from optimum_oats.algorithms import INPUT_NORMS
-from optimum_oats.engine.blocks import find_linear_layers, find_main_block_stack
+from optimum_oats.engine.blocks import find_linear_layers, find_main_block_stack, set_module
 from optimum_oats.engine.capture import block_forward, capture_block_inputs
 from optimum_oats.engine.layers import compress_block
 from optimum_oats.engine.loop import compress_with_inputs
@@ -30,7 +30,7 @@ def _compressed_block(tiny_configs, method="wanda"):
     compressed = compress_block(f"{name}.0", local, accumulators, config)
     layers = {}
     for layer_name, (layer, _) in compressed.items():
-        block.get_submodule(layer_name.rpartition(".")[0]).__setattr__(layer_name.rpartition(".")[2], layer)
+        set_module(block, layer_name, layer)
         layers[layer_name] = layer
     return block, layers, inputs.hidden_states, kwargs, targets
 
