@@ -25,11 +25,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_oats import OATSConfig
-from optimum_oats.algorithms import ALGORITHMS, INPUT_NORMS
+from optimum_oats.algorithms import ALGORITHMS
 from optimum_oats.data.inputs import CalibrationData, calibration_inputs
 from optimum_oats.engine.blocks import find_linear_layers, find_main_block_stack, set_module
 from optimum_oats.engine.capture import block_forward, capture_block_inputs, sample_calls
-from optimum_oats.engine.layers import compress_block
+from optimum_oats.engine.layers import compress_block, statistics_needed
 from optimum_oats.engine.refine import block_loss, refine_block
 from optimum_oats.engine.statistics import collect_statistics
 from optimum_oats.integrations.default_model import default_model_path
@@ -70,8 +70,7 @@ def compressed_copy(block, prefix: str, method: str, hidden, kwargs, args) -> tu
     block = copy.deepcopy(block)
     config = OATSConfig(compression_rate=args.rate, method=method, rank_ratio=args.rank_ratio, svd="fast")
     local = {n[len(prefix) + 1 :]: m for n, m in find_linear_layers(block, prefix, config.is_skipped).items()}
-    needed = tuple(dict.fromkeys((*ALGORITHMS[method].statistics, INPUT_NORMS)))
-    with torch.no_grad(), collect_statistics(local, needed) as accumulators:
+    with torch.no_grad(), collect_statistics(local, statistics_needed(method)) as accumulators:
         block_forward(block, hidden, kwargs)
     layers = {}
     for name, (layer, _) in compress_block(prefix, local, accumulators, config).items():

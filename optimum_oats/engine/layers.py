@@ -17,6 +17,12 @@ from .guards import check_finite_weight
 LayerEntry = dict[str, Any]
 
 
+def statistics_needed(method: str) -> tuple[str, ...]:
+    """What the block loop collects for `method`: its own statistics, plus the input norms that every layer's
+    reported error is measured in (the same D-scaled norm for every method)."""
+    return tuple(dict.fromkeys((*ALGORITHMS[method].statistics, INPUT_NORMS)))
+
+
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, input_norms: torch.Tensor | None) -> float:
     """`||(W - Ŵ) D||_F / ||W D||_F`, the output-space error OATS minimises (plain Frobenius without D)."""
     weight = weight.float()

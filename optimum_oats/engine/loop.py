@@ -24,7 +24,7 @@ from .blocks import find_block_stacks, find_linear_layers
 from .capture import BlockInputs, block_forward, capture_block_inputs, inputs_digest_tensor
 from .distributed import agree, world
 from .guards import refuse_shared_weights
-from .layers import LayerEntry, compress_block
+from .layers import LayerEntry, compress_block, statistics_needed
 from .offload import onload_block
 from .refine import refine_block
 from .resume import ResumeFolder, ResumeMismatchError, job_fingerprint
@@ -140,8 +140,7 @@ def compress_stack(
     from tqdm.auto import tqdm
 
     refuse_shared_weights(model, blocks_name, blocks, config.is_skipped)
-    # Input norms are always collected: the report's error is measured in the same D-scaled norm for every method.
-    needed = tuple(dict.fromkeys((*ALGORITHMS[config.method].statistics, INPUT_NORMS)))
+    needed = statistics_needed(config.method)
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, blocks, input_ids, progress=progress)
