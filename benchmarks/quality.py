@@ -111,10 +111,22 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--plot", default=None, help="write perplexity vs rate (one line per method) to this PNG")
     parser.add_argument("--output", default="bench_results/quality")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where each model is compressed and evaluated, e.g. cuda (give each device its own --output: the "
+        "stored results do not carry it in their file names)",
+    )
     parser.add_argument("--quick", action="store_true", help="4 x 256 calibration, 4 x 512 evaluation, 10 iterations")
     args = parser.parse_args()
     if args.table_only and args.skip_dense:
         parser.error("--table-only prints the table against the dense baseline; drop --skip-dense")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device; give e.g. cpu, cuda or cuda:1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device; run with --device cpu")
     if args.quick:
         args.num_samples, args.seqlen, args.eval_seqlen, args.windows, args.iterations = 4, 256, 512, 4, 10
         args.output = args.output + "-quick"
@@ -148,13 +160,16 @@ def main() -> None:
         return token_perplexity(model, tokenizer, text, seqlen=args.eval_seqlen, max_windows=args.windows)
 
     def dense() -> dict:
-        return {"perplexity": evaluate(AutoModelForCausalLM.from_pretrained(model_path)), "seconds": 0.0}
+        return {
+            "perplexity": evaluate(AutoModelForCausalLM.from_pretrained(model_path).to(args.device)),
+            "seconds": 0.0,
+        }
 
     owl = {"owl_threshold": args.owl_threshold, "owl_lambda": args.owl_lambda}
 
     def compressed(entry: Entry):
         def fn() -> dict:
-            model = AutoModelForCausalLM.from_pretrained(model_path)
+            model = AutoModelForCausalLM.from_pretrained(model_path).to(args.device)
             config = OATSConfig(
                 compression_rate=entry.rate,
                 rank_ratio=args.hassle_rank_ratio if entry.method == "hassle" else args.rank_ratio,
@@ -174,16 +189,27 @@ def main() -> None:
                 refine_lr=args.refine_lr,
                 **(owl if entry.layerwise == "owl" else {}),
             )
+            cuda = torch.device(args.device).type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             compress(model, config, tokenizer)
+            if cuda:
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() if cuda else None  # compression only, model weights included
             report = compression_report(model)
-            return {
+            result = {
                 "perplexity": evaluate(model),
                 "seconds": seconds,
                 "kept_fraction": report.kept_fraction,
                 "mean_relative_error": report.mean_relative_error,
+                "device": str(args.device),
             }
+            if cuda:
+                result["peak_memory_bytes"] = peak
+            return result
 
         return fn
 
@@ -211,7 +237,7 @@ def main() -> None:
 
     print(
         f"\n## Quality: SmolLM2-135M-Instruct, {date.today()}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}"
     )
     print(
         f"calibration: {args.num_samples} x {args.seqlen} C4 tokens, seed {' '.join(map(str, args.seed))}; OATS "

@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from scipy.stats import t as student_t
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 SWEEP = ["--num-samples", "16", "--seqlen", "1024", "--eval-seqlen", "1024", "--windows", "16", "--svd", "fast"]
 
 
@@ -74,3 +77,15 @@ def test_table_only_with_skip_dense_is_refused_not_silent(tmp_path):
     result = run_quality(args)
     assert result.returncode == 2
     assert "drop --skip-dense" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu0", "is not a torch device"), pytest.param("cuda", "no CUDA device", marks=NO_CUDA)],
+)
+def test_a_device_that_cannot_run_is_refused_before_any_work(tmp_path, device, message):
+    """A typo or a missing GPU must stop the sweep at once with the fix, not after the model is loaded."""
+    result = run_quality([*SWEEP, "--output", str(tmp_path), "--methods", "sparsegpt", "--device", device])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not list(tmp_path.iterdir())
