@@ -77,6 +77,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refine-steps", type=int, default=0, help="block refinement steps (OATSConfig.refine_steps)")
     parser.add_argument("--refine-lr", type=float, default=1e-4, help="block refinement learning rate")
     parser.add_argument(
+        "--refine-lowrank-lr",
+        type=float,
+        default=None,
+        help="block refinement rate of U and V (OATSConfig.refine_lowrank_lr; default: --refine-lr)",
+    )
+    parser.add_argument(
         "--hessian-iterations", type=int, default=2, help="method hassle: alternations (OATSConfig.hessian_iterations)"
     )
     parser.add_argument(
@@ -187,6 +193,7 @@ def main() -> None:
                 calibration_sampling=args.sampling,
                 refine_steps=args.refine_steps,
                 refine_lr=args.refine_lr,
+                refine_lowrank_lr=args.refine_lowrank_lr,
                 **(owl if entry.layerwise == "owl" else {}),
             )
             cuda = torch.device(args.device).type == "cuda"
@@ -339,7 +346,8 @@ def print_paired_vs_baseline(results: dict[Entry, dict | None], args: argparse.N
         ratios.setdefault(setting, []).append(result["perplexity"] / base["perplexity"])
     if not ratios:
         return
-    refine = f", both refined ({args.refine_steps} steps, lr {args.refine_lr:g})" if args.refine_steps else ""
+    lowrank = f", U, V at {args.refine_lowrank_lr:g}" if args.refine_lowrank_lr is not None else ""
+    refine = f", both refined ({args.refine_steps} steps, lr {args.refine_lr:g}{lowrank})" if args.refine_steps else ""
     print(f"\n### Perplexity / {baseline}'s, paired by calibration seed{refine}\n")
     print("| method | rho | layerwise | pattern | seeds | ratio per seed | geometric mean | 95% t interval |")
     print("|---|---|---|---|---|---|---|---|")
@@ -385,6 +393,8 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += f"-c{args.sampling}"
     if args.refine_steps:
         key += f"-r{args.refine_steps}-lr{args.refine_lr:g}"
+        if args.refine_lowrank_lr is not None and entry.method in ("oats", "hassle"):
+            key += f"-uv{args.refine_lowrank_lr:g}"
     return key
 
 

@@ -53,6 +53,7 @@ def test_diff_dict_only_holds_changes():
         ({"layerwise": "random"}, "`layerwise` must be one of"),
         ({"owl_lambda": 0.6}, r"`owl_lambda` must be in \[0.0, 0.5\)"),
         ({"owl_threshold": 0}, "`owl_threshold` must be in"),
+        ({"refine_lowrank_lr": -1e-4}, r"`refine_lowrank_lr` must be in \[0.0, 1.0\)"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, message):

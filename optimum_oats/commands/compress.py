@@ -26,6 +26,7 @@ CONFIG_FIELDS = (
     "owl_lambda",
     "refine_steps",
     "refine_lr",
+    "refine_lowrank_lr",
     "modules_to_not_convert",
 )
 

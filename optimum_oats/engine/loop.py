@@ -186,6 +186,7 @@ def compress_stack(
                         dense_outputs,
                         steps=config.refine_steps,
                         lr=config.refine_lr,
+                        lowrank_lr=config.refine_lowrank_lr,
                         progress=progress,
                     )
                 del dense_outputs

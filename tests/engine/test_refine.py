@@ -100,3 +100,19 @@ def test_compress_with_refinement_keeps_the_shapes(tiny_configs):
         if isinstance(m, LinearSparseLowRank) and not torch.equal(m.weight, plain.get_submodule(n).weight)
     ]
     assert changed  # refinement moved the kept values
+
+
+def test_config_refine_lowrank_lr_reaches_the_refinement(tiny_configs):
+    """`OATSConfig.refine_lowrank_lr=0` freezes U and V in the engine's refinement while the kept values move."""
+    settings = dict(method="oats", compression_rate=0.6, num_iterations=5, refine_steps=8, refine_lr=1e-3)
+    plain = build_tiny_model(tiny_configs["llama"])
+    frozen = build_tiny_model(tiny_configs["llama"])
+    compress_with_inputs(plain, OATSConfig(**{**settings, "refine_steps": 0}), IDS, progress=False)
+    compress_with_inputs(frozen, OATSConfig(**settings, refine_lowrank_lr=0.0), IDS, progress=False)
+    # the first block only: later blocks are compressed from the refined blocks' outputs, so their start differs
+    layers = {n: m for n, m in frozen.named_modules() if isinstance(m, LinearSparseLowRank) and ".0." in n}
+    assert any(m.lowrank_u.numel() for m in layers.values())
+    for name, layer in layers.items():
+        start = plain.get_submodule(name)
+        assert torch.equal(layer.lowrank_u, start.lowrank_u) and torch.equal(layer.lowrank_v, start.lowrank_v)
+    assert any(not torch.equal(m.weight, plain.get_submodule(n).weight) for n, m in layers.items())
