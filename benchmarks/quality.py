@@ -128,10 +128,10 @@ def parse_args() -> argparse.Namespace:
     if args.table_only and args.skip_dense:
         parser.error("--table-only prints the table against the dense baseline; drop --skip-dense")
     try:
-        device = torch.device(args.device)
+        args.device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device {args.device!r} is not a torch device; give e.g. cpu, cuda or cuda:1")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device; run with --device cpu")
     if args.quick:
         args.num_samples, args.seqlen, args.eval_seqlen, args.windows, args.iterations = 4, 256, 512, 4, 10
@@ -196,7 +196,7 @@ def main() -> None:
                 refine_lowrank_lr=args.refine_lowrank_lr,
                 **(owl if entry.layerwise == "owl" else {}),
             )
-            cuda = torch.device(args.device).type == "cuda"
+            cuda = args.device.type == "cuda"
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
