@@ -32,6 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_oats import OATSConfig, compress, compression_report
+from optimum_oats.algorithms import ALGORITHMS
 from optimum_oats.algorithms.hessian_slr import default_shrinkage
 from optimum_oats.config import parse_nm
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
@@ -393,7 +394,7 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += f"-c{args.sampling}"
     if args.refine_steps:
         key += f"-r{args.refine_steps}-lr{args.refine_lr:g}"
-        if args.refine_lowrank_lr is not None and entry.method in ("oats", "hassle"):
+        if args.refine_lowrank_lr is not None and ALGORITHMS[entry.method].uses_low_rank:  # else: no U, V
             key += f"-uv{args.refine_lowrank_lr:g}"
     return key
 
