@@ -8,11 +8,16 @@ iteration count and start; the perplexity protocol is `benchmarks/quality.py`.
 
     OMP_NUM_THREADS=1 OATS_DATA_DIR=../shared/data python benchmarks/hessian_slr.py
     OMP_NUM_THREADS=1 python benchmarks/hessian_slr.py --rates 0.7 --layers 2 15 28 --iterations 1 2 4 8
+    python benchmarks/hessian_slr.py --device cuda --rates 0.6 --iterations 2 --refit-steps 10 --profile
+
+`--profile` adds where the time goes: each method's total and hassle's phases (S-step, CG refit, L-step,
+objective; labelled in `optimum_oats.algorithms.hessian_slr`), then the operators that take the most time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -21,6 +26,8 @@ import time
 from collections import defaultdict
 
 import torch
+from quality import checked_device  # benchmarks/quality.py: the same --device check and message
+from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_oats.algorithms import hessian_sparse_low_rank, layer_budget, oats_decompose, sparsegpt_prune
@@ -44,7 +51,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-sequences", type=int, default=8, help="C4 windows for the Hessians")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
-    return parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="where the decompositions run, e.g. cuda (Hessians: CPU)")
+    parser.add_argument("--profile", action="store_true", help="print the time per method, hassle phase and operator")
+    args = parser.parse_args()
+    args.device = checked_device(parser, args.device)
+    return args
+
+
+def clock(device: torch.device) -> float:
+    """`time.perf_counter()` once the device's queued work has finished (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def print_profile(prof, device: torch.device) -> None:
+    """Totals of the labelled regions (methods, hassle's phases), then the 15 operators with most self time."""
+    on_gpu = device.type == "cuda"
+    events = prof.key_averages()
+    print("\n### Where the time goes (torch.profiler; the profiler's own overhead included)\n")
+    print("| region | calls | CPU s | GPU s |" if on_gpu else "| region | calls | CPU s |")
+    print("|---|---:|---:|---:|" if on_gpu else "|---|---:|---:|")
+    for event in sorted(events, key=lambda e: e.key):
+        if event.key.startswith(("bench/", "hassle/")):
+            row = f"| {event.key} | {event.count} | {event.cpu_time_total / 1e6:.2f} |"
+            print(row + (f" {event.device_time_total / 1e6:.2f} |" if on_gpu else ""))
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    print()
+    print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=40))
 
 
 def hessians(model, tokenizer, names: list[str], sequences: int, seqlen: int) -> dict[str, torch.Tensor]:
@@ -92,11 +126,22 @@ def main() -> None:
         f"({args.num_sequences} x {args.seqlen} C4 tokens, dense model)"
     )
     modules = dict(model.named_modules())
+    device = args.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) if args.profile else contextlib.nullcontext() as prof:
+        decompose_all(args, modules, names, stats)
+    if args.profile:
+        print_profile(prof, device)
+
+
+def decompose_all(args, modules, names, stats) -> None:
+    """Every method on every layer at every rate; prints one table per rate."""
+    device = args.device
     totals: dict[tuple[float, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # error, energy, seconds
     for rate in args.rates:
         for name in names:
-            weight = modules[name].weight.detach().float()
-            H = stats[name]
+            weight = modules[name].weight.detach().float().to(device)
+            H = stats[name].to(device)
             d_out, d_in = weight.shape
             budget = layer_budget(d_out, d_in, rate, args.rank_ratio)
             sparsity = 1 - budget.keep_per_row / d_in
@@ -109,39 +154,45 @@ def main() -> None:
                 cell[1] += energy
                 cell[2] += seconds
 
-            t = time.perf_counter()
-            pruned = sparsegpt_prune(weight, H, sparsity=rate)
-            record("sparsegpt (all budget to S)", pruned, time.perf_counter() - t)
+            t = clock(device)
+            with record_function("bench/sparsegpt"):
+                pruned = sparsegpt_prune(weight, H, sparsity=rate)
+            record("sparsegpt (all budget to S)", pruned, clock(device) - t)
             for steps in args.refit_steps:
                 if steps:
-                    t = time.perf_counter()
-                    out = hessian_sparse_low_rank(weight, H, rank=0, sparsity=rate, iterations=1, refit_steps=steps)
-                    record(f"sparsegpt + {steps} CG refit steps (hassle, rank 0)", out.sparse, time.perf_counter() - t)
-            t = time.perf_counter()
+                    t = clock(device)
+                    with record_function("bench/sparsegpt+refit"):
+                        out = hessian_sparse_low_rank(
+                            weight, H, rank=0, sparsity=rate, iterations=1, refit_steps=steps
+                        )
+                    record(f"sparsegpt + {steps} CG refit steps (hassle, rank 0)", out.sparse, clock(device) - t)
+            t = clock(device)
             norms = (H.diagonal().clamp_min(0) / 2).sqrt()
-            oats = oats_decompose(
-                weight,
-                norms,
-                rank=budget.rank,
-                keep_per_row=budget.keep_per_row,
-                iterations=args.oats_iterations,
-                solver="fast",
-            )
-            oats_s = time.perf_counter() - t
+            with record_function("bench/oats"):
+                oats = oats_decompose(
+                    weight,
+                    norms,
+                    rank=budget.rank,
+                    keep_per_row=budget.keep_per_row,
+                    iterations=args.oats_iterations,
+                    solver="fast",
+                )
+            oats_s = clock(device) - t
             record("oats (fast)", oats.sparse + oats.lowrank_u @ oats.lowrank_v, oats_s)
             starts = (("oats start", oats), ("L=0 start", None))
             for iterations, steps, (start_label, warm) in itertools.product(args.iterations, args.refit_steps, starts):
-                t = time.perf_counter()
-                out = hessian_sparse_low_rank(
-                    weight,
-                    H,
-                    rank=budget.rank,
-                    sparsity=sparsity,
-                    iterations=iterations,
-                    warm_start=warm,
-                    refit_steps=steps,
-                )
-                seconds = time.perf_counter() - t + (oats_s if warm is not None else 0.0)
+                t = clock(device)
+                with record_function(f"bench/hassle ({start_label})"):
+                    out = hessian_sparse_low_rank(
+                        weight,
+                        H,
+                        rank=budget.rank,
+                        sparsity=sparsity,
+                        iterations=iterations,
+                        warm_start=warm,
+                        refit_steps=steps,
+                    )
+                seconds = clock(device) - t + (oats_s if warm is not None else 0.0)
                 approx = out.sparse + (out.lowrank_u @ out.lowrank_v if out.lowrank_u is not None else 0)
                 record(f"hassle, {start_label}, {iterations} it., {steps} CG steps", approx, seconds)
         print(f"\n### ρ = {rate}, κ = {args.rank_ratio}, blocks {args.layers}, {len(names)} matrices\n")

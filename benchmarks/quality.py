@@ -128,12 +128,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.table_only and args.skip_dense:
         parser.error("--table-only prints the table against the dense baseline; drop --skip-dense")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device; give e.g. cpu, cuda or cuda:1")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this machine has no CUDA device; run with --device cpu")
+    args.device = checked_device(parser, args.device)
     if args.quick:
         args.num_samples, args.seqlen, args.eval_seqlen, args.windows, args.iterations = 4, 256, 512, 4, 10
         args.output = args.output + "-quick"
@@ -368,6 +363,17 @@ def nm_rate(pattern: str) -> float:
     """The nominal rate of an N:M pattern (its sparse part's; OATS adds the low-rank term on top)."""
     n, m = parse_nm(pattern)
     return round(1 - n / m, 4)
+
+
+def checked_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """`--device` as a `torch.device`, or the parser's error naming the fix before any model is loaded."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a torch device; give e.g. cpu, cuda or cuda:1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: this machine has no CUDA device; run with --device cpu")
+    return device
 
 
 def entry_key(entry: Entry, args: argparse.Namespace) -> str:

@@ -25,6 +25,9 @@ OATS's diagonal metric, where every weight's error counts independently, λ = 0 
 few thousand calibration tokens; its off-diagonal correlations are what SparseGPT's updates and the CG refit exploit,
 and at low ρ, where the errors are small, fitting them exactly fits the sample more than the model
 (docs/quality.md measures it).
+
+Each phase runs under a `torch.profiler.record_function` label (`hassle/s_step`, `hassle/refit`, `hassle/l_step`,
+`hassle/objective`) so that a profile on any device shows where the time goes (`benchmarks/hessian_slr.py --profile`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+from torch.profiler import record_function
 
 from .oats import Decomposition
 from .sparsegpt import (
@@ -298,19 +302,27 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
             start = start.clone()
             start[:, metric.dead] = 0
         goal = minus_low_rank(warm_start.lowrank_u.to(target), warm_start.lowrank_v.to(target))
-        sparse = refit_on_support(goal, start, metric.hessian(), refit_steps)
+        with record_function("hassle/refit"):
+            sparse = refit_on_support(goal, start, metric.hessian(), refit_steps)
         del goal, start
-        lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
-        accept(sparse, lowrank_u, lowrank_v)
+        with record_function("hassle/l_step"):
+            lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
+        with record_function("hassle/objective"):
+            accept(sparse, lowrank_u, lowrank_v)
     for _ in range(iterations):
-        inverse_factor = metric.inverse_factor()  # its two-matrix transient before `goal` exists
-        goal = minus_low_rank(lowrank_u, lowrank_v)
-        sparse = prune_with_factor(goal, inverse_factor, metric.dead, sparsity=sparsity, nm=nm)
-        del inverse_factor
-        sparse = refit_on_support(goal, sparse, metric.hessian(), refit_steps)
+        with record_function("hassle/s_step"):
+            inverse_factor = metric.inverse_factor()  # its two-matrix transient before `goal` exists
+            goal = minus_low_rank(lowrank_u, lowrank_v)
+            sparse = prune_with_factor(goal, inverse_factor, metric.dead, sparsity=sparsity, nm=nm)
+            del inverse_factor
+        with record_function("hassle/refit"):
+            sparse = refit_on_support(goal, sparse, metric.hessian(), refit_steps)
         del goal
-        lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
-        if not accept(sparse, lowrank_u, lowrank_v):
+        with record_function("hassle/l_step"):
+            lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
+        with record_function("hassle/objective"):
+            accepted = accept(sparse, lowrank_u, lowrank_v)
+        if not accepted:
             break
     if best.lowrank_v is not None:
         best.lowrank_v[:, metric.dead] = 0  # no response to features calibration never saw, as S

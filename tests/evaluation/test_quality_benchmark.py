@@ -89,3 +89,19 @@ def test_a_device_that_cannot_run_is_refused_before_any_work(tmp_path, device, m
     assert result.returncode == 2
     assert message in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu0", "is not a torch device"), pytest.param("cuda", "no CUDA device", marks=NO_CUDA)],
+)
+def test_the_layer_benchmark_refuses_a_device_with_the_same_message(device, message):
+    """benchmarks/hessian_slr.py shares the sweep's --device check: refused before the model and Hessians load."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "hessian_slr.py"), "--device", device],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
