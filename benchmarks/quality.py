@@ -35,6 +35,7 @@ from optimum_oats import OATSConfig, compress, compression_report
 from optimum_oats.algorithms import ALGORITHMS
 from optimum_oats.algorithms.hessian_slr import default_shrinkage
 from optimum_oats.config import parse_nm
+from optimum_oats.engine.refine import default_refine_lr
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
 from optimum_oats.integrations.default_model import default_model_path
 
@@ -76,7 +77,12 @@ def parse_args() -> argparse.Namespace:
         help="how calibration windows are drawn (OATSConfig.calibration_sampling); 'joined' is the sweep protocol's",
     )
     parser.add_argument("--refine-steps", type=int, default=0, help="block refinement steps (OATSConfig.refine_steps)")
-    parser.add_argument("--refine-lr", type=float, default=1e-4, help="block refinement learning rate")
+    parser.add_argument(
+        "--refine-lr",
+        type=float,
+        default=None,
+        help="block refinement learning rate (OATSConfig.refine_lr; default: by rate, 1e-3 from 0.55 on, else 1e-4)",
+    )
     parser.add_argument(
         "--refine-lowrank-lr",
         type=float,
@@ -343,7 +349,8 @@ def print_paired_vs_baseline(results: dict[Entry, dict | None], args: argparse.N
     if not ratios:
         return
     lowrank = f", U, V at {args.refine_lowrank_lr:g}" if args.refine_lowrank_lr is not None else ""
-    refine = f", both refined ({args.refine_steps} steps, lr {args.refine_lr:g}{lowrank})" if args.refine_steps else ""
+    lr = "by rate (1e-3 from 0.55 on, else 1e-4)" if args.refine_lr is None else f"{args.refine_lr:g}"
+    refine = f", both refined ({args.refine_steps} steps, lr {lr}{lowrank})" if args.refine_steps else ""
     print(f"\n### Perplexity / {baseline}'s, paired by calibration seed{refine}\n")
     print("| method | rho | layerwise | pattern | seeds | ratio per seed | geometric mean | 95% t interval |")
     print("|---|---|---|---|---|---|---|---|")
@@ -399,7 +406,10 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
     if args.sampling != "joined":
         key += f"-c{args.sampling}"
     if args.refine_steps:
-        key += f"-r{args.refine_steps}-lr{args.refine_lr:g}"
+        lr = args.refine_lr
+        if lr is None and layerwise == "uniform" and pattern == "unstructured":
+            lr = default_refine_lr(entry.rate)  # the same run as that value given explicitly
+        key += f"-r{args.refine_steps}" + ("-lrauto" if lr is None else f"-lr{lr:g}")
         if args.refine_lowrank_lr is not None and ALGORITHMS[entry.method].uses_low_rank:  # else: no U, V
             key += f"-uv{args.refine_lowrank_lr:g}"
     return key

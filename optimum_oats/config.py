@@ -109,9 +109,11 @@ class OATSConfig(QuantizationConfigMixin):
             many Adam steps (one calibration sample each) on the kept values of S and on U, V, masks fixed, so the
             block's outputs match the dense block's (3BASiL's transformer matching, Wanda++'s block
             reconstruction). Works with every method; the block is never left worse on its calibration data.
-        refine_lr (`float`, defaults to 1e-4): Adam's learning rate for `refine_steps`. On SmolLM2-135M at
-            ρ = 0.6 and 0.7, 1e-3 gave lower perplexity than 1e-4 for SparseGPT and hassle alike (docs/quality.md);
-            the default stays until a higher rate is measured at lower ρ.
+        refine_lr (`float`, *optional*): Adam's learning rate for `refine_steps`. Unset: by the block's
+            compression rate, 1e-3 from ρ = 0.55 on and 1e-4 below. No single rate is best (SmolLM2-135M, 64 steps,
+            docs/quality.md): against 1e-4, 1e-3 gave SparseGPT 13–30% and hassle 7–13% lower perplexity at
+            ρ = 0.6–0.7, SparseGPT 5% and hassle none at 0.5, and both worse at 0.3 (hassle's refinement was undone
+            in every block). A block whose refinement raises its calibration loss is reverted, with a warning.
         refine_lowrank_lr (`float`, *optional*): Adam's rate for U and V during refinement; `None` (the default)
             uses `refine_lr`, 0 freezes them. Their product moves by about the sum of both factors' steps, so at a
             rate that suits the kept values it overshoots: one block of SmolLM2 at ρ = 0.6, 256 steps at 1e-3,
@@ -150,7 +152,7 @@ class OATSConfig(QuantizationConfigMixin):
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
     refine_steps: int = 0
-    refine_lr: float = 1e-4
+    refine_lr: float | None = None
     refine_lowrank_lr: float | None = None
     tokenizer: Any = None
     image_processor: Any = None
@@ -175,7 +177,8 @@ class OATSConfig(QuantizationConfigMixin):
         self.seqlen = _check_int("seqlen", self.seqlen, 1)
         self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
         self.refine_steps = _check_int("refine_steps", self.refine_steps, 0)
-        self.refine_lr = _check_float("refine_lr", self.refine_lr, 0.0, 1.0, low_inclusive=False)
+        if self.refine_lr is not None:
+            self.refine_lr = _check_float("refine_lr", self.refine_lr, 0.0, 1.0, low_inclusive=False)
         if self.refine_lowrank_lr is not None:
             self.refine_lowrank_lr = _check_float(
                 "refine_lowrank_lr", self.refine_lowrank_lr, 0.0, 1.0, low_inclusive=True

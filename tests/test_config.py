@@ -54,6 +54,7 @@ def test_diff_dict_only_holds_changes():
         ({"owl_lambda": 0.6}, r"`owl_lambda` must be in \[0.0, 0.5\)"),
         ({"owl_threshold": 0}, "`owl_threshold` must be in"),
         ({"refine_lowrank_lr": -1e-4}, r"`refine_lowrank_lr` must be in \[0.0, 1.0\)"),
+        ({"refine_lr": 0.0}, r"`refine_lr` must be in \(0.0, 1.0\), got 0.0"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, message):
@@ -73,3 +74,11 @@ def test_skip_matching_is_exact_or_dotted_suffix():
     assert not cfg.is_skipped("model.layers.10.mlp.down_proj")
     assert cfg.is_skipped("model.layers.3.self_attn.o_proj")
     assert not cfg.is_skipped("model.layers.3.self_attn.xo_proj")
+
+
+def test_an_unset_refine_lr_survives_the_round_trip():
+    """`refine_lr=None` means "by the block's rate" (engine.refine.default_refine_lr); config.json keeps it unset."""
+    cfg = OATSConfig(refine_steps=8)
+    assert cfg.refine_lr is None
+    assert OATSConfig.from_dict(cfg.to_dict()).refine_lr is None
+    assert OATSConfig(refine_lr=3e-4).refine_lr == 3e-4

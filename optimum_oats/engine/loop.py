@@ -156,6 +156,7 @@ def compress_stack(
         if saved and start:
             hidden = [h.to(device=inputs.hidden_states[0].device) for h in saved.hidden_states or ()]
     entries: dict[str, LayerEntry] = {}
+    undone = 0  # blocks whose refinement raised their calibration loss and was reverted
     bar = tqdm(total=len(blocks), initial=start, desc=f"Compressing ({config.method})", disable=not progress)
     try:
         for index, block in enumerate(blocks):
@@ -178,7 +179,7 @@ def compress_stack(
                     block_entries[f"{prefix}.{name}"] = entry
                 if config.refine_steps:
                     layers = {name: layer for name, (layer, _) in compressed.items()}
-                    refine_block(
+                    before, after = refine_block(
                         block,
                         layers,
                         hidden,
@@ -189,6 +190,7 @@ def compress_stack(
                         lowrank_lr=config.refine_lowrank_lr,
                         progress=progress,
                     )
+                    undone += after == before
                 del dense_outputs
                 entries.update(block_entries)
                 if index + 1 < len(blocks):
@@ -202,6 +204,15 @@ def compress_stack(
     finally:
         bar.close()
         model.train(was_training)
+    if undone:
+        rate = "by block rate" if config.refine_lr is None else f"{config.refine_lr:g}"
+        logger.warning(
+            "Block refinement raised the calibration loss of %d of %d blocks (refine_lr %s) and was undone there; "
+            "a lower `refine_lr` may refine them.",
+            undone,
+            len(blocks) - start,
+            rate,
+        )
     return entries
 
 

@@ -19,6 +19,25 @@ from .capture import SampleCall, replay_sample, sample_calls
 
 logger = logging.getLogger(__name__)
 
+# `OATSConfig.refine_lr` left unset: Adam's rate by the block's compression rate. Measured on SmolLM2-135M
+# (docs/quality.md, sweep protocol, 64 steps): 1e-3 beat 1e-4 for SparseGPT and hassle at ρ = 0.6 and 0.7; at 0.3 it
+# was worse for both (for hassle every block's refinement was undone), at 0.5 it helped SparseGPT only.
+AUTO_REFINE_LR = 1e-4
+AUTO_REFINE_LR_HIGH_RATE = 1e-3
+AUTO_REFINE_LR_FROM_RATE = 0.55
+
+
+def default_refine_lr(compression_rate: float) -> float:
+    """The refinement rate a block compressed at `compression_rate` gets when none is configured: the far larger
+    errors of high compression need larger steps; near the dense block they overshoot."""
+    return AUTO_REFINE_LR_HIGH_RATE if compression_rate >= AUTO_REFINE_LR_FROM_RATE else AUTO_REFINE_LR
+
+
+def block_compression_rate(layers: dict[str, LinearSparseLowRank]) -> float:
+    """The fraction of the block's linear parameters that compression removed (whatever the method or pattern)."""
+    dense = sum(layer.in_features * layer.out_features for layer in layers.values())
+    return 1.0 - sum(layer.num_parameters for layer in layers.values()) / max(dense, 1)
+
 
 def block_loss(
     block: nn.Module, hidden_states: list[torch.Tensor], calls: list[SampleCall], targets: list[torch.Tensor]
@@ -40,7 +59,7 @@ def refine_block(
     targets: list[torch.Tensor],
     *,
     steps: int,
-    lr: float,
+    lr: float | None = None,
     lowrank_lr: float | None = None,
     progress: bool = False,
 ) -> tuple[float, float]:
@@ -48,11 +67,14 @@ def refine_block(
 
     One Adam step per calibration sample (cycled in a fixed order), on every compact layer's kept values, U and V;
     the rest of the block is frozen for the duration. Masks never change, so the result has the same shapes.
-    `lowrank_lr` (default: `lr`) is U and V's own rate: their product moves by about the sum of both steps, so at a
-    rate that suits the kept values it can overshoot (`benchmarks/refine_block.py` measures it).
+    `lr` None: [`default_refine_lr`] of the block's compression rate. `lowrank_lr` (default: `lr`) is U and V's own
+    rate: their product moves by about the sum of both steps, so at a rate that suits the kept values it can
+    overshoot (`benchmarks/refine_block.py` measures it). When `after` equals `before` the refinement was undone.
     """
     from tqdm.auto import tqdm
 
+    if lr is None:
+        lr = default_refine_lr(block_compression_rate(layers))
     calls = sample_calls(kwargs, len(hidden_states))
     values = [layer.weight for layer in layers.values() if layer.weight.numel()]
     lowrank = [p for layer in layers.values() for p in (layer.lowrank_u, layer.lowrank_v) if p.numel()]

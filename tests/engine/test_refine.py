@@ -10,7 +10,7 @@ from optimum_oats.engine.blocks import find_linear_layers, find_main_block_stack
 from optimum_oats.engine.capture import block_forward, capture_block_inputs
 from optimum_oats.engine.layers import compress_block
 from optimum_oats.engine.loop import compress_with_inputs
-from optimum_oats.engine.refine import block_loss, refine_block
+from optimum_oats.engine.refine import block_compression_rate, block_loss, default_refine_lr, refine_block
 from optimum_oats.engine.statistics import collect_statistics
 from optimum_oats.nn import LinearSparseLowRank
 from tests.helpers.tiny_models import build_tiny_model
@@ -116,3 +116,31 @@ def test_config_refine_lowrank_lr_reaches_the_refinement(tiny_configs):
         start = plain.get_submodule(name)
         assert torch.equal(layer.lowrank_u, start.lowrank_u) and torch.equal(layer.lowrank_v, start.lowrank_v)
     assert any(not torch.equal(m.weight, plain.get_submodule(n).weight) for n, m in layers.items())
+
+
+def test_an_unset_rate_follows_the_block_compression_rate(tiny_configs):
+    """`lr=None` is `default_refine_lr` of the fraction the block's compression removed: here ρ = 0.7, so 1e-3."""
+    assert default_refine_lr(0.3) == default_refine_lr(0.5) == 1e-4
+    assert default_refine_lr(0.55) == default_refine_lr(0.7) == 1e-3
+    block, layers, hidden, kwargs, targets = _compressed_block(tiny_configs)
+    assert abs(block_compression_rate(layers) - 0.7) < 0.01
+    start = _state(layers)
+    auto = refine_block(block, layers, hidden, kwargs, targets, steps=6)
+    assert auto[1] < auto[0]  # kept, not undone: the comparison below is between two refined blocks
+    refined = _state(layers)
+    for name, layer in layers.items():  # back to the start, then the explicit rate
+        for part, saved in zip(("weight", "weight_mask", "lowrank_u", "lowrank_v"), start[name], strict=True):
+            getattr(layer, part).data.copy_(saved)
+    assert refine_block(block, layers, hidden, kwargs, targets, steps=6, lr=1e-3) == auto
+    assert all(torch.equal(a, b) for n in refined for a, b in zip(refined[n], _state(layers)[n], strict=True))
+
+
+def test_blocks_whose_refinement_was_undone_are_reported(tiny_configs, caplog):
+    """A rate that wrecks every block: the compression still finishes, and the warning names the count and the fix."""
+    model = build_tiny_model(tiny_configs["llama"])
+    blocks = len(find_main_block_stack(model)[1])
+    config = OATSConfig(method="wanda", compression_rate=0.6, refine_steps=4, refine_lr=0.5)
+    with caplog.at_level("WARNING", logger="optimum_oats.engine.loop"):
+        compress_with_inputs(model, config, IDS, progress=False)
+    assert f"{blocks} of {blocks} blocks (refine_lr 0.5)" in caplog.text
+    assert "lower `refine_lr`" in caplog.text

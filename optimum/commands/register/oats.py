@@ -31,7 +31,7 @@ CONFIG_DEFAULTS = {
     "owl_threshold": 5.0,
     "owl_lambda": 0.08,
     "refine_steps": 0,
-    "refine_lr": 1e-4,
+    "refine_lr": None,
     "refine_lowrank_lr": None,
 }
 DTYPES = ("float32", "bfloat16", "float16")
@@ -93,7 +93,12 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
     option("--owl-threshold", float, "M", "OWL outlier threshold M")
     option("--owl-lambda", float, "LAMBDA", "OWL half-spread of the per-block rates")
     option("--refine-steps", int, "N", "Block refinement: Adam steps per block matching the dense block's outputs")
-    option("--refine-lr", float, "LR", "Block refinement learning rate")
+    option(
+        "--refine-lr",
+        float,
+        "LR",
+        "Block refinement learning rate (unset: 1e-3 for blocks compressed at rate >= 0.55, else 1e-4)",
+    )
     option("--refine-lowrank-lr", float, "LR", "Block refinement rate of U and V; None: --refine-lr, 0: frozen")
     config.add_argument(
         "--modules-to-not-convert", nargs="+", default=None, metavar="NAME", help="Module names to keep dense."
