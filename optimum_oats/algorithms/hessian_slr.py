@@ -149,9 +149,10 @@ def hessian_objective(residual: torch.Tensor, hessian: torch.Tensor) -> float:
 
     The chunks' sums are added in float64 and read back once: one device synchronisation per objective, not one per
     `ROW_CHUNK` rows."""
-    chunks = [
-        ((rows.to(hessian.dtype) @ hessian) * rows.to(hessian.dtype)).sum() for rows in residual.split(ROW_CHUNK)
-    ]
+    chunks = []
+    for rows in residual.split(ROW_CHUNK):
+        rows = rows.to(hessian.dtype)
+        chunks.append(((rows @ hessian) * rows).sum())
     return float(torch.stack(chunks).double().sum())
 
 
