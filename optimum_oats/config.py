@@ -111,9 +111,10 @@ class OATSConfig(QuantizationConfigMixin):
             reconstruction). Works with every method; the block is never left worse on its calibration data.
         refine_lr (`float`, *optional*): Adam's learning rate for `refine_steps`. Unset: by the block's
             compression rate, 1e-3 from ρ = 0.55 on and 1e-4 below. No single rate is best (SmolLM2-135M, 64 steps,
-            docs/quality.md): against 1e-4, 1e-3 gave SparseGPT 13–30% and hassle 7–13% lower perplexity at
-            ρ = 0.6–0.7, SparseGPT 5% and hassle none at 0.5, and both worse at 0.3 (hassle's refinement was undone
-            in every block). A block whose refinement raises its calibration loss is reverted, with a warning.
+            docs/quality.md): against 1e-4, 1e-3 gave SparseGPT 13–30%, hassle 7–13% (Wanda 25%, one seed) lower
+            perplexity at ρ = 0.6–0.7, SparseGPT 5% and hassle none at 0.5, and both worse at 0.3 (hassle's
+            refinement was undone in every block). A block whose refinement raises its calibration loss is
+            reverted, with a warning.
         refine_lowrank_lr (`float`, *optional*): Adam's rate for U and V during refinement; `None` (the default)
             uses `refine_lr`, 0 freezes them. Their product moves by about the sum of both factors' steps, so at a
             rate that suits the kept values it overshoots: one block of SmolLM2 at ρ = 0.6, 256 steps at 1e-3,
