@@ -35,7 +35,12 @@ from optimum_oats import OATSConfig, compress, compression_report
 from optimum_oats.algorithms import ALGORITHMS
 from optimum_oats.algorithms.hessian_slr import default_shrinkage
 from optimum_oats.config import parse_nm
-from optimum_oats.engine.refine import default_refine_lr
+from optimum_oats.engine.refine import (
+    AUTO_REFINE_LR,
+    AUTO_REFINE_LR_FROM_RATE,
+    AUTO_REFINE_LR_HIGH_RATE,
+    default_refine_lr,
+)
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
 from optimum_oats.integrations.default_model import default_model_path
 
@@ -52,6 +57,12 @@ class Entry(NamedTuple):
     pattern: str
     svd: str  # OATS's solver; other methods record the first --svd value and ignore it
     seed: int
+
+
+# `OATSConfig.refine_lr` unset, in words (engine.refine.default_refine_lr).
+REFINE_LR_BY_RATE = (
+    f"by rate ({AUTO_REFINE_LR_HIGH_RATE:g} from {AUTO_REFINE_LR_FROM_RATE:g} on, else {AUTO_REFINE_LR:g})"
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,7 +92,7 @@ def parse_args() -> argparse.Namespace:
         "--refine-lr",
         type=float,
         default=None,
-        help="block refinement learning rate (OATSConfig.refine_lr; default: by rate, 1e-3 from 0.55 on, else 1e-4)",
+        help=f"block refinement learning rate (OATSConfig.refine_lr; default: {REFINE_LR_BY_RATE})",
     )
     parser.add_argument(
         "--refine-lowrank-lr",
@@ -349,7 +360,7 @@ def print_paired_vs_baseline(results: dict[Entry, dict | None], args: argparse.N
     if not ratios:
         return
     lowrank = f", U, V at {args.refine_lowrank_lr:g}" if args.refine_lowrank_lr is not None else ""
-    lr = "by rate (1e-3 from 0.55 on, else 1e-4)" if args.refine_lr is None else f"{args.refine_lr:g}"
+    lr = REFINE_LR_BY_RATE if args.refine_lr is None else f"{args.refine_lr:g}"
     refine = f", both refined ({args.refine_steps} steps, lr {lr}{lowrank})" if args.refine_steps else ""
     print(f"\n### Perplexity / {baseline}'s, paired by calibration seed{refine}\n")
     print("| method | rho | layerwise | pattern | seeds | ratio per seed | geometric mean | 95% t interval |")
