@@ -24,6 +24,7 @@ from ..engine.report import REPORT_FILE
 from ..integrations.auto_classes import model_task
 from ..integrations.transformers import is_oats_model
 from ..utils.files import atomic_write_json
+from ..utils.redact import redacted_logs, scrub, scrub_exception, secrets_in_use
 from .card import (
     CARD_FILE,
     EVAL_FILE,
@@ -34,7 +35,6 @@ from .card import (
     resolve_base_model,
 )
 from .plots import plot_layer_report
-from .redact import redacted_logs, scrub, scrub_exception, secrets_in_use
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

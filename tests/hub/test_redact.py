@@ -162,3 +162,34 @@ def test_token_in_environment_is_not_copied_into_checkpoints(compressed_model, t
     compressed_model.save_pretrained(tmp_path / "out")
     assert {"config.json", "oats_report.json", "model.safetensors"} <= set(os.listdir(tmp_path / "out"))
     _assert_nowhere(TOKEN, folders=(tmp_path,))
+
+
+# ----------------------------------------------------------------------------------------- transformers' push paths
+TRANSFORMERS_PUSHES = {
+    "model.push_to_hub": lambda model, folder, token: model.push_to_hub("user/secret-tf", token=token),
+    "save_pretrained(push_to_hub=True)": lambda model, folder, token: model.save_pretrained(
+        folder, push_to_hub=True, repo_id="user/secret-tf", token=token
+    ),
+}
+ECHOES = {
+    "commit echoes": ("/commit/", 500, "upstream rejected 'Authorization: Bearer {secret}'"),
+    "create_repo echoes": ("/repos/create", 403, "token {secret} has no write access"),
+}
+
+
+@pytest.mark.parametrize("echo", sorted(ECHOES))
+@pytest.mark.parametrize("push", sorted(TRANSFORMERS_PUSHES))
+@pytest.mark.parametrize("explicit", [True, False], ids=["token=", "HF_TOKEN"])
+def test_transformers_push_paths_blank_an_echoed_token(
+    push, echo, explicit, hub, compressed_model, tmp_path, caplog, capfd
+):
+    """transformers' own methods on a compressed model: the error (and everything chained to it), the DEBUG logs
+    and the console hold `***` where the server quoted the token."""
+    path, status, message = ECHOES[echo]
+    hub.fail_next(path, status, message=message.format(secret=TOKEN))
+    with pytest.raises(Exception) as excinfo:
+        TRANSFORMERS_PUSHES[push](compressed_model, tmp_path / "out", TOKEN if explicit else None)
+    text = _error_text(excinfo.value)
+    assert "***" in str(excinfo.value) and str(status) in text  # the server's words are kept, the token blanked
+    out, err = capfd.readouterr()
+    _assert_nowhere(TOKEN, text, caplog.text, out, err, folders=(tmp_path,))
