@@ -24,6 +24,7 @@ from .blocks import find_block_stacks, find_linear_layers
 from .capture import BlockInputs, block_forward, capture_block_inputs, inputs_digest_tensor
 from .distributed import agree, world
 from .guards import refuse_shared_weights
+from .preflight import check_plan
 from .layers import LayerEntry, compress_block, statistics_needed
 from .offload import onload_block
 from .refine import refine_block
@@ -68,6 +69,7 @@ def calibrate_and_compress(
             f"`method={config.method!r}` is a training-time method and cannot compress one-shot; "
             "see `optimum_oats.training.losparse` (LoSparse fine-tuning with `transformers.Trainer`)."
         )
+    check_plan(model, config)  # shapes against the settings, before any data is read
     data = data if data is not None else CalibrationData.from_config(config)
     input_ids = calibration_inputs(model, config, data)
     logger.info("Calibrating on %s", describe_inputs(input_ids))
