@@ -168,6 +168,19 @@ def test_nm_width_is_checked_before_any_data_is_read(tiny_llama, tokenizer, tmp_
         compress(tiny_llama, config, tokenizer, progress=False)
 
 
+def test_compress_on_load_checks_the_settings_before_the_weights_load(dense_dir, tmp_path, monkeypatch):
+    """`from_pretrained(quantization_config=...)`: refused on the weightless skeleton, before the weights load."""
+    from optimum_oats.integrations.quantizer import OATSHfQuantizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(OATSHfQuantizer, "_process_model_after_weight_loading", refuse)
+    config = _cfg(str(tmp_path / "never-read.txt"), sparsity_pattern="1:3")
+    with pytest.raises(ValueError, match=r"`sparsity_pattern='1:3'` needs every compressed layer's input width"):
+        AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config)
+
+
 def test_seqlen_beyond_the_positions_is_an_error_unless_forced(tiny_configs, tokenizer, texts, monkeypatch, caplog):
     short = copy.deepcopy(tiny_configs["llama"])
     short.max_position_embeddings = 16
