@@ -74,7 +74,10 @@ def redacted_logs(secrets: Iterable[str]) -> Iterator[None]:
         for logger in logging.Logger.manager.loggerDict.values()
         if isinstance(logger, logging.Logger) and logger.handlers
     ]
-    handlers = list(dict.fromkeys(handler for logger in loggers for handler in logger.handlers))
+    handlers = [handler for logger in loggers for handler in logger.handlers]
+    if logging.lastResort is not None:  # what prints WARNING and above where no logging is set up
+        handlers.append(logging.lastResort)
+    handlers = list(dict.fromkeys(handlers))
     for handler in handlers:
         handler.addFilter(redactor)
     try:
