@@ -72,7 +72,9 @@ def resolve_model_source(name: str) -> str:
 
 def _is_local_path(name: str) -> bool:
     """A Hub id is `name` or `namespace/name`; anything else shaped like a path can only be a local one."""
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name or name in (".", "..")
+    if name in (".", "..") or "\\" in name:
+        return True
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
 def resolve_device(device: str | None) -> str:

@@ -24,9 +24,9 @@ from .blocks import find_block_stacks, find_linear_layers
 from .capture import BlockInputs, block_forward, capture_block_inputs, inputs_digest_tensor
 from .distributed import agree, world
 from .guards import refuse_shared_weights
-from .preflight import check_plan
 from .layers import LayerEntry, compress_block, statistics_needed
 from .offload import onload_block
+from .preflight import check_plan
 from .refine import refine_block
 from .resume import ResumeFolder, ResumeMismatchError, job_fingerprint
 from .statistics import collect_statistics

@@ -10,8 +10,8 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import OATSConfig
 from ..data.inputs import CalibrationData
-from ..engine.preflight import check_plan
 from ..engine.loop import SHAPE_KEYS, CompressionOutcome, calibrate_and_compress
+from ..engine.preflight import check_plan
 from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
 from .checkpoint import check_loaded_masks, release_checkpoint_mapping, validate_checkpoint
 from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
