@@ -103,3 +103,24 @@ def test_opting_out_in_the_environment_leaves_transformers_untouched():
     assert applied == "['from_pretrained', 'save_pretrained']"
     assert source == inspect.getsourcefile(original_of("transformers.PreTrainedModel.push_to_hub"))
     assert source.endswith("transformers/modeling_utils.py")
+
+
+def test_without_the_save_pretrained_patch_a_compressed_model_saves_with_transformers_writer(
+    tiny_llama, tokenizer, calibration_texts, tmp_path
+):
+    """The opt-out loses the extras (report, remote code, card, staged write), never the checkpoint itself."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimum_oats import OATSConfig, compress
+
+    config = OATSConfig(dataset=calibration_texts[:100], num_samples=2, seqlen=32, num_iterations=2)
+    model = compress(tiny_llama, config, tokenizer, progress=False)
+    try:
+        undo_patches("save_pretrained")
+        model.save_pretrained(tmp_path)
+    finally:
+        apply_patches("save_pretrained")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    ids = torch.tensor([[1, 5, 99, 300]])
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
