@@ -2,7 +2,8 @@
 
 Importing the package registers the `"oats"` quantization method with transformers, so
 `from_pretrained(..., quantization_config=OATSConfig(...))` (or `oats_config=`) compresses on load and
-compressed checkpoints reload.
+compressed checkpoints reload. The few patches of transformers' methods are listed, with their opt-out
+(`OATS_NO_PATCH`), in `optimum_oats/integrations/patches.py`.
 """
 
 from .compress import compress, compression_report
@@ -10,11 +11,13 @@ from .config import OATSConfig
 from .engine.report import CompressionReport
 from .hub import publish
 from .hub.autocard import install as _install_model_card
+from .integrations.patches import apply_patches as _apply_patches
 from .integrations.transformers import register as _register
 from .nn import LinearSparseLowRank
 from .utils.version import __version__
 
 _register()
+_apply_patches()  # every patch of transformers, less those `OATS_NO_PATCH` names (integrations/patches.py)
 _install_model_card()
 
 __all__ = [

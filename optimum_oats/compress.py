@@ -14,6 +14,7 @@ from torch import nn
 from .config import OATSConfig
 from .data.inputs import CalibrationData
 from .engine.loop import calibrate_and_compress
+from .engine.preflight import check_plan
 from .engine.report import CompressionReport
 from .integrations.transformers import mark_compressed
 
@@ -78,3 +79,19 @@ def compress(
 def compression_report(model: nn.Module) -> CompressionReport:
     """The [`CompressionReport`] of a compressed model: per layer rank, nnz, kept fraction and error."""
     return CompressionReport.from_model(model)
+
+
+def check_before_loading(model_name_or_path: str, config: OATSConfig) -> None:
+    """Refuse settings that cannot work on a model (N:M width, a rate that keeps nothing, `seqlen` beyond its
+    positions, an unsupported architecture) from its config.json alone, before its weights are loaded.
+
+    The model is built on the meta device (no memory, no weights), so this takes a fraction of a second where the
+    load and calibration it spares can take minutes.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(model_name_or_path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    check_plan(skeleton, config)

@@ -27,7 +27,8 @@ def layer_budget(
 
     Unstructured: `r = floor(κ (1-ρ) d_out d_in / (d_out + d_in))` as in the reference code; the sparse term
     then receives the rest of the budget `(1-ρ) d_out d_in - r (d_out + d_in)`, rounded down to a whole number
-    per row, so the total never exceeds `(1-ρ) d_out d_in` and falls short by less than one row.
+    per row, so the total never exceeds `(1-ρ) d_out d_in` and falls short by less than one row. A rate that keeps
+    nothing at all (rank 0 and no weight per row: the layer would output zeros) is a `ValueError`.
 
     N:M: the sparse term keeps exactly `N/M` of each row and ρ is not used; the low-rank term takes the share
     κ of the total, i.e. `r = floor(κ/(1-κ) · N/M · d_out d_in / (d_out + d_in))`.
@@ -39,5 +40,11 @@ def layer_budget(
         return LayerBudget(rank=min(rank, d_out, d_in), keep_per_row=d_in * n // m, nm=nm)
     total = math.floor((1 - compression_rate) * d_out * d_in + 1e-6)  # the epsilon absorbs float error only
     rank = min(math.floor(rank_ratio * total / (d_out + d_in)), d_out, d_in)
-    keep_per_row = (total - rank * (d_out + d_in)) // d_out
-    return LayerBudget(rank=rank, keep_per_row=max(0, min(keep_per_row, d_in)))
+    keep_per_row = max(0, min((total - rank * (d_out + d_in)) // d_out, d_in))
+    if rank == 0 and keep_per_row == 0:
+        raise ValueError(
+            f"`compression_rate={compression_rate}` keeps nothing of a {d_out}x{d_in} layer (rank 0 and 0 weights "
+            f"per row), so it would output zeros. Use `compression_rate` <= {1 - 1 / d_in:.6g} (one weight per row "
+            "of this layer)."
+        )
+    return LayerBudget(rank=rank, keep_per_row=keep_per_row)

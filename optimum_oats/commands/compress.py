@@ -40,13 +40,14 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compress and save; under `torchrun` every rank compresses its share of each block and rank 0 saves."""
-    from optimum_oats.compress import compress
+    from optimum_oats.compress import check_before_loading, compress
     from optimum_oats.engine.report import CompressionReport
     from optimum_oats.hub.card import resolve_base_model
 
-    from .runner import load_model
+    from .runner import load_model, resolve_model_source
 
     config = config_from_args(args)  # validated before the (slow) model load
+    check_before_loading(resolve_model_source(args.model), config)  # and against the model's shapes
     rank, device = _setup_distributed(getattr(args, "device", None))
     if getattr(args, "offload_folder", None):
         model, tokenizer = _load_offloaded(args.model, args.dtype, device, args.offload_folder)

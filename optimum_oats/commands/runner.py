@@ -1,7 +1,8 @@
 """Run one `oats` command: set up logging, call its `run(args) -> dict`, print the JSON summary as the last line.
 
-Failures a user can fix (bad argument, missing file or data, Hub refusal) end with a JSON summary
-`{"ok": false, "error": ...}` and exit status 1 instead of a traceback; anything else is a bug and propagates.
+Failures a user can fix (bad argument, missing file or data, Hub refusal, a model or combination not supported
+yet) end with a JSON summary `{"ok": false, "error": ...}` and exit status 1 instead of a traceback; anything else
+is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -21,7 +23,8 @@ COMMANDS = ("compress", "evaluate", "push", "build_kernels")
 def _user_errors() -> tuple[type[BaseException], ...]:
     from optimum_oats.hub.publish import PublishError
 
-    return (PublishError, ValueError, OSError)
+    # NotImplementedError: an architecture or combination not supported yet (`UnsupportedArchitectureError`)
+    return (PublishError, ValueError, OSError, NotImplementedError)
 
 
 def configure_logging() -> None:
@@ -53,12 +56,25 @@ def execute(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_model_source(name: str) -> str:
-    """`default` is the embedded SmolLM2-135M-Instruct (converted on first use); anything else passes through."""
+    """`default` is the embedded SmolLM2-135M-Instruct (converted on first use); anything else passes through,
+    except a local path that does not exist (which transformers would report as a malformed Hub repo id)."""
     if name == "default":
         from optimum_oats.integrations.default_model import default_model_path
 
         return default_model_path()
+    if _is_local_path(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"Model path {name!r} does not exist (resolved to {Path(name).expanduser().resolve()}). Give the folder "
+            "of a saved model, or a Hub id such as 'HuggingFaceTB/SmolLM2-135M'."
+        )
     return name
+
+
+def _is_local_path(name: str) -> bool:
+    """A Hub id is `name` or `namespace/name`; anything else shaped like a path can only be a local one."""
+    if name in (".", "..") or "\\" in name:
+        return True
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
 def resolve_device(device: str | None) -> str:

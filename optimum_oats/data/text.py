@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -96,19 +97,56 @@ def load_calibration_texts(dataset: str | list[str]) -> list[str]:
     elif Path(dataset).is_file():
         texts = read_text_file(dataset)
     elif Path(dataset).is_dir():
-        import datasets
-
-        texts = list(datasets.load_from_disk(dataset)["text"])
+        texts = _read_saved_dataset(Path(dataset))
     else:
         raise CalibrationDataError(
             f"`dataset={dataset!r}` is neither a local file or folder nor one of 'c4', 'wikitext2', 'self'. "
             "Pass a path to a .txt/.jsonl file, a list of strings, or a known name."
         )
+    label = repr(dataset) if isinstance(dataset, str) else "given as a list"
     texts = [text for text in texts if text and text.strip()]
     if not texts:
-        label = repr(dataset) if isinstance(dataset, str) else "given as a list"
         raise CalibrationDataError(f"Calibration dataset {label} holds no text.")
-    return texts
+    readable = [text for text in texts if _has_visible_characters(text)]
+    if not readable:
+        sample = next(c for c in texts[0] if not c.isspace())
+        raise CalibrationDataError(
+            f"Calibration dataset {label} holds no real text, only control characters (such as {sample!r}): "
+            "is it a binary file? Give UTF-8 text."
+        )
+    if len(readable) < len(texts):
+        logger.warning("%d calibration documents hold only control characters; left out.", len(texts) - len(readable))
+    return readable
+
+
+def _has_visible_characters(text: str) -> bool:
+    """Any character that is not whitespace or a control/format/unassigned code point (NUL, escape, ...)."""
+    return any(not c.isspace() and unicodedata.category(c)[0] != "C" for c in text)
+
+
+def _read_saved_dataset(folder: Path) -> list[str]:
+    """The `text` column of a dataset saved by `datasets`' `save_to_disk`, with errors that name the folder."""
+    if not any(folder.iterdir()):
+        raise CalibrationDataError(
+            f"Calibration folder {folder} is empty. Give a folder written by `datasets.Dataset.save_to_disk`, or a "
+            ".txt/.jsonl file."
+        )
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except FileNotFoundError as error:
+        raise CalibrationDataError(
+            f"Calibration folder {folder} is not a dataset saved by `datasets.Dataset.save_to_disk` ({error}). Give "
+            "such a folder, or a .txt/.jsonl file."
+        ) from error
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    if "text" not in loaded.column_names:
+        raise CalibrationDataError(
+            f"The dataset saved in {folder} has no 'text' column (its columns: {loaded.column_names})."
+        )
+    return list(loaded["text"])
 
 
 # How calibration windows are drawn (`OATSConfig.calibration_sampling`).

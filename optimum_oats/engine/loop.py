@@ -26,6 +26,7 @@ from .distributed import agree, world
 from .guards import refuse_shared_weights
 from .layers import LayerEntry, compress_block, statistics_needed
 from .offload import onload_block
+from .preflight import check_plan
 from .refine import refine_block
 from .resume import ResumeFolder, ResumeMismatchError, job_fingerprint
 from .statistics import collect_statistics
@@ -68,6 +69,7 @@ def calibrate_and_compress(
             f"`method={config.method!r}` is a training-time method and cannot compress one-shot; "
             "see `optimum_oats.training.losparse` (LoSparse fine-tuning with `transformers.Trainer`)."
         )
+    check_plan(model, config)  # shapes against the settings, before any data is read
     data = data if data is not None else CalibrationData.from_config(config)
     input_ids = calibration_inputs(model, config, data)
     logger.info("Calibrating on %s", describe_inputs(input_ids))

@@ -9,6 +9,7 @@ config.json's `layer_map` holds only what reloading needs (`rank`, `nnz`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -19,6 +20,8 @@ from torch import nn
 from ..nn import LinearSparseLowRank
 from ..utils.counting import counted_parameters
 from ..utils.files import atomic_write_json
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "oats_report.json"
 # The model attribute holding `{module: {measured number: value}}` from the compression run.
@@ -122,10 +125,44 @@ def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def read_layer_stats(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """`{module: {number: value}}` from an `oats_report.json`."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {
-        layer["name"]: {k: layer[k] for k in STAT_FIELDS if layer.get(k) is not None}
-        for layer in data.get("layers", [])
-        if isinstance(layer, dict) and "name" in layer
-    }
+    """`{module: {number: value}}` from an `oats_report.json`.
+
+    The report is informational (loading needs only config.json and the weights), so a damaged or hand-edited one
+    is never a reason to refuse a checkpoint: what cannot be read is dropped with one warning naming the file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return _unreadable(path, f"it is not readable JSON ({type(err).__name__}: {err})")
+    layers = data.get("layers", []) if isinstance(data, dict) else None
+    if not isinstance(layers, list):
+        found = type(data).__name__ if not isinstance(data, dict) else f"`layers` of type {type(layers).__name__}"
+        return _unreadable(path, f"it holds {found}, not an object with a `layers` list")
+    stats, skipped = {}, 0
+    for layer in layers:
+        if not (isinstance(layer, dict) and isinstance(layer.get("name"), str)):
+            skipped += 1
+            continue
+        numbers = {k: layer[k] for k in STAT_FIELDS if layer.get(k) is not None}
+        good = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        skipped += len(numbers) != len(good)
+        stats[layer["name"]] = good
+    if skipped:
+        logger.warning(
+            "%s: %d layer entries are malformed and were ignored; the checkpoint loads, but its report shows "
+            "fewer measured numbers. Save the model again to rewrite the report.",
+            path,
+            skipped,
+        )
+    return stats
+
+
+def _unreadable(path: Path, why: str) -> dict[str, dict[str, Any]]:
+    logger.warning(
+        "Ignoring %s: %s. The checkpoint loads without it (it only holds the per-layer numbers measured while "
+        "compressing); save the model again to rewrite it.",
+        path,
+        why,
+    )
+    return {}

@@ -9,26 +9,22 @@ checkpoint.
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import EntryNotFoundError
 from torch import nn
 
 from ..engine.report import CompressionReport
 from ..integrations.auto_classes import model_task
-from ..integrations.transformers import SAVE_HOOKS, is_oats_model
+from ..integrations.hub_push import CARD_BUILDERS
+from ..integrations.transformers import SAVE_HOOKS
 from ..utils.files import atomic_write_json
 from .card import CARD_FILE, EVAL_FILE, CardDetails, render_model_card, resolve_base_model
 
 # The model attribute holding evaluation results for the card: `{"compressed": {...}, "dense": {...}}`.
 EVAL_ATTR = "oats_eval_results"
-_PATCHED = "__optimum_oats_card__"
 
 
 def known_results(model: nn.Module, folder: Path | None = None) -> dict[str, Any]:
@@ -68,50 +64,17 @@ def write_card(model: nn.Module, staging: Path, target: Path) -> None:
         atomic_write_json(staging / EVAL_FILE, results)
 
 
-@contextmanager
-def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
-def _patch_push_to_hub(cls: type) -> None:
-    import transformers.modeling_utils as modeling_utils
-    import transformers.utils.hub as hub_utils
-
-    original = cls.push_to_hub
-
-    @functools.wraps(original)
-    def push_to_hub(self, *args: Any, **kwargs: Any):
-        if not is_oats_model(self):
-            return original(self, *args, **kwargs)
-        stock = hub_utils.create_and_tag_model_card
-
-        def oats_card(repo_id: str, tags: list[str] | None = None, token: str | None = None) -> ModelCard:
-            try:
-                ModelCard.load(repo_id, token=token)
-            except EntryNotFoundError:  # no card in the repository yet: ours
-                card = card_for(self, repo_id=repo_id)
-                card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(tags or [])]))
-                return card
-            return stock(repo_id, tags, token=token)  # the repository's own card, tagged as transformers does
-
-        with _swapped(hub_utils, "create_and_tag_model_card", oats_card):
-            with _swapped(modeling_utils, "create_and_tag_model_card", oats_card):
-                return original(self, *args, **kwargs)
-
-    setattr(push_to_hub, _PATCHED, True)
-    cls.push_to_hub = push_to_hub
+def _push_card(model: nn.Module, repo_id: str) -> ModelCard:
+    return card_for(model, repo_id=repo_id)
 
 
 def install() -> None:
-    """Write the OATS card on save and push (idempotent); called when `optimum_oats` is imported."""
-    from transformers import PreTrainedModel
+    """Write the OATS card on save and push (idempotent); called when `optimum_oats` is imported.
 
+    The hooks run inside the `save_pretrained` and `push_to_hub` patches of `optimum_oats.integrations`, and not at
+    all where `OATS_NO_PATCH` turns those off.
+    """
     if write_card not in SAVE_HOOKS:
         SAVE_HOOKS.append(write_card)
-    if not getattr(PreTrainedModel.push_to_hub, _PATCHED, False):
-        _patch_push_to_hub(PreTrainedModel)
+    if _push_card not in CARD_BUILDERS:
+        CARD_BUILDERS.append(_push_card)

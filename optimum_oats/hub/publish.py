@@ -24,6 +24,7 @@ from ..engine.report import REPORT_FILE
 from ..integrations.auto_classes import model_task
 from ..integrations.transformers import is_oats_model
 from ..utils.files import atomic_write_json
+from ..utils.redact import redacted_logs, scrub, scrub_exception, secrets_in_use
 from .card import (
     CARD_FILE,
     EVAL_FILE,
@@ -34,7 +35,6 @@ from .card import (
     resolve_base_model,
 )
 from .plots import plot_layer_report
-from .redact import redacted_logs, scrub, scrub_exception, secrets_in_use
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -164,9 +164,9 @@ def _upload(folder: Path, repo_id: str, *, token: str | None, private: bool, com
 
 def _commit(folder: Path, repo_id: str, *, token: str | None, private: bool, commit_message: str | None):
     api = HfApi(token=token)
-    step = "creating the repository"
+    step, created = "creating the repository", False
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        created = _create(api, repo_id, private)
         step = "uploading the files"
         return api.upload_folder(
             folder_path=folder,
@@ -174,18 +174,53 @@ def _commit(folder: Path, repo_id: str, *, token: str | None, private: bool, com
             commit_message=commit_message or "Upload OATS-compressed model (optimum-oats)",
             delete_patterns=["model*.safetensors*"],  # shards of an earlier push that this one does not replace
         )
-    except HfHubHTTPError as err:
+    except Exception as err:
         scrub_exception(err, secrets_in_use(token))  # the chained cause is printed with any traceback
-        raise PublishError(_scrub(_describe_http_error(err, repo_id, step), token)) from err
-    except Exception as err:  # transport errors (connection refused, timeout, proxy): the Hub was not reached
-        scrub_exception(err, secrets_in_use(token))
-        raise PublishError(
-            _scrub(
+        cleanup = _remove_created(api, repo_id) if created else ""
+        http = _http_error_in(err)
+        if http is not None:  # LFS uploads wrap the Hub's answer in a RuntimeError: it still answered
+            message = _describe_http_error(http, repo_id, step)
+        else:  # transport errors (connection refused, timeout, proxy): the Hub was not reached
+            message = (
                 f"Pushing to {repo_id!r} failed while {step}: could not reach the Hub at {api.endpoint} "
-                f"({type(err).__name__}: {err}). {_NOTHING_CHANGED}",
-                token,
+                f"({type(err).__name__}: {err}). {_NOTHING_CHANGED}"
             )
-        ) from err
+        raise PublishError(_scrub(message + cleanup, token)) from err
+
+
+def _create(api: HfApi, repo_id: str, private: bool) -> bool:
+    """Create the repository if it does not exist; True when this call created it (so a failed push removes it)."""
+    try:
+        api.create_repo(repo_id, private=private)
+        return True
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        # 409: it exists. 401-403: no right to create here, yet it may exist (as `create_repo(exist_ok=True)` sees it).
+        if status == 409 or (status in (401, 402, 403) and api.repo_exists(repo_id)):
+            return False
+        raise
+
+
+def _http_error_in(error: BaseException) -> HfHubHTTPError | None:
+    """The Hub's HTTP error that `error` is or was raised from, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, HfHubHTTPError) and current.response is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _remove_created(api: HfApi, repo_id: str) -> str:
+    """Delete the repository this push created (it holds nothing of ours), so a failed push leaves no empty repo."""
+    try:
+        api.delete_repo(repo_id, missing_ok=True)
+    except Exception as err:  # noqa: BLE001 - the push error matters more; say what is left
+        logger.warning("Could not delete the empty repository %s created for the failed push: %s", repo_id, err)
+        return f" The repository {repo_id!r} created for this push is still there, empty: delete it on the Hub."
+    return f" The repository {repo_id!r} created for this push was deleted again."
 
 
 _NOTHING_CHANGED = "Nothing was committed, and the local files are unchanged."

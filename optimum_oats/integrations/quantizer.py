@@ -11,6 +11,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..config import OATSConfig
 from ..data.inputs import CalibrationData
 from ..engine.loop import SHAPE_KEYS, CompressionOutcome, calibrate_and_compress
+from ..engine.preflight import check_plan
 from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
 from .checkpoint import check_loaded_masks, release_checkpoint_mapping, validate_checkpoint
 from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
@@ -38,6 +39,7 @@ class OATSHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files=None, **kwargs) -> None:
         if not self.pre_quantized:
+            check_plan(model, self.quantization_config)  # on the weightless skeleton: fails before the load
             return
         stats = split_legacy_layer_map(self.quantization_config)
         shapes = replace_with_skeletons(model, self.quantization_config)

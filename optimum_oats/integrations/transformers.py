@@ -1,16 +1,16 @@
 """Transformers integration: registration under `"oats"`, marking a model as compressed, and the
-`from_pretrained(oats_config=...)` / atomic `save_pretrained` conveniences.
+`from_pretrained(oats_config=...)` / atomic `save_pretrained` patches.
 
 Everything that touches transformers internals lives in this folder, so a transformers upgrade has one place to be
-checked.
+checked; the patches are listed in `patches.py` (with how to opt out of each).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -18,15 +18,12 @@ from ..config import QUANT_METHOD, OATSConfig
 from ..engine.loop import CompressionOutcome
 from ..engine.report import LAYER_STATS_ATTR, CompressionReport
 from ..utils.files import staged_directory
+from .patching import Patch
 from .quantizer import OATSHfQuantizer, settings_of
 from .remote_code import write_remote_code
 
-if TYPE_CHECKING:
-    pass
-
 logger = logging.getLogger(__name__)
 
-_PATCHED = "__optimum_oats_patched__"
 # Writers run on the staging folder of every `save_pretrained` of a compressed model: `hook(model, staging, target)`.
 # Higher levels add theirs (the model card, `optimum_oats.hub.autocard`), so this module needs none of them.
 SAVE_HOOKS: list = []
@@ -47,9 +44,7 @@ def is_oats_model(model: nn.Module) -> bool:
     return isinstance(config, OATSConfig)
 
 
-def _patch_save_pretrained(cls: type) -> None:
-    original = cls.save_pretrained
-
+def _wrap_save_pretrained(original: Callable) -> Callable:
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         if not is_oats_model(self):
@@ -65,13 +60,10 @@ def _patch_save_pretrained(cls: type) -> None:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             self.push_to_hub(repo_id, **hub_kwargs)
 
-    setattr(save_pretrained, _PATCHED, True)
-    cls.save_pretrained = save_pretrained
+    return save_pretrained
 
 
-def _patch_from_pretrained(cls: type) -> None:
-    original = cls.from_pretrained.__func__
-
+def _wrap_from_pretrained(original: Callable) -> Callable:
     @functools.wraps(original)
     def from_pretrained(cls, *args, oats_config: OATSConfig | None = None, **kwargs):
         if oats_config is not None:
@@ -80,13 +72,45 @@ def _patch_from_pretrained(cls: type) -> None:
             kwargs["quantization_config"] = oats_config
         return original(cls, *args, **kwargs)
 
-    setattr(from_pretrained, _PATCHED, True)
-    cls.from_pretrained = classmethod(from_pretrained)
+    return from_pretrained
+
+
+SAVE_PRETRAINED = Patch(
+    name="save_pretrained",
+    attribute="save_pretrained",
+    owners=("transformers.PreTrainedModel",),
+    wrap=_wrap_save_pretrained,
+    signatures={
+        "transformers.PreTrainedModel.save_pretrained": (
+            "(self, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, "
+            "max_shard_size='50GB', variant=None, token=None, save_peft_format=True, save_original_format=True, "
+            "distributed_checkpoint=False, **kwargs)"
+        ),
+    },
+    effect=(
+        "a compressed model saves into a staged folder moved into place whole, with `oats_report.json`, "
+        "`modeling_oats.py` and the OATS model card; without it, transformers writes the weights and config only"
+    ),
+)
+FROM_PRETRAINED = Patch(
+    name="from_pretrained",
+    attribute="from_pretrained",
+    owners=("transformers.PreTrainedModel",),
+    wrap=_wrap_from_pretrained,
+    signatures={
+        "transformers.PreTrainedModel.from_pretrained": (
+            "(cls, pretrained_model_name_or_path, *model_args, config=None, cache_dir=None, "
+            "ignore_mismatched_sizes=False, force_download=False, local_files_only=False, token=None, "
+            "revision='main', use_safetensors=None, weights_only=True, fusion_config=None, disable_mmap=None, "
+            "**kwargs)"
+        ),
+    },
+    effect="`from_pretrained(oats_config=...)` as a spelling of `quantization_config=`; without it, only the latter",
+)
 
 
 def register() -> None:
     """Register `OATSConfig` and `OATSHfQuantizer` under `"oats"`; safe to call any number of times."""
-    from transformers import PreTrainedModel
     from transformers.quantizers.auto import (
         AUTO_QUANTIZATION_CONFIG_MAPPING,
         AUTO_QUANTIZER_MAPPING,
@@ -98,7 +122,3 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(OATSConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(OATSHfQuantizer)
-    if not getattr(PreTrainedModel.from_pretrained.__func__, _PATCHED, False):
-        _patch_from_pretrained(PreTrainedModel)
-    if not getattr(PreTrainedModel.save_pretrained, _PATCHED, False):
-        _patch_save_pretrained(PreTrainedModel)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,8 +21,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
     `write` fails.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_sibling(path)
     try:
         write(tmp)
         if fsync:
@@ -37,6 +35,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _new_sibling(path: Path) -> str:
+    """An empty, new temporary file beside `path` with the mode a plain `open()` gives (0o666 less the umask).
+
+    Not `tempfile.mkstemp`: its 0600 mode would become the final file's mode after the rename.
+    """
+    while True:
+        tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - a 48-bit random name taken
+            continue
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:

@@ -232,10 +232,33 @@ def test_failed_commit_raises_clear_error_and_keeps_local_files(hub, compressed_
         publish_folder(compressed_dir, "user/fails", base_model=BASE)
     message = str(excinfo.value)
     assert "'user/fails'" in message and "HTTP 500" in message and "uploading the files" in message
-    assert "Nothing was committed" in message
-    assert len(hub.repo("user/fails").log()) == 1  # only the repo's initial commit
+    assert "Nothing was committed" in message and "'user/fails' created for this push was deleted" in message
+    assert "user/fails" not in hub.repos  # no empty repository is left behind
     assert _snapshot(compressed_dir) == before
     assert list(staging_root.iterdir()) == []
+
+
+def test_failed_push_to_an_existing_repository_keeps_it(hub, compressed_dir):
+    publish_folder(compressed_dir, "user/kept", base_model=BASE)
+    commits = len(hub.repo("user/kept").log())
+    hub.fail_next("/commit/", 500)
+    with pytest.raises(PublishError, match="HTTP 500") as excinfo:  # a new card, so there is something to commit
+        publish_folder(compressed_dir, "user/kept", base_model=BASE, license="mit")
+    assert "deleted" not in str(excinfo.value) and len(hub.repo("user/kept").log()) == commits
+
+
+def test_failed_lfs_upload_says_what_the_hub_answered(hub, compressed_dir, monkeypatch):
+    """huggingface_hub retries the LFS upload, then wraps the Hub's HTTP 500 in a RuntimeError: that is an answer
+    from the Hub, not "could not reach the Hub"."""
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)  # its back-off between the retries
+    hub.fail_next("/_lfs/upload/", 500, times=50)
+    with pytest.raises(PublishError) as excinfo:
+        publish_folder(compressed_dir, "user/lfs-fails", base_model=BASE)
+    message = str(excinfo.value)
+    assert "HTTP 500" in message and "could not reach" not in message and "uploading the files" in message
+    assert "The Hub may be unavailable" in message and "user/lfs-fails" not in hub.repos
 
 
 def test_dense_model_or_unknown_base_is_refused(compressed_dir, tiny_configs):

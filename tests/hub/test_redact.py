@@ -162,3 +162,77 @@ def test_token_in_environment_is_not_copied_into_checkpoints(compressed_model, t
     compressed_model.save_pretrained(tmp_path / "out")
     assert {"config.json", "oats_report.json", "model.safetensors"} <= set(os.listdir(tmp_path / "out"))
     _assert_nowhere(TOKEN, folders=(tmp_path,))
+
+
+# ----------------------------------------------------------------------------------------- transformers' push paths
+TRANSFORMERS_PUSHES = {
+    "model.push_to_hub": lambda model, folder, token: model.push_to_hub("user/secret-tf", token=token),
+    "save_pretrained(push_to_hub=True)": lambda model, folder, token: model.save_pretrained(
+        folder, push_to_hub=True, repo_id="user/secret-tf", token=token
+    ),
+}
+ECHOES = {
+    "commit echoes": ("/commit/", 500, "upstream rejected 'Authorization: Bearer {secret}'"),
+    "create_repo echoes": ("/repos/create", 403, "token {secret} has no write access"),
+}
+
+
+@pytest.mark.parametrize("echo", sorted(ECHOES))
+@pytest.mark.parametrize("push", sorted(TRANSFORMERS_PUSHES))
+@pytest.mark.parametrize("explicit", [True, False], ids=["token=", "HF_TOKEN"])
+def test_transformers_push_paths_blank_an_echoed_token(
+    push, echo, explicit, hub, compressed_model, tmp_path, caplog, capfd
+):
+    """transformers' own methods on a compressed model: the error (and everything chained to it), the DEBUG logs
+    and the console hold `***` where the server quoted the token."""
+    path, status, message = ECHOES[echo]
+    hub.fail_next(path, status, message=message.format(secret=TOKEN))
+    with pytest.raises(Exception) as excinfo:
+        TRANSFORMERS_PUSHES[push](compressed_model, tmp_path / "out", TOKEN if explicit else None)
+    text = _error_text(excinfo.value)
+    assert "***" in str(excinfo.value) and str(status) in text  # the server's words are kept, the token blanked
+    out, err = capfd.readouterr()
+    _assert_nowhere(TOKEN, text, caplog.text, out, err, folders=(tmp_path,))
+
+
+PUSH_SCRIPT = """
+import logging, sys
+import optimum_oats
+from transformers import AutoModelForCausalLM
+
+if sys.argv[3] == "debug":
+    logging.basicConfig(level=logging.DEBUG)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+model.push_to_hub(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("logging_setup", ["none", "debug"])
+def test_push_to_hub_in_a_plain_script_prints_no_token(logging_setup, checkpoint, tmp_path):
+    """A user's script in a fresh process: no logging set up (warnings go to Python's last-resort handler) or
+    `basicConfig(DEBUG)`, the push fails with the token echoed, and Python prints the traceback on stderr."""
+    import subprocess
+    import sys
+
+    with HubServer(accepted_tokens={TOKEN}) as server:
+        server.fail_next("/commit/", 500, message=f"upstream rejected 'Authorization: Bearer {TOKEN}'")
+        env = server.client_env(tmp_path / "hf_home", token=TOKEN)
+        argv = [sys.executable, "-c", PUSH_SCRIPT, str(checkpoint), "user/plain-script", logging_setup]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "HfHubHTTPError" in done.stderr and "***" in done.stderr
+    _assert_nowhere(TOKEN, done.stdout, done.stderr)
+
+
+def test_the_last_resort_handler_is_filtered_too(capsys):
+    """Where no logging is set up, Python prints WARNING records through `logging.lastResort`: it blanks too."""
+    from optimum_oats.utils.redact import redacted_logs
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("httpx", logging.WARNING, __file__, 1, "server said %s", (TOKEN,), None)
+
+    with redacted_logs({TOKEN}):
+        logging.lastResort.handle(record())
+    err = capsys.readouterr().err
+    assert "server said ***" in err and TOKEN not in err
+    logging.lastResort.handle(record())  # the filter is removed afterwards
+    assert TOKEN in capsys.readouterr().err

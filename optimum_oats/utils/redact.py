@@ -2,7 +2,8 @@
 
 Our own messages never quote a token, but the Hub (or a proxy in front of it) may quote the request it refused,
 and that text travels in the exceptions we chain and in the DEBUG logs of the HTTP libraries. Everything that
-leaves a push passes through here first.
+leaves a push passes through here first: `publish`/`oats push` and transformers' own `push_to_hub` on a compressed
+model (`integrations/hub_push.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def scrub_exception(error: BaseException, secrets: Iterable[str]) -> None:
         notes = getattr(current, "__notes__", None)
         if isinstance(notes, list):
             current.__notes__ = [scrub(note, secrets) if isinstance(note, str) else note for note in notes]
+        for name, value in list(vars(current).items()):  # e.g. `HfHubHTTPError.server_message`
+            if isinstance(value, str) and name != "__notes__":
+                setattr(current, name, scrub(value, secrets))
         pending += [current.__cause__, current.__context__]
 
 
@@ -70,7 +74,10 @@ def redacted_logs(secrets: Iterable[str]) -> Iterator[None]:
         for logger in logging.Logger.manager.loggerDict.values()
         if isinstance(logger, logging.Logger) and logger.handlers
     ]
-    handlers = list(dict.fromkeys(handler for logger in loggers for handler in logger.handlers))
+    handlers = [handler for logger in loggers for handler in logger.handlers]
+    if logging.lastResort is not None:  # what prints WARNING and above where no logging is set up
+        handlers.append(logging.lastResort)
+    handlers = list(dict.fromkeys(handlers))
     for handler in handlers:
         handler.addFilter(redactor)
     try:
