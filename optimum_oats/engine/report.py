@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,15 @@ class CompressionReport:
     def mean_relative_error(self) -> float | None:
         errors = [layer.relative_error for layer in self.layers if layer.relative_error is not None]
         return sum(errors) / len(errors) if errors else None
+
+    def __str__(self) -> str:
+        return render_report(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"CompressionReport(layers={len(self.layers)}, kept_fraction={self.kept_fraction:.4f}, "
+            f"mean_relative_error={_fmt(self.mean_relative_error)})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,3 +177,71 @@ def _unreadable(path: Path, why: str) -> dict[str, dict[str, Any]]:
         why,
     )
     return {}
+
+
+# The text form must fit a terminal: at most this many block rows (the rest are summarised in one line).
+MAX_BLOCK_ROWS = 40
+MAX_NAME_WIDTH = 70  # 70 + the five number columns stay within 120 characters
+_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _group_rows(groups: dict[str, list[LayerReport]], width: int) -> list[str]:
+    rows = []
+    for key, layers in groups.items():
+        dense = sum(layer.in_features * layer.out_features for layer in layers)
+        kept = sum(layer.num_parameters for layer in layers)
+        ranks = sorted({layer.rank for layer in layers})
+        rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        rates = [layer.compression_rate for layer in layers]
+        rows.append(
+            f"{key[-width:]:<{width}} {len(layers):>6} {rank:>9} {kept / max(1, dense):>6.3f} "
+            f"{_fmt(_mean(rates), '.3f'):>6} {_fmt(_mean([layer.relative_error for layer in layers])):>9}"
+        )
+    return rows
+
+
+def render_report(report: CompressionReport) -> str:
+    """A short summary and two small tables (by layer kind, by block) that fit a terminal; `to_dict()` has it all.
+
+    Layers are grouped by their name with the block index removed (`model.layers.*.self_attn.q_proj`), and by
+    block index, so a 30-block model prints ~45 lines however many layers it has.
+    """
+    config = report.config
+    settings = ", ".join(
+        f"{key}={config[key]}"
+        for key in ("method", "compression_rate", "rank_ratio", "sparsity_pattern", "owl")
+        if config.get(key) is not None
+    )
+    lines = [
+        f"CompressionReport: {len(report.layers)} compressed layers ({settings})",
+        f"  kept parameters {report.kept_parameters:,} of {report.dense_parameters:,} "
+        f"({report.kept_fraction:.2%}), mean relative error {_fmt(report.mean_relative_error)}",
+    ]
+    if not report.layers:
+        return "\n".join(lines)
+    by_kind: dict[str, list[LayerReport]] = defaultdict(list)
+    by_block: dict[str, list[LayerReport]] = defaultdict(list)
+    for layer in report.layers:
+        by_kind[_INDEX.sub(".*.", layer.name, count=1)].append(layer)
+        match = _INDEX.search(layer.name)
+        by_block[f"block {match.group(1)}" if match else "other"].append(layer)
+    width = min(MAX_NAME_WIDTH, max(len("By layer kind"), *(len(key) for key in by_kind)))
+    columns = f"{'layers':>6} {'rank':>9} {'kept':>6} {'rate':>6} {'rel.err':>9}"
+    lines += ["", f"{'By layer kind':<{width}} {columns}", *_group_rows(by_kind, width)]
+    block_rows = _group_rows(by_block, width)
+    if len(block_rows) > MAX_BLOCK_ROWS:
+        half = MAX_BLOCK_ROWS // 2
+        hidden = len(block_rows) - 2 * half
+        block_rows = [*block_rows[:half], f"... {hidden} blocks not shown (see .to_dict()) ...", *block_rows[-half:]]
+    lines += ["", f"{'By block':<{width}} {columns}", *block_rows]
+    lines += ["", "Per-layer numbers: report.to_dict()['layers']; saved as oats_report.json."]
+    return "\n".join(lines)
