@@ -15,9 +15,10 @@ checks where every offline name resolves before running anything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,36 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+# lm-eval's own warnings that describe how this module calls it, not anything the user did: an already-built model
+# passed as `pretrained` (deliberate: it is the compressed model in memory) and the offline tasks' loader functions.
+_LM_EVAL_NOISE = {
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized"),
+    "lm_eval.api.task": ("Custom kwargs can be passed to `--metadata`",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(prefix in message for prefix in self.prefixes)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Drop `_LM_EVAL_NOISE` for the duration of one evaluation; every other lm-eval message still shows."""
+    filters = [(logging.getLogger(name), _DropMessages(prefixes)) for name, prefixes in _LM_EVAL_NOISE.items()]
+    for target, drop in filters:
+        target.addFilter(drop)
+    try:
+        yield
+    finally:
+        for target, drop in filters:
+            target.removeFilter(drop)
 
 
 def _task_list(tasks: str | Sequence[str]) -> list[str]:
@@ -175,19 +206,21 @@ def evaluate_lm_eval(
     task_manager = build_task_manager(data_dir, include_defaults=any(n not in OFFLINE_TASKS for n in names))
     check_offline_resolution(task_manager, names)
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     simple_evaluate_kwargs.setdefault("log_samples", False)
     was_training = model.training
     model.eval()
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=task_manager,
-            **simple_evaluate_kwargs,
-        )
+        with _quiet_lm_eval():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                # 0 is every offline task's own default: passing it would only log "Overwriting default num_fewshot".
+                num_fewshot=num_fewshot or None,
+                limit=limit,
+                task_manager=task_manager,
+                **simple_evaluate_kwargs,
+            )
     finally:
         model.train(was_training)
     if results is None:  # non-zero rank in a distributed run
