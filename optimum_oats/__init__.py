@@ -11,6 +11,7 @@ from .config import OATSConfig
 from .engine.report import CompressionReport
 from .hub import publish
 from .hub.autocard import install as _install_model_card
+from .integrations.default_model import default_model_path
 from .integrations.patches import apply_patches as _apply_patches
 from .integrations.transformers import register as _register
 from .nn import LinearSparseLowRank
@@ -27,5 +28,6 @@ __all__ = [
     "__version__",
     "compress",
     "compression_report",
+    "default_model_path",
     "publish",
 ]
