@@ -1,8 +1,9 @@
 """The demo's last table: what compressing the embedded SmolLM2 gained and lost, side by side with the dense model.
 
-Usage: python scripts/demo_summary.py COMPRESSED_DIR [--new-tokens 32] [--reps 3]
+Usage: python scripts/demo_summary.py COMPRESSED_DIR [--new-tokens 32] [--reps 3] [--generations 3]
 Reads COMPRESSED_DIR/eval_results.json (written by `optimum-cli oats evaluate --output`) for the quality rows.
-Speed and memory are measured here, each model in a fresh process (peak resident memory of load + generation).
+Speed and memory are measured here, each model in a fresh process (peak resident memory of load + generation),
+and a few greedy answers to chat prompts (the model's own chat template) are printed dense beside compressed.
 """
 
 from __future__ import annotations
@@ -23,8 +24,26 @@ def _checkpoint_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
 
 
-def _measure(path: str, new_tokens: int, reps: int) -> None:
-    """Child process: tokens/s of greedy generation (median of `reps`) and peak RSS, as one JSON line."""
+# Chat prompts for the side-by-side answers: a fact, a story opening, an instruction.
+PROMPTS = (
+    "What is the capital of France?",
+    "Write the first two sentences of a story about a lighthouse keeper.",
+    "Give three tips for staying focused while studying.",
+)
+
+
+def _answers(model, tokenizer, count: int, new_tokens: int = 48) -> list[str]:
+    answers = []
+    for text in PROMPTS[:count]:
+        chat = [{"role": "user", "content": text}]
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        output = model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+        answers.append(tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+def _measure(path: str, new_tokens: int, reps: int, generations: int = 0) -> None:
+    """Child process: tokens/s of greedy generation (median of `reps`), peak RSS and chat answers, as one JSON line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,18 +60,32 @@ def _measure(path: str, new_tokens: int, reps: int) -> None:
             model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             speeds.append(new_tokens / (time.perf_counter() - start))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"tokens_per_s": statistics.median(speeds), "peak_mb": peak}))
+    with torch.no_grad():
+        answers = _answers(model, tokenizer, generations)
+    print(json.dumps({"tokens_per_s": statistics.median(speeds), "peak_mb": peak, "answers": answers}))
 
 
 def _run(path: str, args: argparse.Namespace) -> dict:
-    code = "import sys, runpy; runpy.run_path(sys.argv[1])['_measure'](sys.argv[2], *map(int, sys.argv[3:5]))"
+    code = "import sys, runpy; runpy.run_path(sys.argv[1])['_measure'](sys.argv[2], *map(int, sys.argv[3:6]))"
     out = subprocess.run(
-        [sys.executable, "-c", code, __file__, path, str(args.new_tokens), str(args.reps)],
+        [sys.executable, "-c", code, __file__, path, str(args.new_tokens), str(args.reps), str(args.generations)],
         capture_output=True,
         text=True,
         check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _stderr(m: dict, n: int | None) -> float:
+    return m.get("acc_stderr") or (math.sqrt(m["acc"] * (1 - m["acc"]) / n) if n else float("nan"))
+
+
+def _noise(m: dict, d: dict, n: int | None) -> str:
+    """' (noise)' when the difference is within two standard errors of a difference of two independent scores."""
+    if "acc" not in d:
+        return ""
+    bound = 2 * math.sqrt(_stderr(m, n) ** 2 + _stderr(d, n) ** 2)
+    return " (noise)" if abs(m["acc"] - d["acc"]) < bound else ""
 
 
 def _quality_rows(results: dict) -> list[str]:
@@ -75,11 +108,11 @@ def _quality_rows(results: dict) -> list[str]:
         def cell(m: dict, n: int | None = n) -> str:
             if "acc" not in m:
                 return "n/a"
-            stderr = m.get("acc_stderr") or (math.sqrt(m["acc"] * (1 - m["acc"]) / n) if n else float("nan"))
-            return f"{m['acc']:.3f} ± {stderr:.3f}"
+            return f"{m['acc']:.3f} ± {_stderr(m, n):.3f}"
 
         diff = metrics["acc"] - d.get("acc", float("nan"))
-        rows.append(f"| {task} accuracy ({n} documents) | {cell(d)} | {cell(metrics)} | {diff:+.3f} |")
+        noise = _noise(m=metrics, d=d, n=n)
+        rows.append(f"| {task} accuracy ({n} documents) | {cell(d)} | {cell(metrics)} | {diff:+.3f}{noise} |")
     return rows
 
 
@@ -89,6 +122,7 @@ def main() -> None:
     parser.add_argument("--dense", type=Path, default=None, help="dense folder (default: the embedded SmolLM2)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--generations", type=int, default=3, help=f"chat answers to print (at most {len(PROMPTS)})")
     args = parser.parse_args()
     if args.dense is None:
         from optimum_oats.integrations.default_model import default_model_path
@@ -115,10 +149,12 @@ def main() -> None:
         for row in _quality_rows(json.loads(results_file.read_text())):
             print(row)
     print(
-        "\nAccuracy is ± one standard error over the documents scored; differences smaller than about twice the "
-        "standard error are not evidence of a change. Speed on a busy machine (load average near or above the "
-        "number of cores) is not a claim: rerun it on a quiet one."
+        "\nAccuracy is ± one standard error over the documents scored; a difference marked (noise) is within two "
+        "standard errors of the difference and is not evidence of a change. Speed on a busy machine (load average "
+        "near or above the number of cores) is not a claim: rerun it on a quiet one."
     )
+    for prompt, before, after in zip(PROMPTS, dense["answers"], compressed["answers"], strict=False):
+        print(f"\n### {prompt}\n- dense:      {before!r}\n- compressed: {after!r}")
 
 
 if __name__ == "__main__":
