@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
+# Quiet set-up: pip's notes about local index folders of this machine's pip configuration that lack a package
+# ("WARNING: Location 'file:///...' is ignored"), and setuptools' generic note on every editable install of a
+# flat-layout project ("Editable installation ... folders with the same name"), say nothing about this project.
+export PYTHONWARNINGS="ignore:Editable installation"
+exec 2> >(grep -v "^WARNING: Location 'file://.*' is ignored" >&2)
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OATS_DATA_DIR="${OATS_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 export HF_HUB_DISABLE_TELEMETRY=1
-.venv/bin/python -m pytest -q "$@"
+# pytest's default output names each test file as it starts, so a long file never looks like a hang.
+.venv/bin/python -m pytest "$@"
