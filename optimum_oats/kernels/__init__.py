@@ -306,6 +306,7 @@ def build_kernels() -> dict[str, object]:
 __all__ = [
     "CACHE_ENV",
     "DISABLE_ENV",
+    "TIMEOUT_ENV",
     "build_kernels",
     "build_location",
     "is_built",
