@@ -263,6 +263,8 @@ class ResumeFolder:
             raise self._corrupted(path, f"missing or malformed entry ({err})") from err
         hidden = None
         if completed < self.num_blocks:
+            if not isinstance(hidden_name, str):
+                raise self._corrupted(path, f"naming no hidden-states file although {completed} < {self.num_blocks}")
             tensors = self._load_tensors(hidden_name)
             if set(tensors) != {str(i) for i in range(len(tensors))}:
                 raise self._corrupted(self.directory / hidden_name, "holding unexpected tensor names")
