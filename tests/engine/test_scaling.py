@@ -34,6 +34,7 @@ JOB = ["--layers", str(LAYERS_HIDDEN[0]), "--hidden", str(LAYERS_HIDDEN[1]), "--
 # size; these tiny models' shards are a few hundred kB, so the note does not apply.
 OFFLOADED_SAVE = pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules:UserWarning")
 
+
 def _env(data_dir: Path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OATS_DATA_DIR": str(data_dir)}
 
