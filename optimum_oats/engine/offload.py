@@ -211,3 +211,22 @@ def offloading_device_map(source: str, device: str | int = "cpu", offload: str =
 
     visit(skeleton, "")
     return device_map
+
+
+def named_resident_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of `model` (shared ones once) with its values: a tensor that accelerate keeps on
+    the meta device is read from its hook's weights map (one at a time, so memory stays one tensor)."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        hook = _offload_hook(module)
+        local = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, tensor in local:
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            if tensor.device.type == "meta" and hook is not None:
+                try:
+                    tensor = hook.weights_map[name]
+                except KeyError:
+                    pass  # not offloaded by the hook: a skeleton tensor, hashed by its shape
+            yield f"{module_name}.{name}" if module_name else name, tensor

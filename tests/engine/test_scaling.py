@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from optimum_oats import LinearSparseLowRank, OATSConfig, compress
-from optimum_oats.engine.resume import MANIFEST, ResumeMismatchError
+from optimum_oats.engine.resume import MANIFEST, ResumeMismatchError, _checksum, _file_sha256
 from tests.helpers.tiny_models import build_tiny_model
 
 WORKER = Path(__file__).resolve().parent / "scaling_worker.py"
@@ -33,6 +33,7 @@ JOB = ["--layers", str(LAYERS_HIDDEN[0]), "--hidden", str(LAYERS_HIDDEN[1]), "--
 # transformers warns on every save of an offloaded model that free CPU memory must exceed the 50 GB default shard
 # size; these tiny models' shards are a few hundred kB, so the note does not apply.
 OFFLOADED_SAVE = pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules:UserWarning")
+
 
 def _env(data_dir: Path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OATS_DATA_DIR": str(data_dir)}
@@ -180,7 +181,9 @@ def test_interrupted_write_leaves_the_last_complete_state(tmp_path, tiny_configs
     hidden = tmp_path / "hidden-00001.safetensors"
     save_file({str(i): h for i, h in enumerate(_block1_inputs(reference, cfg, tokenizer))}, hidden)
     block0 = {k: v for k, v in manifest["layer_map"].items() if k.startswith("model.layers.0.")}
-    manifest.update(completed_blocks=1, layer_map=block0, hidden_file=hidden.name)
+    files = {name: _file_sha256(tmp_path / name) for name in ("block-00000.safetensors", hidden.name)}
+    manifest.update(completed_blocks=1, layer_map=block0, hidden_file=hidden.name, files=files)
+    manifest["checksum"] = _checksum(manifest)  # as the writer sealed it after block 0
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     (tmp_path / ".block-00001.safetensors.x.tmp").write_bytes(b"\x00" * 17)
     (tmp_path / "block-00001.safetensors").write_bytes(b"garbage")
