@@ -13,7 +13,7 @@ from ..data.inputs import CalibrationData
 from ..engine.loop import SHAPE_KEYS, CompressionOutcome, calibrate_and_compress
 from ..engine.preflight import check_plan
 from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
-from .checkpoint import check_loaded_masks, release_checkpoint_mapping, validate_checkpoint
+from .checkpoint import check_loaded_masks, mask_rules, release_checkpoint_mapping, validate_checkpoint
 from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
 
 if TYPE_CHECKING:
@@ -44,10 +44,12 @@ class OATSHfQuantizer(HfQuantizer):
         stats = split_legacy_layer_map(self.quantization_config)
         shapes = replace_with_skeletons(model, self.quantization_config)
         if checkpoint_files:
-            layer_map = self.quantization_config.layer_map
+            config = self.quantization_config
+            layer_map = config.layer_map
             self._stored_dtypes = validate_checkpoint(
                 checkpoint_files, layer_map, shapes, rename=checkpoint_key_renamer(model)
             )
+            self._mask_rules = mask_rules(layer_map, shapes, config.method, config.nm)
             report = Path(checkpoint_files[0]).parent / REPORT_FILE
             if report.is_file():
                 for name, numbers in read_layer_stats(report).items():
@@ -56,7 +58,7 @@ class OATSHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
         if self.pre_quantized:
-            check_loaded_masks(model)
+            check_loaded_masks(model, getattr(self, "_mask_rules", None))
             release_checkpoint_mapping(model, getattr(self, "_stored_dtypes", {}))
             return
         data = CalibrationData.from_config(self.quantization_config)
