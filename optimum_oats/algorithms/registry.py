@@ -138,9 +138,7 @@ def _run_magnitude(weight, stats, budget, settings) -> Decomposition:
 
 
 register_algorithm(
-    Algorithm(
-        "oats", "OATS, sparse + low-rank", (INPUT_NORMS,), uses_low_rank=True, run=_run_oats, rows_balanced=True
-    )
+    Algorithm("oats", "OATS, sparse + low-rank", (INPUT_NORMS,), uses_low_rank=True, run=_run_oats, rows_balanced=True)
 )
 register_algorithm(
     Algorithm(
