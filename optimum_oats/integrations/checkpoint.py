@@ -17,12 +17,15 @@ with the right shapes before loading. Checkpoints are read through safetensors o
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..algorithms.registry import method_info
 from ..nn import LinearSparseLowRank
@@ -76,14 +79,25 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 def _valid_entry(entry: Any) -> bool:
     if not isinstance(entry, dict):
         return False
-    offsets, shape = entry.get("data_offsets"), entry.get("shape")
-    return (
+    offsets, shape, dtype = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
+    valid = (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(isinstance(o, int) and o >= 0 for o in offsets)
         and isinstance(shape, list)
         and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(dtype, str)
     )
+    if not valid or dtype not in _DTYPE_BITS:
+        return valid
+    return offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BITS[dtype] // 8  # an altered dtype, shape or offset
+
+
+# Bits per element of safetensors' dtypes (a dtype not listed is left to safetensors itself).
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+}  # fmt: skip
 
 
 def expected_shapes(name: str, in_features: int, out_features: int, rank: int, nnz: int) -> dict[str, tuple]:
@@ -230,36 +244,42 @@ def check_loaded_masks(model: Any, rules: dict[str, MaskRule] | None = None) -> 
 
 
 def _check_mask(name: str, module: LinearSparseLowRank, rule: MaskRule) -> None:
-    mask, key = module.weight_mask, f"`{name}.weight_mask`"
-    damaged = "The checkpoint is damaged; run `optimum-cli oats verify DIR`, then download or copy it again."
-    padded = padding_bits(mask, module.in_features).nonzero()
-    if len(padded):
+    problem = mask_problem(name, module.weight_mask, module.in_features, module.sparse_nnz, rule)
+    if problem:
         raise CheckpointError(
-            f"Tensor {key} has bits set past column {module.in_features} (the padding of row {int(padded[0])}), "
-            f"which are always 0. {damaged}"
+            f"{problem} The checkpoint is damaged; run `optimum-cli oats verify DIR`, then download or copy it again."
+        )
+
+
+def mask_problem(name: str, mask: torch.Tensor, in_features: int, nnz: int, rule: MaskRule) -> str | None:
+    """What is wrong with module `name`'s packed bitmask, or None: padding bits, total, per-row and N:M counts."""
+    key = f"`{name}.weight_mask`"
+    padded = padding_bits(mask, in_features).nonzero()
+    if len(padded):
+        return (
+            f"Tensor {key} has bits set past column {in_features} (the padding of row {int(padded[0])}), "
+            "which are always 0."
         )
     counts = row_counts(mask)
     ones = int(counts.sum())
-    if ones != module.sparse_nnz:
-        raise CheckpointError(
-            f"Tensor {key} marks {ones} kept weights but `{name}.weight` holds "
-            f"{module.sparse_nnz} values (padding bits included). {damaged}"
-        )
+    if ones != nnz:
+        return f"Tensor {key} marks {ones} kept weights but `{name}.weight` holds {nnz} values (padding included)."
     if rule.row_nnz is not None:
         uneven = (counts != rule.row_nnz).nonzero()
         if len(uneven):
             row = int(uneven[0])
-            raise CheckpointError(
+            return (
                 f"Tensor {key} keeps {int(counts[row])} weights in row {row} but every row of this layer keeps "
-                f"{rule.row_nnz}. {damaged}"
+                f"{rule.row_nnz}."
             )
-    if rule.nm is not None and module.in_features % rule.nm[1] == 0:
+    if rule.nm is not None and in_features % rule.nm[1] == 0:
         n, m = rule.nm
-        groups = group_counts(mask, module.in_features, m)
+        groups = group_counts(mask, in_features, m)
         over = (groups > n).nonzero()
         if len(over):
             row, group = (int(i) for i in over[0])
-            raise CheckpointError(
+            return (
                 f"Tensor {key} keeps {int(groups[row, group])} weights in columns {group * m}-{group * m + m - 1} of "
-                f"row {row}, more than the {n}:{m} pattern allows. {damaged}"
+                f"row {row}, more than the {n}:{m} pattern allows."
             )
+    return None

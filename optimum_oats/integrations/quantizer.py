@@ -14,6 +14,7 @@ from ..engine.loop import SHAPE_KEYS, CompressionOutcome, calibrate_and_compress
 from ..engine.preflight import check_plan
 from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
 from .checkpoint import check_loaded_masks, mask_rules, release_checkpoint_mapping, validate_checkpoint
+from .integrity import MASK_SUFFIX, recorded_row_counts, verify_on_load
 from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
 
 if TYPE_CHECKING:
@@ -44,12 +45,13 @@ class OATSHfQuantizer(HfQuantizer):
         stats = split_legacy_layer_map(self.quantization_config)
         shapes = replace_with_skeletons(model, self.quantization_config)
         if checkpoint_files:
-            config = self.quantization_config
-            layer_map = config.layer_map
-            self._stored_dtypes = validate_checkpoint(
-                checkpoint_files, layer_map, shapes, rename=checkpoint_key_renamer(model)
-            )
-            self._mask_rules = mask_rules(layer_map, shapes, config.method, config.nm)
+            config, rename = self.quantization_config, checkpoint_key_renamer(model)
+            self._stored_dtypes = validate_checkpoint(checkpoint_files, config.layer_map, shapes, rename=rename)
+            verify_on_load(checkpoint_files)
+            rows = recorded_row_counts(checkpoint_files)
+            if rows is not None:
+                rows = {rename(key).removesuffix(MASK_SUFFIX): count for key, count in rows.items()}
+            self._mask_rules = mask_rules(config.layer_map, shapes, config.method, config.nm, rows)
             report = Path(checkpoint_files[0]).parent / REPORT_FILE
             if report.is_file():
                 for name, numbers in read_layer_stats(report).items():

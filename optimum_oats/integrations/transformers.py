@@ -18,6 +18,7 @@ from ..config import QUANT_METHOD, OATSConfig
 from ..engine.loop import CompressionOutcome
 from ..engine.report import LAYER_STATS_ATTR, CompressionReport
 from ..utils.files import staged_directory
+from .integrity import VERIFY_OVERRIDE, write_records
 from .patching import Patch
 from .quantizer import OATSHfQuantizer, settings_of
 from .remote_code import write_remote_code
@@ -52,6 +53,7 @@ def _wrap_save_pretrained(original: Callable) -> Callable:
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "token") if k in kwargs}
         with staged_directory(save_directory) as staging:
             original(self, staging, *args, **kwargs)
+            write_records(staging)
             CompressionReport.from_model(self).save(staging)
             write_remote_code(self, staging)
             for hook in SAVE_HOOKS:
@@ -65,12 +67,18 @@ def _wrap_save_pretrained(original: Callable) -> Callable:
 
 def _wrap_from_pretrained(original: Callable) -> Callable:
     @functools.wraps(original)
-    def from_pretrained(cls, *args, oats_config: OATSConfig | None = None, **kwargs):
+    def from_pretrained(cls, *args, oats_config: OATSConfig | None = None, oats_verify: bool | None = None, **kwargs):
         if oats_config is not None:
             if kwargs.get("quantization_config") is not None:
                 raise ValueError("Pass either `oats_config` or `quantization_config` to `from_pretrained`, not both.")
             kwargs["quantization_config"] = oats_config
-        return original(cls, *args, **kwargs)
+        if oats_verify is not None and not isinstance(oats_verify, bool):
+            raise TypeError(f"`oats_verify` must be True, False or None, got {type(oats_verify).__name__}.")
+        token = VERIFY_OVERRIDE.set(oats_verify)  # read by the quantizer while this call loads the checkpoint
+        try:
+            return original(cls, *args, **kwargs)
+        finally:
+            VERIFY_OVERRIDE.reset(token)
 
     return from_pretrained
 
