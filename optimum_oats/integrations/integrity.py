@@ -17,7 +17,7 @@ Each entry holds the tensor's dtype, shape and the sha256 of its raw bytes (what
 
 Loading verifies by default: it reads every byte once before transformers maps the file, which costs little
 beside the load itself (BENCHMARKS.md, "Integrity records"). `OATS_VERIFY_CHECKPOINTS=0` or
-`from_pretrained(..., oats_verify=False)` skip the hashes (the structural checks stay on).
+`from_pretrained(..., oats_verify=False)` skip the records (the structural checks of the masks stay on).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import mmap
 import os
 import shutil
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -258,25 +259,52 @@ def verify_files(files: Iterable[str | os.PathLike], *, hashes: bool = True) -> 
     return result
 
 
-def verify_on_load(files: list[str]) -> None:
-    """Check the records of a checkpoint about to load (when enabled); warn about files that have none.
+def start_verification(files: list[str]) -> Callable[[], None]:
+    """Check a checkpoint about to load: names, dtypes and shapes now, the sha256 of every byte in a background
+    thread while transformers loads the tensors; the returned function waits for it and raises on damage.
+
+    Hashing releases the GIL, so it overlaps the load instead of adding to it (BENCHMARKS.md, "Integrity
+    records"). Files without a record get a warning (saved before the records existed, or by another tool).
 
     Raises:
-        CheckpointIntegrityError: naming the first damaged tensor and its file, and what to do.
+        CheckpointIntegrityError: naming the first damaged tensor and its file, and what to do (now for a header
+            that disagrees with its record, from the returned function for damaged bytes).
     """
-    enabled = verification_enabled()
-    result = verify_files(files, hashes=enabled)
+    if not verification_enabled():
+        return lambda: None
+    header_pass = verify_files(files, hashes=False)
+    _raise_on_problems(header_pass)
+    if header_pass.unrecorded:
+        logger.warning(
+            "%s has no integrity record (saved before optimum-oats 0.3 or by another tool): its tensors cannot be "
+            "verified, only its structure. Save it again with `save_pretrained` to add records.",
+            ", ".join(Path(f).name for f in header_pass.unrecorded),
+        )
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = verify_files(files)
+        except BaseException as error:  # re-raised in the caller's thread by `join`
+            outcome["error"] = error
+
+    thread = threading.Thread(target=work, name="oats-verify", daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        _raise_on_problems(outcome["result"])
+
+    return join
+
+
+def _raise_on_problems(result: VerifyResult) -> None:
     if result.problems:
         extra = f" ({len(result.problems) - 1} more problems)" if len(result.problems) > 1 else ""
         raise CheckpointIntegrityError(
             f"{result.problems[0]}{extra} The checkpoint is damaged: download or copy it again (`optimum-cli oats "
-            f"verify DIR` lists every damaged tensor). To load it anyway, at your own risk, set {VERIFY_ENV}=0."
-            if enabled
-            else f"{result.problems[0]}{extra} The checkpoint is damaged: download or copy it again."
-        )
-    if result.unrecorded:
-        logger.warning(
-            "%s has no integrity record (saved before optimum-oats 0.3 or by another tool): its tensors cannot be "
-            "verified, only its structure. Save it again with `save_pretrained` to add records.",
-            ", ".join(Path(f).name for f in result.unrecorded),
+            f"verify DIR` lists every damaged tensor). To load it anyway, at your own risk, set {VERIFY_ENV}=0 or "
+            "pass `oats_verify=False`."
         )

@@ -14,7 +14,7 @@ from ..engine.loop import SHAPE_KEYS, CompressionOutcome, calibrate_and_compress
 from ..engine.preflight import check_plan
 from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
 from .checkpoint import check_loaded_masks, mask_rules, release_checkpoint_mapping, validate_checkpoint
-from .integrity import MASK_SUFFIX, recorded_row_counts, verify_on_load
+from .integrity import MASK_SUFFIX, CheckpointIntegrityError, recorded_row_counts, start_verification
 from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
 
 if TYPE_CHECKING:
@@ -47,8 +47,11 @@ class OATSHfQuantizer(HfQuantizer):
         if checkpoint_files:
             config, rename = self.quantization_config, checkpoint_key_renamer(model)
             self._stored_dtypes = validate_checkpoint(checkpoint_files, config.layer_map, shapes, rename=rename)
-            verify_on_load(checkpoint_files)
-            rows = recorded_row_counts(checkpoint_files)
+            self._join_verification = start_verification(checkpoint_files)
+            try:
+                rows = recorded_row_counts(checkpoint_files)
+            except CheckpointIntegrityError:  # an unreadable record, loaded anyway with `oats_verify=False`
+                rows = None
             if rows is not None:
                 rows = {rename(key).removesuffix(MASK_SUFFIX): count for key, count in rows.items()}
             self._mask_rules = mask_rules(config.layer_map, shapes, config.method, config.nm, rows)
@@ -60,6 +63,7 @@ class OATSHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
         if self.pre_quantized:
+            getattr(self, "_join_verification", lambda: None)()  # damaged bytes are named before structure
             check_loaded_masks(model, getattr(self, "_mask_rules", None))
             release_checkpoint_mapping(model, getattr(self, "_stored_dtypes", {}))
             return

@@ -3,7 +3,11 @@ records written at save and checked at load, and a checkpoint saved before the r
 
 from __future__ import annotations
 
+import hashlib
+import random
 import shutil
+import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import optimum_oats  # noqa: F401  (registers the "oats" method)
-from optimum_oats.integrations.checkpoint import CheckpointError
+from optimum_oats.integrations.checkpoint import CheckpointError, read_safetensors_header
+from optimum_oats.integrations.integrity import VERIFY_ENV, CheckpointIntegrityError, read_record
+from tests.commands.test_cli import last_json, run_cli
 from tests.helpers.integrity_models import IDS, compressed_tiny_llama
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -111,3 +117,193 @@ def test_sound_checkpoints_pass_the_structural_checks(nm_checkpoint):
         model = AutoModelForCausalLM.from_pretrained(path)
         with torch.no_grad():
             assert torch.isfinite(model(IDS).logits).all()
+
+
+# ----------------------------------------------------------------------------------------------- integrity records
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Path:
+    """The fixture saved again by today's code: the same tensors, now with integrity records."""
+    path = tmp_path_factory.mktemp("recorded") / "checkpoint"
+    AutoModelForCausalLM.from_pretrained(UNRECORDED).save_pretrained(path)
+    return path
+
+
+def _load_quietly(path: Path, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def _edit_bytes_in_place(folder: Path, key: str, edit, file: str = "model.safetensors") -> None:
+    """Edit tensor `key`'s bytes inside the file (header, records and every other byte untouched)."""
+    path = folder / file
+    header = read_safetensors_header(path)
+    start = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+    begin, end = header[key]["data_offsets"]
+    raw = bytearray(path.read_bytes())
+    tensor = torch.frombuffer(raw[start + begin : start + end], dtype=torch.uint8).clone()
+    if header[key]["dtype"] == "U8":
+        tensor = tensor.view(*header[key]["shape"])
+    edit(tensor)
+    raw[start + begin : start + end] = tensor.flatten().numpy().tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def _invert_byte_with_four_bits(mask):
+    row, col = next(
+        (r, c) for r in range(mask.shape[0]) for c in range(mask.shape[1]) if bin(int(mask[r, c])).count("1") == 4
+    )
+    mask[row, col] ^= 0xFF
+
+
+def _move_bit_within_byte(mask):
+    col = next(c for c in range(mask.shape[1]) if 0 < int(mask[0, c]) < 0xFF)
+    byte = int(mask[0, col])
+    mask[0, col] = byte ^ (1 << _set_bits(byte)[0]) ^ (1 << next(b for b in range(8) if not byte >> b & 1))
+
+
+def _flip_value_byte(raw):
+    raw[5] ^= 0x40
+
+
+MASK = "model.layers.1.mlp.gate_proj.weight_mask"
+VALUES = "model.layers.1.mlp.gate_proj.weight"
+TOTAL_PRESERVING_AND_VALUE_DAMAGE = [
+    (MASK, _invert_byte_with_four_bits),
+    (MASK, _move_bit_within_byte),
+    (MASK, _move_bit_to_next_row),
+    (VALUES, _flip_value_byte),
+]
+
+
+def test_records_describe_every_tensor_as_stored(recorded):
+    path = recorded / "model.safetensors"
+    header, record = read_safetensors_header(path), read_record(path)
+    raw = path.read_bytes()
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert set(record["tensors"]) == set(tensors) and len(tensors) == 63
+    for key, entry in tensors.items():
+        begin, end = entry["data_offsets"]
+        item = record["tensors"][key]
+        assert item["sha256"] == hashlib.sha256(raw[start + begin : start + end]).hexdigest()
+        assert (item["dtype"], item["shape"]) == (entry["dtype"], entry["shape"])
+    assert record["tensors"][MASK]["row_nnz"] == 30
+    assert record["tensors"]["model.layers.0.mlp.down_proj.weight_mask"]["row_nnz"] == 47
+    assert header["__metadata__"]["format"] == "pt"
+
+
+@pytest.mark.parametrize("key, damage", TOTAL_PRESERVING_AND_VALUE_DAMAGE, ids=lambda v: getattr(v, "__name__", ""))
+def test_damage_is_named_by_the_records(recorded, tmp_path, key, damage):
+    broken = shutil.copytree(recorded, tmp_path / "broken")
+    _edit_bytes_in_place(broken, key, damage)
+    with pytest.raises(CheckpointIntegrityError, match=rf"`{key}` in .*model\.safetensors does not match its sha256"):
+        _load_quietly(broken)
+    code, lines = run_cli(["verify", str(broken)])
+    summary = last_json(lines)
+    assert code == 1 and summary["ok"] is False and summary["damaged"] is True
+    assert any(f"`{key}`" in problem for problem in summary["problems"])
+
+
+def test_opt_out_skips_the_hashes_but_not_the_structure(recorded, tmp_path, monkeypatch):
+    values = shutil.copytree(recorded, tmp_path / "values")
+    _edit_bytes_in_place(values, VALUES, _flip_value_byte)
+    _load_quietly(values, oats_verify=False)  # loads: the hashes are what catch a damaged value
+    monkeypatch.setenv(VERIFY_ENV, "0")
+    _load_quietly(values)
+    rows = shutil.copytree(recorded, tmp_path / "rows")
+    _edit_bytes_in_place(rows, MASK, _move_bit_to_next_row)
+    with pytest.raises(CheckpointError, match=rf"`{MASK}` keeps 29 weights in row 0 but every row .* keeps 30"):
+        _load_quietly(rows)
+    monkeypatch.setenv(VERIFY_ENV, "maybe")
+    with pytest.raises(ValueError, match=rf"`{VERIFY_ENV}` must be 1 or 0.*got 'maybe'"):
+        _load_quietly(recorded)
+
+
+def test_sharded_save_records_each_shard(tmp_path):
+    model = _load_quietly(UNRECORDED)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and all(read_record(shard) is not None for shard in shards)
+    torch.testing.assert_close(_load_quietly(tmp_path / "sharded")(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    last = shards[-1]
+    key = next(k for k in read_safetensors_header(last) if k.endswith(".weight") and k != "__metadata__")
+    _edit_bytes_in_place(tmp_path / "sharded", key, _flip_value_byte, file=last.name)
+    with pytest.raises(CheckpointIntegrityError, match=rf"`{key}` in .*{last.name} does not match"):
+        _load_quietly(tmp_path / "sharded")
+
+
+def test_verify_command_on_sound_and_unrecorded_checkpoints(recorded, caplog):
+    code, lines = run_cli(["verify", str(recorded)])
+    summary = last_json(lines)
+    assert code == 0 and summary["ok"] and summary["records"] == "all" and summary["problems"] == []
+    assert summary["tensors_hashed"] == 63 and summary["layers_checked"] == 14
+    code, lines = run_cli(["verify", str(UNRECORDED)])
+    summary = last_json(lines)
+    assert code == 0 and summary["records"] == "none" and summary["layers_checked"] == 14
+    with caplog.at_level("WARNING", logger="optimum_oats"):
+        _load_quietly(UNRECORDED)
+    assert "model.safetensors has no integrity record" in caplog.text
+
+
+def test_verify_command_lists_structural_damage_without_records(tmp_path):
+    broken = _damaged_copy(UNRECORDED, tmp_path / "broken", MASK, _move_bit_to_next_row)
+    code, lines = run_cli(["verify", str(broken)])
+    summary = last_json(lines)
+    assert code == 1 and summary["records"] == "none"
+    assert summary["problems"] == [
+        f"Tensor `{MASK}` keeps 29 weights in row 0 but every row of this layer keeps 30. (model.safetensors)"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- fuzz
+FUZZ_SEEDS = 240
+
+
+def test_fuzz_every_mutation_loads_identical_or_fails_named(recorded, tmp_path):
+    """Random bytes of a saved checkpoint changed (1 to 4 per seed; half the seeds in the header, where one byte
+    can rename, retype or reshape a tensor or alter a record): each copy loads to bit-identical weights and logits,
+    or fails with a `CheckpointError` (records, header or structure). None loads silently wrong."""
+    reference = _load_quietly(recorded)
+    with torch.no_grad():
+        expected_logits = reference(IDS).logits
+    expected = {k: v.clone() for k, v in reference.state_dict().items()}
+    original = (recorded / "model.safetensors").read_bytes()
+    header_end = 8 + struct.unpack("<Q", original[:8])[0]
+    work = shutil.copytree(recorded, tmp_path / "work")
+    outcomes, wrong = {"identical": 0, "named": 0}, []
+    started = time.perf_counter()
+    for seed in range(FUZZ_SEEDS):
+        rng = random.Random(seed)
+        low, high = (0, header_end) if seed % 2 else (header_end, len(original))
+        mutated = bytearray(original)
+        for position in rng.sample(range(low, high), rng.randint(1, 4)):
+            # In the header, mostly characters JSON accepts, so the header still parses and the records are tested.
+            byte = rng.choice(b'0123456789abcdefFUIB"[],: ') if seed % 2 and rng.random() < 0.75 else None
+            mutated[position] = byte if byte is not None and byte != mutated[position] else mutated[position] ^ 0x5A
+        (work / "model.safetensors").write_bytes(bytes(mutated))
+        try:
+            model = _load_quietly(work)
+        except CheckpointError:
+            outcomes["named"] += 1
+            continue
+        except Exception as error:  # noqa: BLE001  (any other failure is what this test looks for)
+            wrong.append((seed, f"{type(error).__name__}: {error}"[:200]))
+            continue
+        state = model.state_dict()
+        with torch.no_grad():
+            same = state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+            same = same and torch.equal(model(IDS).logits, expected_logits)
+        outcomes["identical" if same else "silently wrong"] = (
+            outcomes.get("identical" if same else "silently wrong", 0) + 1
+        )
+        if not same:
+            wrong.append((seed, "loaded with different weights or logits"))
+    elapsed = time.perf_counter() - started
+    assert not wrong, f"{len(wrong)} of {FUZZ_SEEDS} mutations: {wrong[:10]}"
+    assert outcomes["named"] > FUZZ_SEEDS // 2, outcomes  # most mutations are damage, and are caught
+    print(f"fuzz: {outcomes} in {elapsed:.1f} s")
