@@ -4,9 +4,11 @@ records written at save and checked at load, and a checkpoint saved before the r
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import optimum_oats  # noqa: F401  (registers the "oats" method)
 from optimum_oats.integrations.checkpoint import CheckpointError, read_safetensors_header
 from optimum_oats.integrations.integrity import VERIFY_ENV, CheckpointIntegrityError, read_record
-from tests.commands.test_cli import last_json, run_cli
+from tests.commands.test_cli import OPTIMUM_CLI, _subprocess_env, last_json, run_cli
 from tests.helpers.integrity_models import IDS, compressed_tiny_llama
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -237,6 +239,16 @@ def test_sharded_save_records_each_shard(tmp_path):
         _load_quietly(tmp_path / "sharded")
 
 
+def test_push_to_hub_uploads_the_records(hub):
+    from huggingface_hub import hf_hub_download
+
+    model = _load_quietly(UNRECORDED)
+    model.push_to_hub("user/recorded")  # transformers' own push: it saves through the patched `save_pretrained`
+    downloaded = Path(hf_hub_download("user/recorded", "model.safetensors"))
+    assert read_record(downloaded)["tensors"][MASK]["row_nnz"] == 30
+    torch.testing.assert_close(_load_quietly("user/recorded")(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
 def test_verify_command_on_sound_and_unrecorded_checkpoints(recorded, caplog):
     code, lines = run_cli(["verify", str(recorded)])
     summary = last_json(lines)
@@ -258,6 +270,22 @@ def test_verify_command_lists_structural_damage_without_records(tmp_path):
     assert summary["problems"] == [
         f"Tensor `{MASK}` keeps 29 weights in row 0 but every row of this layer keeps 30. (model.safetensors)"
     ]
+
+
+def test_optimum_cli_verify_exits_1_on_damage(recorded, tmp_path):
+    broken = shutil.copytree(recorded, tmp_path / "broken")
+    _edit_bytes_in_place(broken, VALUES, _flip_value_byte)
+    for folder, status in ((recorded, 0), (broken, 1)):
+        done = subprocess.run(
+            [*OPTIMUM_CLI, "oats", "verify", str(folder)],
+            capture_output=True,
+            text=True,
+            env=_subprocess_env(),
+            timeout=300,
+        )
+        assert done.returncode == status, done.stderr[-2000:]
+        assert json.loads(done.stdout.splitlines()[-1])["damaged"] is bool(status)
+    assert f"`{VALUES}` in {broken / 'model.safetensors'} does not match its sha256" in done.stderr
 
 
 # ----------------------------------------------------------------------------------------------- fuzz
