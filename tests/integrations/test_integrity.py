@@ -169,7 +169,7 @@ def _move_bit_within_byte(mask):
 
 
 def _flip_value_byte(raw):
-    raw[5] ^= 0x40
+    raw[3] ^= 0x40  # the high byte (sign and exponent) of the first float32 value
 
 
 MASK = "model.layers.1.mlp.gate_proj.weight_mask"
