@@ -36,6 +36,7 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     except CheckpointError as error:  # a header too damaged to read: nothing more can be checked in it
         return _summary(folder, files, [str(error)], records="unknown", tensors=0, size=0, layers=0)
     entries = {key: (path, entry) for path, header in headers.items() for key, entry in header.items()}
+    problems += _index_problems(folder, entries)
     layers = _check_masks(config, entries, problems)
     records = "none" if len(result.unrecorded) == len(files) else "partial" if result.unrecorded else "all"
     return _summary(folder, files, problems, records=records, tensors=result.tensors, size=result.bytes, layers=layers)
@@ -52,6 +53,24 @@ def _oats_config(folder: Path) -> OATSConfig:
     if quantization.get("quant_method") != "oats":
         raise ValueError(f"`{folder}` is not an OATS-compressed checkpoint (config.json has no `oats` quantization).")
     return OATSConfig.from_dict(quantization)
+
+
+def _index_problems(folder: Path, entries: dict[str, tuple[Path, dict]]) -> list[str]:
+    """A sharded checkpoint's index must name only shards that exist and tensors they hold."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+        return [f"{index} is not a valid safetensors index (no `weight_map` object)."]
+    missing = sorted({file for file in weight_map.values() if not (folder / str(file)).is_file()})
+    problems = [f"Shard {file} listed in {index.name} is missing from the folder." for file in missing]
+    for key, file in weight_map.items():
+        if file not in missing and (key not in entries or entries[key][0].name != file):
+            problems.append(f"Tensor `{key}` is listed in {index.name} under {file} but that file does not hold it.")
+    return problems
 
 
 def _check_masks(config: OATSConfig, entries: dict[str, tuple[Path, dict]], problems: list[str]) -> int:

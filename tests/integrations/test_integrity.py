@@ -237,6 +237,14 @@ def test_sharded_save_records_each_shard(tmp_path):
     _edit_bytes_in_place(tmp_path / "sharded", key, _flip_value_byte, file=last.name)
     with pytest.raises(CheckpointIntegrityError, match=rf"`{key}` in .*{last.name} does not match"):
         _load_quietly(tmp_path / "sharded")
+    first = shards[0].name
+    shards[0].unlink()
+    code, lines = run_cli(["verify", str(tmp_path / "sharded")])
+    problems = last_json(lines)["problems"]
+    assert code == 1 and f"Shard {first} listed in model.safetensors.index.json is missing from the folder." in (
+        problems
+    )
+    assert any(f"`{key}` in" in problem and "does not match its sha256" in problem for problem in problems)
 
 
 def test_push_to_hub_uploads_the_records(hub):
