@@ -11,7 +11,8 @@ Per compressed module `<name>` the safetensors files hold:
 | `<name>.bias`         | model float    | `(out_features,)` when present |
 
 `config.json`'s `quantization_config.layer_map` records `rank` and `nnz` per module, so the skeleton is built
-with the right shapes before loading. Checkpoints are read through safetensors only; nothing is unpickled.
+with the right shapes before loading. Each file's safetensors metadata holds its integrity record (`integrity.py`).
+Checkpoints are read through safetensors only; nothing is unpickled.
 """
 
 from __future__ import annotations
