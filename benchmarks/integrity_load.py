@@ -1,6 +1,6 @@
 """What checking the integrity records costs beside the load itself (issue 33), on a compressed checkpoint.
 
-    python benchmarks/integrity_load.py DIR [--repeats 5] [--threads 1] [--processes 3]
+    python benchmarks/integrity_load.py DIR [--repeats 5] [--threads 1] [--processes 3] [--saves 3]
 
 DIR is a compressed checkpoint (e.g. `optimum-oats compress default -o DIR`, SmolLM2-135M). One that has no
 records yet (saved before them) is loaded and saved again into a temporary folder first, which adds them.
@@ -9,7 +9,8 @@ Each repetition times, in alternating order, `from_pretrained(DIR)` with the che
 file is in the page cache for all of them (the load and the check read the same bytes; from a cold cache the
 first reader pays the disk read, whichever it is). With `--processes N`, also N fresh Python processes per
 variant that import the package, load and run one forward pass (what a script or `oats evaluate` pays), timed from
-outside. Prints one JSON line per repetition, then medians as markdown.
+outside. With `--saves N`, also N `save_pretrained` calls (which record each shard as it is written) and N
+`record_of_tensors(model.state_dict())` calls alone (what the records add to a save: a sha256 of every tensor). Prints one JSON line per repetition, then medians as markdown.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import optimum_oats  # noqa: F401  (registers the "oats" method)
-from optimum_oats.integrations.integrity import read_record, verify_files
+from optimum_oats.integrations.integrity import read_record, record_of_tensors, verify_files
 
 
 def _timed(fn) -> float:
@@ -65,12 +66,24 @@ def _process_times(directory: Path, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _save_times(directory: Path, scratch: Path, repeats: int) -> dict[str, float]:
+    model = AutoModelForCausalLM.from_pretrained(directory, oats_verify=False)
+    times: dict[str, list[float]] = {"save_pretrained": [], "record_of_tensors": []}
+    for repeat in range(repeats):
+        target = scratch / f"save{repeat}"
+        times["save_pretrained"].append(_timed(lambda t=target: model.save_pretrained(t)))
+        times["record_of_tensors"].append(_timed(lambda: record_of_tensors(model.state_dict())))
+        print(json.dumps({"save_repeat": repeat, **{k: round(v[-1], 3) for k, v in times.items()}}))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (hashing uses its own thread pool)")
     parser.add_argument("--processes", type=int, default=0, help="fresh-process repetitions per variant (0: none)")
+    parser.add_argument("--saves", type=int, default=0, help="save_pretrained / write_records repetitions (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
@@ -90,6 +103,7 @@ def main() -> None:
                 times[name].append(_timed(variants[name]))
             print(json.dumps({"repeat": repeat, **{k: round(v[-1], 4) for k, v in times.items()}}))
         processes = _process_times(directory, args.processes) if args.processes else {}
+        saves = _save_times(directory, Path(scratch), args.saves) if args.saves else {}
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"\ncheckpoint: {args.directory} ({size / 1e6:.1f} MB in {len(files)} file(s)), {args.repeats} repeats, ")
     print(f"torch threads {args.threads}, hashing threads {min(8, os.cpu_count() or 1)}, page cache warm\n")
@@ -103,6 +117,9 @@ def main() -> None:
     if processes:
         print("\n| fresh process: import + load + 1 forward, verified | same, `oats_verify=False` |\n|---|---|")
         print(f"| {processes['process_verified']:.2f} s | {processes['process_unverified']:.2f} s |")
+    if saves:
+        print("\n| `save_pretrained` (records included) | the records alone (`record_of_tensors`) |\n|---|---|")
+        print(f"| {saves['save_pretrained']:.2f} s | {saves['record_of_tensors']:.2f} s |")
 
 
 if __name__ == "__main__":

@@ -149,16 +149,56 @@ def make_record(path: str | os.PathLike, header: dict[str, Any] | None = None) -
     return {"version": RECORD_VERSION, "algorithm": "sha256", "tensors": entries}
 
 
-def write_records(directory: str | os.PathLike) -> list[Path]:
-    """Add an integrity record to every safetensors file of `directory` (a checkpoint just written), atomically.
+# safetensors' dtype names of the torch dtypes a record can describe from memory.
+_STORED_NAMES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.uint8: "U8",
+    torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+}  # fmt: skip
 
-    The header grows, so each file is rewritten: the new header, then the tensor bytes copied unchanged.
+
+def record_of_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The record of a shard about to be written by safetensors, from its tensors in memory (the bytes safetensors
+    writes: contiguous, little-endian); None when a dtype is not one this function knows (the file is then
+    recorded after it is written, by [`write_records`])."""
+    if any(tensor.dtype not in _STORED_NAMES for tensor in tensors.values()):
+        return None
+    data = {key: tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8) for key, tensor in tensors.items()}
+
+    def digest(key: str) -> str:
+        return hashlib.sha256(memoryview(data[key].numpy())).hexdigest()
+
+    order = sorted(data, key=lambda k: -data[k].numel())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        hashes = dict(zip(order, pool.map(digest, order), strict=True))
+    entries = {}
+    for key, tensor in tensors.items():
+        entries[key] = {"dtype": _STORED_NAMES[tensor.dtype], "shape": list(tensor.shape), "sha256": hashes[key]}
+        if key.endswith(MASK_SUFFIX) and tensor.dtype == torch.uint8 and tensor.dim() == 2 and tensor.shape[0]:
+            counts = row_counts(tensor.detach().cpu())
+            if bool((counts == counts[0]).all()):
+                entries[key]["row_nnz"] = int(counts[0])
+    return {"version": RECORD_VERSION, "algorithm": "sha256", "tensors": entries}
+
+
+def encode_record(record: dict[str, Any]) -> str:
+    """A record as the string stored under `oats_integrity` in the safetensors metadata."""
+    return json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+
+def write_records(directory: str | os.PathLike, *, missing_only: bool = False) -> list[Path]:
+    """Add an integrity record to the safetensors files of `directory` (a checkpoint just written), atomically;
+    with `missing_only`, to those that have none yet.
+
+    The header grows, so each file is rewritten: the new header, then the tensor bytes copied unchanged. A save
+    normally records each shard as it is written (`integrations/transformers.py`) and needs none of this.
     """
     written = []
     for path in sorted(Path(directory).glob("*.safetensors")):
         header = read_safetensors_header(path)
+        if missing_only and read_record(path, header) is not None:
+            continue
         metadata = dict(header.get("__metadata__") or {})
-        metadata[RECORD_KEY] = json.dumps(make_record(path, header), separators=(",", ":"), sort_keys=True)
+        metadata[RECORD_KEY] = encode_record(make_record(path, header))
         new_header = {"__metadata__": metadata, **_tensors(header)}
         raw = json.dumps(new_header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % _ALIGN)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import optimum_oats  # noqa: F401  (registers the "oats" method)
 from optimum_oats.integrations.checkpoint import CheckpointError, read_safetensors_header
-from optimum_oats.integrations.integrity import VERIFY_ENV, CheckpointIntegrityError, read_record
+from optimum_oats.integrations.integrity import VERIFY_ENV, CheckpointIntegrityError, read_record, write_records
 from tests.commands.test_cli import OPTIMUM_CLI, _subprocess_env, last_json, run_cli
 from tests.helpers.integrity_models import IDS, compressed_tiny_llama
 
@@ -245,6 +245,16 @@ def test_sharded_save_records_each_shard(tmp_path):
         problems
     )
     assert any(f"`{key}` in" in problem and "does not match its sha256" in problem for problem in problems)
+
+
+def test_records_added_to_a_written_folder_match_the_ones_written_at_save(recorded, tmp_path):
+    """`write_records` (the fallback when transformers writes shards another way) gives the same record."""
+    folder = shutil.copytree(UNRECORDED, tmp_path / "later")
+    assert write_records(folder, missing_only=True) == [folder / "model.safetensors"]
+    assert write_records(folder, missing_only=True) == []
+    assert read_record(folder / "model.safetensors") == read_record(recorded / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(_load_quietly(folder)(IDS).logits, _load_quietly(recorded)(IDS).logits)
 
 
 def test_push_to_hub_uploads_the_records(hub):
