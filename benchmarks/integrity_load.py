@@ -10,7 +10,8 @@ file is in the page cache for all of them (the load and the check read the same 
 first reader pays the disk read, whichever it is). With `--processes N`, also N fresh Python processes per
 variant that import the package, load and run one forward pass (what a script or `oats evaluate` pays), timed from
 outside. With `--saves N`, also N `save_pretrained` calls (which record each shard as it is written) and N
-`record_of_tensors(model.state_dict())` calls alone (what the records add to a save: a sha256 of every tensor). Prints one JSON line per repetition, then medians as markdown.
+`record_of_tensors(model.state_dict())` calls alone (what the records add to a save: a sha256 of every tensor).
+Prints one JSON line per repetition, then medians as markdown.
 """
 
 from __future__ import annotations
