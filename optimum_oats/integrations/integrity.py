@@ -3,8 +3,9 @@
 Where the records live: in the `__metadata__` of the safetensors header of the very file whose tensors they
 describe, under `oats_integrity` (a JSON string: safetensors metadata values are strings). The record travels
 with the bytes it vouches for, whatever moves them:
-- `save_pretrained` with `max_shard_size`: every shard carries the record of its own tensors (written after the
-  shards, so renames and tied-weight removal by transformers are already done);
+- `save_pretrained` with `max_shard_size`: every shard carries the record of its own tensors, hashed from the
+  tensors transformers hands to safetensors for that shard (after its renames and tied-weight removal), so no
+  file is read back or rewritten (`integrations/transformers.py`);
 - `push_to_hub` (transformers' or `oats push`) and `hf download` copy files byte for byte, and the Hub's own
   LFS sha256 covers transport only, not a file damaged before upload or after download;
 - a folder copied by hand, or one shard replaced, is checked shard by shard.
