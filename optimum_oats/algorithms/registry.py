@@ -46,6 +46,9 @@ class Algorithm:
         statistics: the calibration statistics `run` reads.
         uses_low_rank: whether it keeps a low-rank term (and so takes `rank_ratio`).
         run: the one-shot compression, or None for a method that trains (`optimum_oats.training`).
+        rows_balanced: whether its unstructured masks keep the same number of weights in every row (a per-row top-k,
+            as OATS and Wanda; SparseGPT's and magnitude's references choose per block or per layer). Loading checks
+            it on checkpoints that predate the integrity records (`integrations/checkpoint.py`).
     """
 
     name: str
@@ -53,6 +56,7 @@ class Algorithm:
     statistics: tuple[str, ...]
     uses_low_rank: bool
     run: Run | None = None
+    rows_balanced: bool = False
 
     @property
     def one_shot(self) -> bool:
@@ -133,7 +137,9 @@ def _run_magnitude(weight, stats, budget, settings) -> Decomposition:
     return Decomposition(magnitude_prune(weight.float(), sparsity=_layer_sparsity(weight, budget)))
 
 
-register_algorithm(Algorithm("oats", "OATS, sparse + low-rank", (INPUT_NORMS,), uses_low_rank=True, run=_run_oats))
+register_algorithm(
+    Algorithm("oats", "OATS, sparse + low-rank", (INPUT_NORMS,), uses_low_rank=True, run=_run_oats, rows_balanced=True)
+)
 register_algorithm(
     Algorithm(
         "hassle",
@@ -143,7 +149,9 @@ register_algorithm(
         run=_run_hassle,
     )
 )
-register_algorithm(Algorithm("wanda", "Wanda pruning", (INPUT_NORMS,), uses_low_rank=False, run=_run_wanda))
+register_algorithm(
+    Algorithm("wanda", "Wanda pruning", (INPUT_NORMS,), uses_low_rank=False, run=_run_wanda, rows_balanced=True)
+)
 register_algorithm(Algorithm("sparsegpt", "SparseGPT pruning", (HESSIAN,), uses_low_rank=False, run=_run_sparsegpt))
 register_algorithm(Algorithm("magnitude", "magnitude pruning", (), uses_low_rank=False, run=_run_magnitude))
 register_algorithm(Algorithm("losparse", "LoSparse, low-rank + structured sparse", (), uses_low_rank=True))

@@ -10,12 +10,13 @@ from collections.abc import Sequence
 
 
 def build_parser():
-    """The root optimum command with `compress`, `evaluate`, `push` and `build-kernels` registered under it."""
+    """The root optimum command with every `oats` subcommand registered under it."""
     from optimum.commands.base import RootOptimumCLICommand
 
     from optimum.commands.register.oats import OATSCommand
 
-    root = RootOptimumCLICommand("optimum-oats", usage="optimum-oats {compress,evaluate,push,build-kernels} ...")
+    usage = "optimum-oats {compress,evaluate,push,verify,build-kernels} ..."
+    root = RootOptimumCLICommand("optimum-oats", usage=usage)
     for info in OATSCommand.SUBCOMMANDS:
         root.register_subcommand(info)
     return root.parser

@@ -17,7 +17,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("compress", "evaluate", "push", "build_kernels")
+COMMANDS = ("compress", "evaluate", "push", "build_kernels", "verify")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -52,6 +52,8 @@ def execute(name: str, args: argparse.Namespace) -> dict[str, Any]:
         emit({"command": name, "ok": False, "error": f"{type(err).__name__}: {err}"})
         raise SystemExit(1) from err
     emit(summary)
+    if not summary["ok"]:  # a command that ran but found a problem (`verify` on a damaged checkpoint)
+        raise SystemExit(1)
     return summary
 
 

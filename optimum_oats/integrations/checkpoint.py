@@ -11,20 +11,26 @@ Per compressed module `<name>` the safetensors files hold:
 | `<name>.bias`         | model float    | `(out_features,)` when present |
 
 `config.json`'s `quantization_config.layer_map` records `rank` and `nnz` per module, so the skeleton is built
-with the right shapes before loading. Checkpoints are read through safetensors only; nothing is unpickled.
+with the right shapes before loading. Each file's safetensors metadata holds its integrity record (`integrity.py`).
+Checkpoints are read through safetensors only; nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..algorithms.registry import method_info
 from ..nn import LinearSparseLowRank
-from ..nn.packing import packed_columns, row_counts
+from ..nn.packing import group_counts, packed_columns, padding_bits, row_counts
 
 _HEADER_LENGTH_BYTES = 8
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -74,14 +80,25 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
 def _valid_entry(entry: Any) -> bool:
     if not isinstance(entry, dict):
         return False
-    offsets, shape = entry.get("data_offsets"), entry.get("shape")
-    return (
+    offsets, shape, dtype = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
+    valid = (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(isinstance(o, int) and o >= 0 for o in offsets)
         and isinstance(shape, list)
         and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(dtype, str)
     )
+    if not valid or dtype not in _DTYPE_BITS:
+        return valid
+    return offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BITS[dtype] // 8  # an altered dtype, shape or offset
+
+
+# Bits per element of safetensors' dtypes (a dtype not listed is left to safetensors itself).
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+}  # fmt: skip
 
 
 def expected_shapes(name: str, in_features: int, out_features: int, rank: int, nnz: int) -> dict[str, tuple]:
@@ -166,22 +183,104 @@ def release_checkpoint_mapping(model: Any, stored_dtypes: dict[str, str]) -> int
     return copied
 
 
-def check_loaded_masks(model: Any) -> None:
-    """After the tensors load: every layer's bitmask must mark exactly as many weights as `weight` holds values.
+@dataclass(frozen=True)
+class MaskRule:
+    """What a layer's bitmask must satisfy beyond its total count.
 
-    Shapes are checked before loading; this catches a mask whose bits were altered (a damaged or hand-edited
-    file), which would otherwise scatter the kept values to wrong places without any error.
+    Args:
+        row_nnz: every row keeps exactly this many weights (None: rows may differ).
+        nm: `(n, m)`: at most `n` kept weights in each group of `m` consecutive columns (None: unstructured).
+    """
+
+    row_nnz: int | None = None
+    nm: tuple[int, int] | None = None
+
+
+def mask_rules(
+    layer_map: dict[str, dict[str, Any]],
+    layer_shapes: dict[str, tuple[int, int]],
+    method: str,
+    nm: tuple[int, int] | None,
+    recorded_row_nnz: dict[str, int] | None = None,
+) -> dict[str, MaskRule]:
+    """The rule each compressed layer's mask must follow, from the saved config and the integrity records.
+
+    N:M checkpoints keep at most N per group (a kept value that is exactly 0 is dropped at save, so "exactly N"
+    is not guaranteed). Per-row counts come from the records written at save (`recorded_row_nnz`, the counts
+    observed, so zeros dropped and masks folded from PEFT are described as they are). A checkpoint without records
+    gets them from its method: OATS and Wanda keep `nnz / out_features` per row, checked only when every layer's
+    `nnz` divides evenly (a dropped zero leaves a remainder, and then no row count is promised).
+
+    Args:
+        layer_map: `{module: {"rank", "nnz"}}` from the saved config.
+        layer_shapes: `{module: (in_features, out_features)}` from the model skeleton.
+        method, nm: the config's `method` and N:M pattern.
+        recorded_row_nnz: `{module: kept per row}` from the records, or None for a checkpoint without them.
+    """
+    if recorded_row_nnz is None:
+        balanced = nm is None and method_info(method).rows_balanced
+        if balanced and all(int(e["nnz"]) % layer_shapes[name][1] == 0 for name, e in layer_map.items()):
+            recorded_row_nnz = {name: int(e["nnz"]) // layer_shapes[name][1] for name, e in layer_map.items()}
+        else:
+            recorded_row_nnz = {}
+    return {name: MaskRule(row_nnz=recorded_row_nnz.get(name), nm=nm) for name in layer_map}
+
+
+def check_loaded_masks(model: Any, rules: dict[str, MaskRule] | None = None) -> None:
+    """After the tensors load: each bitmask must be one the compression could have written.
+
+    Always on and cheap (a popcount of each mask): no padding bit set, as many kept weights as `weight` holds
+    values, and the per-row or N:M counts of `rules`. Damage that keeps the total (a bit moved within a byte or to
+    another row, a byte with 4 set bits inverted) would otherwise scatter the kept values to wrong places with no
+    error; the integrity records catch any change, these checks hold even where records are absent or not checked.
 
     Raises:
-        CheckpointError: naming the `weight_mask` tensor.
+        CheckpointError: naming the `weight_mask` tensor and the row.
     """
+    rules = rules or {}
     for name, module in model.named_modules():
         if not isinstance(module, LinearSparseLowRank) or module.weight_mask.device.type == "meta":
             continue
-        ones = int(row_counts(module.weight_mask).sum())
-        if ones != module.sparse_nnz:
-            raise CheckpointError(
-                f"Tensor `{name}.weight_mask` marks {ones} kept weights but `{name}.weight` holds "
-                f"{module.sparse_nnz} values (padding bits included). The checkpoint is damaged; "
-                "download or copy it again."
+        _check_mask(name, module, rules.get(name, MaskRule()))
+
+
+def _check_mask(name: str, module: LinearSparseLowRank, rule: MaskRule) -> None:
+    problem = mask_problem(name, module.weight_mask, module.in_features, module.sparse_nnz, rule)
+    if problem:
+        raise CheckpointError(
+            f"{problem} The checkpoint is damaged; run `optimum-cli oats verify DIR`, then download or copy it again."
+        )
+
+
+def mask_problem(name: str, mask: torch.Tensor, in_features: int, nnz: int, rule: MaskRule) -> str | None:
+    """What is wrong with module `name`'s packed bitmask, or None: padding bits, total, per-row and N:M counts."""
+    key = f"`{name}.weight_mask`"
+    padded = padding_bits(mask, in_features).nonzero()
+    if len(padded):
+        return (
+            f"Tensor {key} has bits set past column {in_features} (the padding of row {int(padded[0])}), "
+            "which are always 0."
+        )
+    counts = row_counts(mask)
+    ones = int(counts.sum())
+    if ones != nnz:
+        return f"Tensor {key} marks {ones} kept weights but `{name}.weight` holds {nnz} values (padding included)."
+    if rule.row_nnz is not None:
+        uneven = (counts != rule.row_nnz).nonzero()
+        if len(uneven):
+            row = int(uneven[0])
+            return (
+                f"Tensor {key} keeps {int(counts[row])} weights in row {row} but every row of this layer keeps "
+                f"{rule.row_nnz}."
             )
+    if rule.nm is not None and in_features % rule.nm[1] == 0:
+        n, m = rule.nm
+        groups = group_counts(mask, in_features, m)
+        over = (groups > n).nonzero()
+        if len(over):
+            row, group = (int(i) for i in over[0])
+            return (
+                f"Tensor {key} keeps {int(groups[row, group])} weights in columns {group * m}-{group * m + m - 1} of "
+                f"row {row}, more than the {n}:{m} pattern allows."
+            )
+    return None

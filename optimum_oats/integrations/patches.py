@@ -7,8 +7,8 @@ OATS-compressed models (or, for `from_pretrained`, the `oats_config=` keyword); 
 
 | name | replaces | effect |
 |---|---|---|
-| `from_pretrained` | `PreTrainedModel.from_pretrained` | accepts `oats_config=` |
-| `save_pretrained` | `PreTrainedModel.save_pretrained` | staged, whole save with report, remote code and card |
+| `from_pretrained` | `PreTrainedModel.from_pretrained` | accepts `oats_config=` and `oats_verify=` |
+| `save_pretrained` | `PreTrainedModel.save_pretrained` | staged, whole save with report, remote code, card, records |
 | `push_to_hub` | `PreTrainedModel.push_to_hub` | the token blanked in logs and errors; our card |
 | `create_and_tag_model_card` | `transformers.utils.hub` / `modeling_utils` functions | our card during our pushes |
 

@@ -13,7 +13,8 @@ from ..data.inputs import CalibrationData
 from ..engine.loop import SHAPE_KEYS, CompressionOutcome, calibrate_and_compress
 from ..engine.preflight import check_plan
 from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
-from .checkpoint import check_loaded_masks, release_checkpoint_mapping, validate_checkpoint
+from .checkpoint import check_loaded_masks, mask_rules, release_checkpoint_mapping, validate_checkpoint
+from .integrity import MASK_SUFFIX, CheckpointIntegrityError, recorded_row_counts, start_verification
 from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
 
 if TYPE_CHECKING:
@@ -44,10 +45,16 @@ class OATSHfQuantizer(HfQuantizer):
         stats = split_legacy_layer_map(self.quantization_config)
         shapes = replace_with_skeletons(model, self.quantization_config)
         if checkpoint_files:
-            layer_map = self.quantization_config.layer_map
-            self._stored_dtypes = validate_checkpoint(
-                checkpoint_files, layer_map, shapes, rename=checkpoint_key_renamer(model)
-            )
+            config, rename = self.quantization_config, checkpoint_key_renamer(model)
+            self._stored_dtypes = validate_checkpoint(checkpoint_files, config.layer_map, shapes, rename=rename)
+            self._join_verification = start_verification(checkpoint_files)
+            try:
+                rows = recorded_row_counts(checkpoint_files)
+            except CheckpointIntegrityError:  # an unreadable record, loaded anyway with `oats_verify=False`
+                rows = None
+            if rows is not None:
+                rows = {rename(key).removesuffix(MASK_SUFFIX): count for key, count in rows.items()}
+            self._mask_rules = mask_rules(config.layer_map, shapes, config.method, config.nm, rows)
             report = Path(checkpoint_files[0]).parent / REPORT_FILE
             if report.is_file():
                 for name, numbers in read_layer_stats(report).items():
@@ -56,7 +63,8 @@ class OATSHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
         if self.pre_quantized:
-            check_loaded_masks(model)
+            getattr(self, "_join_verification", lambda: None)()  # damaged bytes are named before structure
+            check_loaded_masks(model, getattr(self, "_mask_rules", None))
             release_checkpoint_mapping(model, getattr(self, "_stored_dtypes", {}))
             return
         data = CalibrationData.from_config(self.quantization_config)

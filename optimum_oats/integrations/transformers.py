@@ -7,9 +7,10 @@ checked; the patches are listed in `patches.py` (with how to opt out of each).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from torch import nn
@@ -18,6 +19,7 @@ from ..config import QUANT_METHOD, OATSConfig
 from ..engine.loop import CompressionOutcome
 from ..engine.report import LAYER_STATS_ATTR, CompressionReport
 from ..utils.files import staged_directory
+from .integrity import RECORD_KEY, VERIFY_OVERRIDE, encode_record, record_of_tensors, write_records
 from .patching import Patch
 from .quantizer import OATSHfQuantizer, settings_of
 from .remote_code import write_remote_code
@@ -51,7 +53,9 @@ def _wrap_save_pretrained(original: Callable) -> Callable:
             return original(self, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "token") if k in kwargs}
         with staged_directory(save_directory) as staging:
-            original(self, staging, *args, **kwargs)
+            with _records_in_saved_shards():
+                original(self, staging, *args, **kwargs)
+            write_records(staging, missing_only=True)  # a shard the hook missed (another transformers version)
             CompressionReport.from_model(self).save(staging)
             write_remote_code(self, staging)
             for hook in SAVE_HOOKS:
@@ -63,14 +67,46 @@ def _wrap_save_pretrained(original: Callable) -> Callable:
     return save_pretrained
 
 
+@contextlib.contextmanager
+def _records_in_saved_shards() -> Iterator[None]:
+    """While a compressed model saves, every shard transformers writes gets its integrity record in its metadata,
+    hashed from the very tensors handed to safetensors (after transformers' renames and tied-weight removal), so
+    no file is read back or rewritten. Where transformers writes differently, `write_records` does it after.
+    (Another thread saving during this call would get records too, which is harmless.)"""
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_save_file", None)
+    if original is None:
+        yield
+        return
+
+    def save_with_record(tensors, filename, metadata=None, *args, **kwargs):
+        record = record_of_tensors(tensors)
+        if record is not None:
+            metadata = {**(metadata or {}), RECORD_KEY: encode_record(record)}
+        return original(tensors, filename, metadata, *args, **kwargs)
+
+    modeling_utils.safe_save_file = save_with_record
+    try:
+        yield
+    finally:
+        modeling_utils.safe_save_file = original
+
+
 def _wrap_from_pretrained(original: Callable) -> Callable:
     @functools.wraps(original)
-    def from_pretrained(cls, *args, oats_config: OATSConfig | None = None, **kwargs):
+    def from_pretrained(cls, *args, oats_config: OATSConfig | None = None, oats_verify: bool | None = None, **kwargs):
         if oats_config is not None:
             if kwargs.get("quantization_config") is not None:
                 raise ValueError("Pass either `oats_config` or `quantization_config` to `from_pretrained`, not both.")
             kwargs["quantization_config"] = oats_config
-        return original(cls, *args, **kwargs)
+        if oats_verify is not None and not isinstance(oats_verify, bool):
+            raise TypeError(f"`oats_verify` must be True, False or None, got {type(oats_verify).__name__}.")
+        token = VERIFY_OVERRIDE.set(oats_verify)  # read by the quantizer while this call loads the checkpoint
+        try:
+            return original(cls, *args, **kwargs)
+        finally:
+            VERIFY_OVERRIDE.reset(token)
 
     return from_pretrained
 
@@ -86,10 +122,13 @@ SAVE_PRETRAINED = Patch(
             "max_shard_size='50GB', variant=None, token=None, save_peft_format=True, save_original_format=True, "
             "distributed_checkpoint=False, **kwargs)"
         ),
+        # Wrapped for the duration of our save only, to record each shard (`_records_in_saved_shards`).
+        "transformers.modeling_utils.safe_save_file": "(tensors, filename, metadata=None)",
     },
     effect=(
         "a compressed model saves into a staged folder moved into place whole, with `oats_report.json`, "
-        "`modeling_oats.py` and the OATS model card; without it, transformers writes the weights and config only"
+        "`modeling_oats.py`, the OATS model card and an integrity record in each safetensors file; without it, "
+        "transformers writes the weights and config only (they load with a warning that they cannot be verified)"
     ),
 )
 FROM_PRETRAINED = Patch(
@@ -105,7 +144,10 @@ FROM_PRETRAINED = Patch(
             "**kwargs)"
         ),
     },
-    effect="`from_pretrained(oats_config=...)` as a spelling of `quantization_config=`; without it, only the latter",
+    effect=(
+        "`from_pretrained(oats_config=...)` as a spelling of `quantization_config=`, and `oats_verify=False` to skip "
+        "the integrity records of one load; without it, only the former's long spelling and `OATS_VERIFY_CHECKPOINTS`"
+    ),
 )
 
 

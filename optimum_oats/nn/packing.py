@@ -39,3 +39,20 @@ _POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=to
 def row_counts(packed: torch.Tensor) -> torch.Tensor:
     """Kept weights per row of a packed mask, int64 `(rows,)` (padding bits included, so a damaged mask shows)."""
     return _POPCOUNT.to(packed.device)[packed.long()].sum(dim=1)
+
+
+def padding_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Set bits past column `cols` in each row, int64 `(rows,)`: always 0 in a mask written by [`pack_bitmask`].
+
+    [`unpack_bitmask`] drops these bits, so a kept bit moved into the padding would shift every later value of
+    the row by one place while the total count stays right.
+    """
+    pad = packed_columns(cols) * 8 - cols
+    if pad == 0 or packed.shape[1] == 0:
+        return torch.zeros(packed.shape[0], dtype=torch.int64, device=packed.device)
+    return _POPCOUNT.to(packed.device)[(packed[:, -1] >> (8 - pad)).long()]
+
+
+def group_counts(packed: torch.Tensor, cols: int, m: int) -> torch.Tensor:
+    """Kept weights in each group of `m` consecutive columns, int64 `(rows, cols // m)` (`cols` divisible by `m`)."""
+    return unpack_bitmask(packed, cols).view(packed.shape[0], cols // m, m).sum(dim=-1)

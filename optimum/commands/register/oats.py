@@ -1,4 +1,5 @@
-"""`optimum-cli oats {compress,evaluate,push}`, registered through optimum's `optimum.commands.register` namespace.
+"""`optimum-cli oats {compress,evaluate,push,verify,build-kernels}`, registered through optimum's
+`optimum.commands.register` namespace.
 
 optimum-cli imports every module of this namespace at start-up, whatever command is run, so this file only
 declares arguments: importing `optimum_oats` (torch, transformers) costs seconds and happens when an `oats` command
@@ -177,6 +178,10 @@ def add_push_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--commit-message", default=None, metavar="TEXT", help="Commit message.")
 
 
+def add_verify_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="Compressed checkpoint folder to check.")
+
+
 class _OATSLeafCommand(BaseOptimumCLICommand):
     NAME = ""
 
@@ -218,9 +223,17 @@ class BuildKernelsCommand(_OATSLeafCommand):
         pass
 
 
+class VerifyCommand(_OATSLeafCommand):
+    NAME = "verify"
+
+    @staticmethod
+    def parse_args(parser: ArgumentParser) -> None:
+        add_verify_arguments(parser)
+
+
 class OATSCommand(BaseOptimumCLICommand):
     COMMAND = CommandInfo(
-        name="oats", help="Sparse + low-rank (OATS) compression: compress, evaluate, push, build-kernels."
+        name="oats", help="Sparse + low-rank (OATS) compression: compress, evaluate, push, verify, build-kernels."
     )
     SUBCOMMANDS = (
         CommandInfo(
@@ -235,6 +248,11 @@ class OATSCommand(BaseOptimumCLICommand):
             name="push",
             help="Push a checkpoint with its model card to the Hub in one commit.",
             subcommand_class=PushCommand,
+        ),
+        CommandInfo(
+            name="verify",
+            help="Check a checkpoint's integrity records (sha256 of every tensor) and bitmask structure.",
+            subcommand_class=VerifyCommand,
         ),
         CommandInfo(
             name="build-kernels",
