@@ -54,3 +54,18 @@ def test_old_numbers_move_from_the_layer_map_to_the_report(tmp_path):
     }
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
     assert compression_report(reloaded).to_dict() == compression_report(model).to_dict()
+
+
+FLAT = FIXTURES / "flat_settings_d6939ad_llama"
+
+
+def test_checkpoint_with_flat_method_settings_loads_with_the_same_logits():
+    """Saved by d6939ad (`tests/fixtures/make_flat_settings_d6939ad.py`): hassle's and OATS's settings are flat
+    keys of config.json's `quantization_config`."""
+    expected = torch.load(FIXTURES / "flat_settings_d6939ad_llama_logits.pt")
+    saved = json.loads((FLAT / "config.json").read_text())["quantization_config"]
+    assert (saved["num_iterations"], saved["svd"], saved["hessian_iterations"]) == (5, "exact", 1)
+    model = AutoModelForCausalLM.from_pretrained(FLAT)
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-5)
