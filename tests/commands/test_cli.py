@@ -25,7 +25,7 @@ OPTIMUM_CLI = [sys.executable, "-m", "optimum.commands.optimum_cli"]
 
 def run_cli(argv: list[str]) -> tuple[int, list[str]]:
     """Run `optimum-oats ARGV` in-process; returns the exit status and the stdout lines."""
-    from optimum_oats.commands.main import main
+    from optimum.commands.register.oats import main
 
     out = io.StringIO()
     code = 0
@@ -97,14 +97,25 @@ def test_help_defaults_match_oatsconfig():
     assert {name: getattr(defaults, name) for name in oats.CONFIG_DEFAULTS} == oats.CONFIG_DEFAULTS
 
 
-def test_console_script_help(capsys):
-    from optimum_oats.commands.main import main
+@pytest.mark.parametrize("command", ["compress", "evaluate", "push", "build-kernels"])
+def test_console_script_registers_each_command(command, capsys):
+    """Each command parses its own `--help`: a command left unregistered is an argparse error (exit 2)."""
+    from optimum.commands.register.oats import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: optimum-oats {command}")
+
+
+def test_console_script_usage_lists_the_registered_commands(capsys):
+    from optimum.commands.register.oats import OATSCommand, main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert "compress" in out and "evaluate" in out and "push" in out
+    names = ",".join(info.name for info in OATSCommand.SUBCOMMANDS)
+    assert capsys.readouterr().out.startswith(f"usage: optimum-oats [-h] {{{names}}} ...")
 
 
 # ----------------------------------------------------------------------------------------------- compress

@@ -271,7 +271,7 @@ def test_cli_offload_folder_and_resume_dir(tmp_path, dense_dir, tokenizer, calib
     """`optimum-cli oats compress --offload-folder --resume-dir` gives the in-memory result, and saves it."""
     from transformers import AutoModelForCausalLM
 
-    from optimum_oats.commands.main import main
+    from optimum.commands.register.oats import main
 
     data = tmp_path / "calibration.txt"
     data.write_text(calibration_texts[0])

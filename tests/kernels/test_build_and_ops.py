@@ -97,7 +97,7 @@ def test_no_compiler_falls_back_with_a_warning_and_the_command_says_so(tmp_path)
     assert "could not build its CPU kernel" in result.stdout and "fall back" in result.stdout
     assert "torch.Size([1, 4])" in result.stdout
     command = subprocess.run(
-        [sys.executable, "-m", "optimum_oats.commands.main", "build-kernels"],
+        [sys.executable, "-m", "optimum.commands.register.oats", "build-kernels"],
         capture_output=True,
         text=True,
         timeout=600,
