@@ -24,6 +24,7 @@ LEVELS = {
     "algorithms": 2,
     "nn": 2,
     "data": 3,
+    "legacy_settings": 3,  # the flat spelling of method settings that `config` still accepts
     "config": 4,
     "engine": 5,
     "integrations": 6,
@@ -37,7 +38,7 @@ LEVELS = {
 }
 MAX_MODULE_LINES = 400
 # Modules allowed over the cap (paths relative to the repository): one algorithm each, which reads best in one piece.
-LONG_MODULES: set[str] = set()
+LONG_MODULES = {"optimum_oats/algorithms/oats.py"}
 MAX_KEYWORD_FLAGS = 6
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from optimum_oats import OATSConfig, compress
 from optimum.commands.register.oats import main as cli_main
+from optimum_oats import OATSConfig, compress
 from optimum_oats.hub.publish import PublishError, publish, publish_folder
 from tests.helpers.hub_fixtures import point_hf_clients_at
 from tests.helpers.hub_server import HubServer
