@@ -68,6 +68,7 @@ def _subprocess_env() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- registration
+@pytest.mark.slow
 def test_optimum_cli_lists_the_oats_commands(tmp_path):
     """Registered through the `optimum.commands.register` namespace of the installed distribution (cwd elsewhere)."""
     root = subprocess.run([*OPTIMUM_CLI, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -79,6 +80,7 @@ def test_optimum_cli_lists_the_oats_commands(tmp_path):
         assert command in group.stdout
 
 
+@pytest.mark.slow
 def test_registration_imports_nothing_heavy(tmp_path):
     """optimum-cli imports every register module at each start, whatever the command: keep ours light."""
     script = (
@@ -182,6 +184,7 @@ def test_compress_bad_option_ends_with_a_json_error(dense_dir, tmp_path):
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_compress_subprocess_smoke(dense_dir, calibration_file, tmp_path):
     output = tmp_path / "out"
     argv = ["oats", "compress", str(dense_dir), "-o", str(output), "--dataset", str(calibration_file), *FAST_COMPRESS]
