@@ -41,11 +41,14 @@ def warn_flat(flat: dict[str, Any], method: Any, stacklevel: int) -> None:
     settings = FlatSettings(renamed(flat))
     taken = settings.taken_by(method) if method in method_names() else dict(settings)
     ignored = sorted(set(settings) - set(taken))
-    no_effect = f"; {ignored} had and have no effect with `method={method!r}`" if ignored else ""
+    if taken:
+        fix = f"pass `method_settings={taken!r}` (or the method's settings dataclass, e.g. `OATSSettings`)"
+        if ignored:
+            fix += f"; {ignored} had and have no effect with `method={method!r}`"
+    else:
+        fix = f"drop them: they had and have no effect with `method={method!r}`"
     warnings.warn(
-        f"Flat method settings ({given}) are deprecated and will be removed in the next release: pass "
-        f"`method_settings={taken!r}` (or the method's settings class, e.g. `optimum_oats.algorithms.OATSSettings`)"
-        f"{no_effect}.",
+        f"Flat method settings ({given}) are deprecated and will be removed in the next release: {fix}.",
         FutureWarning,
         stacklevel=stacklevel + 1,
     )

@@ -78,6 +78,12 @@ def test_optimum_cli_lists_the_oats_commands(tmp_path):
     assert group.returncode == 0, group.stderr
     for command in ("compress", "evaluate", "push"):
         assert command in group.stdout
+    # The compression flags are generated (from the dataclasses) when `compress` parses: through optimum-cli too.
+    compress = subprocess.run(
+        [*OPTIMUM_CLI, "oats", "compress", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert compress.returncode == 0, compress.stderr
+    assert "--hessian-iterations" in compress.stdout and "--solver SOLVER, --svd SOLVER" in compress.stdout
 
 
 @pytest.mark.slow
