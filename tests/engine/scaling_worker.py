@@ -22,7 +22,7 @@ def build_job(tokenizer, texts: list[str], layers: int, hidden: int, config_json
     from optimum_oats import OATSConfig
     from tests.helpers.tiny_models import _tiny_configs, build_tiny_model
 
-    config = _tiny_configs(len(tokenizer))["llama"]
+    config = _tiny_configs()["llama"]
     config.num_hidden_layers = layers
     config.hidden_size = hidden
     config.intermediate_size = 2 * hidden
