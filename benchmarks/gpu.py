@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimum_oats.algorithms import OATSSettings
 from optimum_oats.algorithms.budget import layer_budget
 from optimum_oats.algorithms.masks import sparsity_mask
 from optimum_oats.config import OATSConfig
@@ -462,12 +463,12 @@ def section_compress(args, device, dtype, results) -> None:
     results["compress"] = {
         "rows": rows,
         "iterations": args.oats_iterations,
-        "svd": OATSConfig().svd,
+        "svd": OATSSettings().solver,
         "calibration": [args.calib_samples, args.calib_seqlen],
     }
     print(
         f"\n### Compression wall time ({args.compress_blocks} blocks, calibration {args.calib_samples}x"
-        f"{args.calib_seqlen} random tokens, OATS {args.oats_iterations} iterations, svd={OATSConfig().svd})\n"
+        f"{args.calib_seqlen} random tokens, OATS {args.oats_iterations} iterations, svd={OATSSettings().solver})\n"
     )
     print("| method | seconds | seconds per block | mean relative error |\n|---|---|---|---|")
     for row in rows:
@@ -536,7 +537,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.prompt, args.new_tokens = (8, 8) if args.tiny else (16, 16 if args.quick else 64)
     args.prefill_model = 32 if args.tiny else 512
     args.compress_blocks = 1 if args.quick or args.tiny else 2
-    args.oats_iterations = 5 if args.tiny else (20 if args.quick else OATSConfig().num_iterations)
+    args.oats_iterations = 5 if args.tiny else (20 if args.quick else OATSSettings().num_iterations)
     args.calib_samples, args.calib_seqlen = (2, 16) if args.tiny else ((4, 512) if args.quick else (8, 512))
     if args.tiny:
         args.cold_bytes = 1.0

@@ -45,8 +45,7 @@ def worker(shape: str, method: str, args: argparse.Namespace) -> None:
     import torch
 
     from optimum_oats import OATSConfig
-    from optimum_oats.algorithms import ALGORITHMS, layer_budget
-    from optimum_oats.algorithms.registry import HESSIAN, INPUT_NORMS
+    from optimum_oats.algorithms import ALGORITHMS, HESSIAN, INPUT_NORMS, layer_budget
 
     torch.set_num_threads(1)
     d_out, d_in = (int(n) for n in shape.split("x"))
@@ -57,7 +56,7 @@ def worker(shape: str, method: str, args: argparse.Namespace) -> None:
     del mix
     stats = {HESSIAN: hessian, INPUT_NORMS: hessian.diagonal().sqrt()}
     budget = layer_budget(d_out, d_in, args.rate, args.rank_ratio)
-    settings = OATSConfig(method=method, compression_rate=args.rate, rank_ratio=args.rank_ratio)
+    settings = OATSConfig(method=method, compression_rate=args.rate, rank_ratio=args.rank_ratio).method_settings
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current resident memory
     start = _status("VmRSS")

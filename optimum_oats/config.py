@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import copy
-import numbers
+import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .algorithms import (
-    ALGORITHMS,
-    DEFAULT_HESSIAN_ITERATIONS,
-    DEFAULT_SOLVER,
-    SVD_SOLVERS,
-    TRAINED_METHODS,
-    method_info,
-)
+from .algorithms import method_info, method_names, resolve_method_settings
 from .data.kinds import is_in_memory_dataset
 from .data.text import SAMPLINGS
+from .legacy_settings import (
+    FLAT_METHOD_SETTINGS,
+    FlatSettings,
+    accept_flat_settings,
+    fold_flat_settings,
+    renamed,
+    warn_flat,
+)
+from .utils.settings import check_float as _check_float
+from .utils.settings import check_int as _check_int
+from .utils.settings import setting
 
 QUANT_METHOD = "oats"
-# From the registry: the one-shot methods `compress()` runs, and those that train (`optimum_oats.training`).
-METHODS = tuple(ALGORITHMS)
-TRAINED = tuple(TRAINED_METHODS)
+# Fields only Python can set: no `oats compress` flag (`method_settings` is spread into its fields' flags).
+PYTHON_ONLY_FIELDS = ("quant_method", "method_settings", "tokenizer", "image_processor", "layer_map")
 LAYERWISE = ("uniform", "owl")
 NAMED_DATASETS = ("c4", "wikitext2", "self")
 # ASCII digits and nothing else: `\d` also takes other scripts' digits, and `$` a trailing newline.
@@ -43,32 +47,27 @@ class OATSConfig(QuantizationConfigMixin):
     """Configuration of a sparse + low-rank (OATS) compression, or of one of its baselines.
 
     Pass it to `from_pretrained(..., quantization_config=cfg)` (or `oats_config=cfg`) to compress while
-    loading, or to [`optimum_oats.compress`] for a model already in memory.
+    loading, or to [`optimum_oats.compress`] for a model already in memory. It holds the settings every method
+    shares; a method's own settings are `method_settings` (each method's dataclass lives next to its `run`).
 
     Args:
         compression_rate (`float`, defaults to 0.5):
             ρ, the fraction of each compressed layer's parameters removed, in (0, 1).
         rank_ratio (`float`, defaults to 0.1):
-            κ, the share of the kept parameters given to the low-rank term (OATS only), in [0, 1). 0.1 was never
-            worse than the OATS paper's 0.25 on SmolLM2-135M at ρ = 0.3–0.7 and much better at high compression
-            (perplexity 1225 vs 2114 at ρ = 0.7; docs/quality.md). The paper uses 0.25–0.3 for 7B+ LLMs and 0.2
-            for vision transformers (ViT, DINOv2): pass `rank_ratio=0.2` there (see docs/encoders.md).
-        num_iterations (`int`, defaults to 80):
-            Alternating-thresholding iterations of OATS (the reference code runs 80).
-        hessian_iterations (`int`, defaults to 2):
-            `method="hassle"` only: SparseGPT / weighted-SVD alternations after the OATS start (each costs about one
-            SparseGPT pass over the layer). 0 keeps OATS's support and only refits its values and low-rank term
-            in the Hessian metric.
-        hessian_shrinkage (`float`, *optional*):
-            `method="hassle"` only: λ in [0, 1], the metric is `(1 - λ) H + λ diag(H)`. 0 is the full Hessian;
-            1 is OATS's own diagonal metric. A step between trusts the calibration sample's input correlations less
-            (shrinkage towards the diagonal, as in covariance estimation). Unset: 0.5 for layers compressed below
-            ρ = 0.55, 0 from there on, as measured on SmolLM2-135M (docs/quality.md).
+            κ, the share of the kept parameters given to the low-rank term (methods with one), in [0, 1). The OATS
+            paper uses 0.25–0.3 for 7B+ LLMs and 0.2 for vision transformers (pass `rank_ratio=0.2` there, see
+            docs/encoders.md); docs/quality.md compares values on SmolLM2-135M.
         method (`str`, defaults to `"oats"`):
             A one-shot method of the registry (`optimum_oats.algorithms.ALGORITHMS`): `"oats"`, `"hassle"`,
             `"wanda"`, `"sparsegpt"`, `"magnitude"`. `"hassle"` minimises the output error in the full Hessian
             metric (OATS sees only its diagonal): it starts from the OATS solution and alternates SparseGPT pruning
             of `W - L` with the exact Hessian-weighted rank-r fit (HASSLE-free); see docs/quality.md.
+        method_settings (dataclass or `dict`, *optional*):
+            The method's own settings: an instance of its settings class (`OATSSettings` for `"oats"`,
+            `HassleSettings` for `"hassle"`, from `optimum_oats.algorithms`), or a dict of its fields. Unset: the
+            method's defaults. The pruning baselines have none. Before this field existed they were flat keywords
+            (`num_iterations`, `svd`, `hessian_iterations`, `hessian_shrinkage`); those are still accepted, with a
+            `FutureWarning`, for one release, and checkpoints that store them load unchanged.
         sparsity_pattern (`str`, defaults to `"unstructured"`):
             `"unstructured"` (each output row keeps the same number of weights) or `"N:M"` such as `"2:4"`.
             With N:M the sparse part keeps exactly N of every M weights and `compression_rate` is not used:
@@ -90,35 +89,23 @@ class OATSConfig(QuantizationConfigMixin):
         modules_to_not_convert (`list[str]`, *optional*):
             Module names (exact, or a suffix after a `.`) that stay dense. Embeddings, norms and `lm_head` are
             never compressed.
-        svd (`str`, defaults to `"fast"`):
-            The rank-r step inside OATS. `"exact"`: a full thin SVD every iteration, as in the reference code.
-            `"fast"` (default; on SmolLM2-135M at ρ = 0.5 its perplexity was 42.36 against exact's 42.61,
-            `BENCHMARKS.md`): one full SVD, then warm-started block power steps with Rayleigh–Ritz (one per iteration
-            once the sparse part settles), a warm-started top-k, and an early stop once the sparse support is
-            fixed and the error stalls. Several times faster, with the same error up to the run-to-run
-            sensitivity of the iteration itself (`benchmarks/oats_solver.py`).
         layerwise (`str`, defaults to `"uniform"`):
             `"uniform"`: every block gets `compression_rate`. `"owl"`: per-block rates from the outlier ratios of
             the dense model (OWL, Yin et al. 2024); the mean over blocks equals `compression_rate` and the
             spread is `2 * owl_lambda`. Works with every method; not with N:M patterns.
         owl_threshold (`float`, defaults to 5.0): OWL's `M`, a score is an outlier above `M ×` the block mean.
-        owl_lambda (`float`, defaults to 0.08): OWL's `λ`, half the spread of the per-block rates. Kept at the
-            reference's value: on SmolLM2 at ρ = 0.7, 0.04 was slightly better for Wanda but 2.3× worse for OATS
-            (docs/quality.md).
+        owl_lambda (`float`, defaults to 0.08): OWL's `λ`, half the spread of the per-block rates (the reference's
+            value; docs/quality.md compares others).
         refine_steps (`int`, defaults to 0): block refinement, off by default: after each block is compressed, this
             many Adam steps (one calibration sample each) on the kept values of S and on U, V, masks fixed, so the
             block's outputs match the dense block's (3BASiL's transformer matching, Wanda++'s block
             reconstruction). Works with every method; the block is never left worse on its calibration data.
-        refine_lr (`float`, *optional*): Adam's learning rate for `refine_steps`. Unset: by the block's
-            compression rate, 1e-3 from ρ = 0.55 on and 1e-4 below. No single rate is best (SmolLM2-135M, 64 steps,
-            docs/quality.md): against 1e-4, 1e-3 gave SparseGPT 13–30%, hassle 7–13% (Wanda 25%, one seed) lower
-            perplexity at ρ = 0.6–0.7, SparseGPT 5% and hassle none at 0.5, and both worse at 0.3 (hassle's
-            refinement was undone in every block). A block whose refinement raises its calibration loss is
-            reverted, with a warning.
+        refine_lr (`float`, *optional*): Adam's learning rate for `refine_steps`. Unset: by the block's compression
+            rate (`engine.refine.default_refine_lr`); no single rate is best (docs/quality.md). A block whose
+            refinement raises its calibration loss is reverted, with a warning.
         refine_lowrank_lr (`float`, *optional*): Adam's rate for U and V during refinement; `None` (the default)
             uses `refine_lr`, 0 freezes them. Their product moves by about the sum of both factors' steps, so at a
-            rate that suits the kept values it overshoots: one block of SmolLM2 at ρ = 0.6, 256 steps at 1e-3,
-            held-out loss 0.399 with U, V at 1e-3, 0.373 frozen, 0.367 at 1e-4 (docs/quality.md).
+            rate that suits the kept values it can overshoot (docs/quality.md).
         tokenizer (`str` or tokenizer, *optional*), image_processor (`str` or image processor, *optional*):
             Accepted for compatibility and never serialized; they are arguments of a run, so prefer
             `compress(model, cfg, tokenizer, image_processor=...)`. A data set given as objects (PIL images, a
@@ -131,30 +118,38 @@ class OATSConfig(QuantizationConfigMixin):
     Example:
     ```python
     >>> cfg = OATSConfig(compression_rate=0.5, rank_ratio=0.25, dataset="c4")
+    >>> cfg = OATSConfig(method="hassle", method_settings=HassleSettings(hessian_iterations=3))
     ```
     """
 
     quant_method: str = field(default=QUANT_METHOD, init=False)
-    compression_rate: float = 0.5
-    rank_ratio: float = 0.1
-    num_iterations: int = 80
-    hessian_iterations: int = DEFAULT_HESSIAN_ITERATIONS
-    hessian_shrinkage: float | None = None
-    method: str = "oats"
-    sparsity_pattern: str = "unstructured"
-    dataset: str | list[str] | Any = "c4"
-    num_samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    calibration_sampling: str = "joined"
-    modules_to_not_convert: list[str] | None = None
-    svd: str = DEFAULT_SOLVER
-    layerwise: str = "uniform"
-    owl_threshold: float = 5.0
-    owl_lambda: float = 0.08
-    refine_steps: int = 0
-    refine_lr: float | None = None
-    refine_lowrank_lr: float | None = None
+    compression_rate: float = setting(0.5, "Fraction of each layer's parameters removed", "RHO")
+    rank_ratio: float = setting(0.1, "Share of the kept parameters given to the low-rank term", "KAPPA")
+    method: str = setting("oats", "Compression method", "NAME")
+    method_settings: Any = None
+    sparsity_pattern: str = setting("unstructured", "`unstructured`, or N:M such as `2:4`", "PATTERN")
+    dataset: str | list[str] | Any = setting(
+        "c4", "Calibration text: `c4`, `wikitext2`, `self`, or a local .txt/.jsonl/.json file or folder", "DATA"
+    )
+    num_samples: int = setting(128, "Calibration sequences", "N")
+    seqlen: int = setting(2048, "Tokens per calibration sequence", "N")
+    seed: int = setting(0, "Seed for calibration sampling", "N")
+    calibration_sampling: str = setting(
+        "joined",
+        "`joined` (documents joined, cut into windows), `documents` (OATS ref.) or `random_windows` (Wanda/SparseGPT)",
+        "HOW",
+    )
+    modules_to_not_convert: list[str] | None = setting(None, "Module names to keep dense", "NAME")
+    layerwise: str = setting("uniform", "Per-block rates: `uniform`, or `owl` (outlier-weighted, OWL)", "MODE")
+    owl_threshold: float = setting(5.0, "OWL outlier threshold M", "M")
+    owl_lambda: float = setting(0.08, "OWL half-spread of the per-block rates", "LAMBDA")
+    refine_steps: int = setting(0, "Block refinement: Adam steps per block matching the dense block's outputs", "N")
+    refine_lr: float | None = setting(
+        None, "Block refinement learning rate; unset: by the block's compression rate (docs/quality.md)", "LR"
+    )
+    refine_lowrank_lr: float | None = setting(
+        None, "Block refinement rate of U and V; unset: the refinement rate, 0: frozen", "LR"
+    )
     tokenizer: Any = None
     image_processor: Any = None
     layer_map: dict[str, dict[str, Any]] | None = None
@@ -168,12 +163,6 @@ class OATSConfig(QuantizationConfigMixin):
         # Numbers are normalised to built-in int/float (numpy scalars would not serialize to config.json).
         self.compression_rate = _check_float("compression_rate", self.compression_rate, 0.0, 1.0, low_inclusive=False)
         self.rank_ratio = _check_float("rank_ratio", self.rank_ratio, 0.0, 1.0, low_inclusive=True)
-        self.num_iterations = _check_int("num_iterations", self.num_iterations, 1)
-        self.hessian_iterations = _check_int("hessian_iterations", self.hessian_iterations, 0)
-        if self.hessian_shrinkage is not None:
-            self.hessian_shrinkage = _check_float(
-                "hessian_shrinkage", self.hessian_shrinkage, 0.0, 1.0, low_inclusive=True, high_inclusive=True
-            )
         self.num_samples = _check_int("num_samples", self.num_samples, 1)
         self.seqlen = _check_int("seqlen", self.seqlen, 1)
         self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
@@ -184,12 +173,14 @@ class OATSConfig(QuantizationConfigMixin):
             self.refine_lowrank_lr = _check_float(
                 "refine_lowrank_lr", self.refine_lowrank_lr, 0.0, 1.0, low_inclusive=True
             )
-        if self.method not in METHODS + TRAINED:
-            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if not isinstance(self.method, str) or self.method not in method_names():
+            raise ValueError(f"`method` must be one of {method_names()}, got {self.method!r}.")
+        settings = self.method_settings
+        if isinstance(settings, FlatSettings):  # old flat keywords: the method's own kept, the others had no effect
+            settings = settings.taken_by(self.method)
+        self.method_settings = resolve_method_settings(self.method, settings)
         if self.calibration_sampling not in SAMPLINGS:
             raise ValueError(f"`calibration_sampling` must be one of {SAMPLINGS}, got {self.calibration_sampling!r}.")
-        if self.svd not in SVD_SOLVERS:
-            raise ValueError(f"`svd` must be one of {SVD_SOLVERS}, got {self.svd!r}.")
         if self.layerwise not in LAYERWISE:
             raise ValueError(f"`layerwise` must be one of {LAYERWISE}, got {self.layerwise!r}.")
         self.owl_threshold = _check_float("owl_threshold", self.owl_threshold, 0.0, float("inf"), low_inclusive=False)
@@ -257,21 +248,49 @@ class OATSConfig(QuantizationConfigMixin):
         """
         fields = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_FIELDS}
         dataset = fields.pop("dataset", None)
+        settings = fields.pop("method_settings", None)
         output = copy.deepcopy(fields)
+        output["method_settings"] = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
         output["dataset"] = dataset if is_in_memory_dataset(dataset) else copy.deepcopy(dataset)
         output["quant_method"] = QUANT_METHOD
         return output
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """As the mixin's; a config.json written before `method_settings` (flat keys) loads without a warning."""
         config_dict = {k: v for k, v in config_dict.items() if k != "quant_method"}
+        config_dict = fold_flat_settings(config_dict, warn=False)
         return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def update(self, **kwargs) -> dict[str, Any]:
-        """As the mixin's, but the result is validated again: `update` must not bypass `post_init`."""
+        """As the mixin's, but the result is validated again: `update` must not bypass `post_init`.
+
+        A flat method setting (`num_iterations=...`) updates that field of `method_settings` (with a FutureWarning);
+        a new `method` keeps the settings fields it shares with the old one.
+        """
+        kwargs = dict(kwargs)
+        flat = {k: kwargs.pop(k) for k in list(kwargs) if k in FLAT_METHOD_SETTINGS}
+        if flat:
+            warn_flat(flat, kwargs.get("method", self.method), stacklevel=2)
+        if flat or ("method" in kwargs and "method_settings" not in kwargs):
+            current = dataclasses.asdict(self.method_settings) if self.method_settings is not None else {}
+            kwargs["method_settings"] = FlatSettings({**current, **renamed(flat)})
         unused = super().update(**kwargs)
         self.post_init()
         return unused
+
+    def __getattr__(self, name: str) -> Any:
+        """`config.num_iterations` and the other flat method settings, read from `method_settings` (deprecated)."""
+        settings = self.__dict__.get("method_settings")
+        if name in FLAT_METHOD_SETTINGS and settings is not None and hasattr(settings, FLAT_METHOD_SETTINGS[name]):
+            warnings.warn(
+                f"`OATSConfig.{name}` is deprecated and will be removed in the next release; read "
+                f"`config.method_settings.{FLAT_METHOD_SETTINGS[name]}`.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return getattr(settings, FLAT_METHOD_SETTINGS[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_diff_dict(self) -> dict[str, Any]:
         default = OATSConfig().to_dict()
@@ -289,22 +308,7 @@ class OATSConfig(QuantizationConfigMixin):
 _RUNTIME_FIELDS = ("tokenizer", "image_processor")
 
 
-def _check_float(
-    name: str, value: Any, low: float, high: float, *, low_inclusive: bool, high_inclusive: bool = False
-) -> float:
-    """`value` as a float in the range; NaN fails every comparison, so it is refused too."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
-    interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValueError(f"`{name}` must be in {interval}, got {value}.") from None
-    above_low = number >= low if low_inclusive else number > low
-    below_high = number <= high if high_inclusive else number < high
-    if not (above_low and below_high):
-        raise ValueError(f"`{name}` must be in {interval}, got {value}.")
-    return number
+OATSConfig.__init__ = accept_flat_settings(OATSConfig.__init__)
 
 
 def _check_layer_map(layer_map: Any) -> None:
@@ -322,15 +326,3 @@ def _check_layer_map(layer_map: Any) -> None:
                     f"`layer_map[{module!r}]` has no {key!r}; the checkpoint's config.json is incomplete."
                 )
             _check_int(f"layer_map[{module!r}][{key!r}]", entry[key], 0)
-
-
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    """`value` as a built-in int (numpy integers pass; bools and floats do not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} ({value!r}).")
-    number = int(value)
-    if number < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {number}.")
-    if maximum is not None and number > maximum:
-        raise ValueError(f"`{name}` must be <= {maximum}, got {number}.")
-    return number

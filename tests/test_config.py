@@ -6,7 +6,7 @@ from optimum_oats import OATSConfig
 def test_defaults_and_quant_method():
     cfg = OATSConfig()
     assert cfg.quant_method == "oats"
-    assert (cfg.compression_rate, cfg.rank_ratio, cfg.num_iterations) == (0.5, 0.1, 80)
+    assert (cfg.compression_rate, cfg.rank_ratio, cfg.method_settings.num_iterations) == (0.5, 0.1, 80)
     assert (cfg.method, cfg.sparsity_pattern, cfg.num_samples, cfg.seqlen) == ("oats", "unstructured", 128, 2048)
 
 
@@ -39,7 +39,7 @@ def test_diff_dict_only_holds_changes():
         ({"compression_rate": float("nan")}, "compression_rate"),
         ({"rank_ratio": -0.1}, r"`rank_ratio` must be in \[0.0, 1.0\), got -0.1"),
         ({"rank_ratio": 1.0}, "rank_ratio"),
-        ({"num_iterations": 0}, "`num_iterations` must be >= 1, got 0"),
+        ({"method_settings": {"num_iterations": 0}}, "`num_iterations` must be >= 1, got 0"),
         ({"num_samples": 0}, "`num_samples` must be >= 1"),
         ({"seqlen": -5}, "`seqlen` must be >= 1"),
         ({"method": "svd"}, "`method` must be one of"),
@@ -49,7 +49,7 @@ def test_diff_dict_only_holds_changes():
         ({"dataset": []}, "non-empty list of strings"),
         ({"dataset": ""}, "`dataset` must be"),
         ({"modules_to_not_convert": "lm_head"}, "list of module names"),
-        ({"svd": "magic"}, "`svd` must be one of"),
+        ({"method_settings": {"solver": "magic"}}, "`solver` must be one of"),
         ({"layerwise": "random"}, "`layerwise` must be one of"),
         ({"owl_lambda": 0.6}, r"`owl_lambda` must be in \[0.0, 0.5\)"),
         ({"owl_threshold": 0}, "`owl_threshold` must be in"),
@@ -62,7 +62,9 @@ def test_invalid_values_name_the_field(kwargs, message):
         OATSConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"compression_rate": "0.5"}, {"num_iterations": 2.5}, {"seed": True}])
+@pytest.mark.parametrize(
+    "kwargs", [{"compression_rate": "0.5"}, {"method_settings": {"num_iterations": 2.5}}, {"seed": True}]
+)
 def test_wrong_types(kwargs):
     with pytest.raises(TypeError):
         OATSConfig(**kwargs)

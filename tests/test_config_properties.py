@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_oats import OATSConfig
-from optimum_oats.algorithms import method_info
-from optimum_oats.config import LAYERWISE, METHODS, NAMED_DATASETS, SVD_SOLVERS, parse_nm
+from optimum_oats.algorithms import SOLVERS, method_info, method_names
+from optimum_oats.config import LAYERWISE, NAMED_DATASETS, parse_nm
 
 SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -28,17 +28,35 @@ layer_entry = st.fixed_dictionaries(
 )
 
 
+# The fields of OATSConfig.method_settings, by method, drawn in full so that the round trip compares every one.
+METHOD_SETTINGS = {
+    "oats": {"num_iterations": positive, "solver": st.sampled_from(SOLVERS)},
+    "hassle": {
+        "num_iterations": positive,
+        "solver": st.sampled_from(SOLVERS),
+        "hessian_iterations": st.integers(0, 100),
+        "hessian_shrinkage": st.none() | st.floats(0.0, 1.0),
+    },
+}
+# Checked by the method's settings dataclass, reached through `method_settings`.
+SETTINGS_FIELDS = ("num_iterations", "solver")
+
+
+def _kwargs(field: str, value) -> dict:
+    return {"method_settings": {field: value}} if field in SETTINGS_FIELDS else {field: value}
+
+
 @st.composite
 def valid_kwargs(draw) -> dict:
+    method = draw(st.sampled_from(method_names()))
     kwargs = {
         "compression_rate": draw(unit_open),
         "rank_ratio": draw(rank_ratio),
-        "num_iterations": draw(positive),
-        "method": draw(st.sampled_from(METHODS)),
+        "method": method,
+        "method_settings": draw(st.fixed_dictionaries(METHOD_SETTINGS.get(method, {}))),
         "num_samples": draw(positive),
         "seqlen": draw(positive),
         "seed": draw(st.integers(0, 2**64 - 1)),
-        "svd": draw(st.sampled_from(SVD_SOLVERS)),
         "layerwise": draw(st.sampled_from(LAYERWISE)),
         "owl_threshold": draw(st.floats(min_value=0.0, exclude_min=True, allow_nan=False, allow_infinity=False)),
         "owl_lambda": draw(st.floats(min_value=0.0, max_value=0.5, exclude_max=True, allow_nan=False)),
@@ -78,7 +96,8 @@ def test_every_valid_config_round_trips_exactly(kwargs):
     st.integers(1, 100),
 )
 def test_numpy_integers_become_builtin_ints(field, dtype, value):
-    data = OATSConfig(**{field: dtype(value)}).to_dict()
+    data = OATSConfig(**_kwargs(field, dtype(value))).to_dict()
+    data = data["method_settings"] if field in SETTINGS_FIELDS else data
     assert type(data[field]) is int and data[field] == value
     json.dumps(data)  # would raise on a numpy scalar
 
@@ -125,13 +144,13 @@ def test_out_of_range_floats_name_the_field(field, value):
     low, high, low_inclusive = FLOAT_RANGES[field]
     if not _outside(value, low, high, low_inclusive):
         return  # inside the range: covered by the round-trip test
-    assert_refused(field, **{field: value})
+    assert_refused(field, **_kwargs(field, value))
 
 
 @SETTINGS
 @given(st.sampled_from(sorted(FLOAT_RANGES) + sorted(INT_MINIMUMS)), not_a_number)
 def test_numbers_of_the_wrong_type_name_the_field(field, value):
-    assert_refused(field, **{field: value})
+    assert_refused(field, **_kwargs(field, value))
 
 
 @SETTINGS
@@ -142,21 +161,21 @@ def test_numbers_of_the_wrong_type_name_the_field(field, value):
 def test_bad_integers_name_the_field(field, value):
     if isinstance(value, int) and INT_MINIMUMS[field] <= value <= (2**64 - 1 if field == "seed" else value):
         return
-    assert_refused(field, **{field: value})
+    assert_refused(field, **_kwargs(field, value))
 
 
 @pytest.mark.parametrize("field", sorted(INT_MINIMUMS))
 def test_bool_is_not_an_integer(field):
-    assert_refused(field, **{field: True})
+    assert_refused(field, **_kwargs(field, True))
 
 
 @SETTINGS
-@given(st.sampled_from(["method", "svd", "layerwise"]), st.text() | not_a_number)
+@given(st.sampled_from(["method", "solver", "layerwise"]), st.text() | not_a_number)
 def test_bad_choices_name_the_field(field, value):
-    allowed = {"method": METHODS, "svd": SVD_SOLVERS, "layerwise": LAYERWISE}[field]
+    allowed = {"method": method_names(), "solver": SOLVERS, "layerwise": LAYERWISE}[field]
     if isinstance(value, str) and value in allowed:
         return
-    assert_refused(field, **{field: value})
+    assert_refused(field, **_kwargs(field, value))
 
 
 def _valid_nm(text: str) -> bool:

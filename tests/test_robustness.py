@@ -324,6 +324,7 @@ def test_package_never_unpickles():
 
 
 # ----------------------------------------------------------------------------------------------- no plugin
+@pytest.mark.slow
 def test_loading_without_the_plugin_fails_and_says_why(checkpoint, tmp_path):
     """transformers only *warns* about the unknown `oats` method, then refuses on the compact shapes; with
     `trust_remote_code=True` the checkpoint's own `modeling_oats.py` names the package to install."""

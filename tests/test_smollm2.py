@@ -26,9 +26,9 @@ def _config(data_dir, **kwargs) -> OATSConfig:
 
 
 @pytest.fixture(scope="module")
-def eval_ids(tokenizer, data_dir) -> torch.Tensor:
+def eval_ids(smollm2_tokenizer, data_dir) -> torch.Tensor:
     text = (data_dir / "wikitext2" / "wiki.test.raw").read_text()[:20000]
-    return tokenizer(text, return_tensors="pt").input_ids[:, :256]
+    return smollm2_tokenizer(text, return_tensors="pt").input_ids[:, :256]
 
 
 @pytest.fixture(scope="module")

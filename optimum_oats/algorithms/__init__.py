@@ -4,20 +4,20 @@ This package imports only torch, numpy and the `kernels/` loader: the model trav
 """
 
 from .budget import LayerBudget, layer_budget
-from .hessian_slr import DEFAULT_HESSIAN_ITERATIONS, hessian_sparse_low_rank
+from .hessian_slr import DEFAULT_HESSIAN_ITERATIONS, HassleSettings, hessian_sparse_low_rank
 from .masks import nm_mask, rowwise_topk_mask, sparsity_mask
-from .oats import DEFAULT_SOLVER, SVD_SOLVERS, Decomposition, oats_decompose, truncated_svd
+from .method import HESSIAN, INPUT_NORMS, Algorithm, NoSettings
+from .oats import DEFAULT_SOLVER, SOLVERS, Decomposition, OATSSettings, oats_decompose, truncated_svd
 from .owl import outlier_ratios, owl_block_rates
 from .pruning import magnitude_prune, wanda_prune
 from .registry import (
     ALGORITHMS,
-    HESSIAN,
-    INPUT_NORMS,
     TRAINED_METHODS,
-    Algorithm,
-    RunSettings,
     method_info,
+    method_names,
     register_algorithm,
+    resolve_method_settings,
+    unregister_algorithm,
 )
 from .sparsegpt import sparsegpt_prune
 
@@ -27,24 +27,29 @@ __all__ = [
     "DEFAULT_SOLVER",
     "HESSIAN",
     "INPUT_NORMS",
-    "SVD_SOLVERS",
+    "SOLVERS",
     "TRAINED_METHODS",
     "Algorithm",
     "Decomposition",
+    "HassleSettings",
     "LayerBudget",
-    "RunSettings",
+    "NoSettings",
+    "OATSSettings",
     "hessian_sparse_low_rank",
     "layer_budget",
     "magnitude_prune",
     "method_info",
+    "method_names",
     "nm_mask",
     "oats_decompose",
     "outlier_ratios",
     "owl_block_rates",
     "register_algorithm",
+    "resolve_method_settings",
     "rowwise_topk_mask",
     "sparsegpt_prune",
     "sparsity_mask",
     "truncated_svd",
+    "unregister_algorithm",
     "wanda_prune",
 ]

@@ -19,6 +19,10 @@ class LayerBudget:
     def num_parameters(self, d_out: int, d_in: int) -> int:
         return counted_parameters(self.keep_per_row * d_out, self.rank, d_in, d_out)
 
+    def layer_sparsity(self, d_in: int) -> float:
+        """The kept count as one layer-wide sparsity, for the references' joint (not per-row) masks."""
+        return 1.0 - self.keep_per_row / d_in
+
 
 def layer_budget(
     d_out: int, d_in: int, compression_rate: float, rank_ratio: float, nm: tuple[int, int] | None = None

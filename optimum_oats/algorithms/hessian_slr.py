@@ -37,7 +37,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch.profiler import record_function
 
-from .oats import Decomposition
+from ..utils.settings import check_float, check_int, setting
+from .budget import LayerBudget
+from .method import HESSIAN, INPUT_NORMS, Algorithm
+from .oats import Decomposition, OATSSettings, run_oats
 from .sparsegpt import (
     SPARSEGPT_PRECISION,
     _not_positive_definite,
@@ -50,7 +53,7 @@ from .sparsegpt import (
 DEFAULT_HESSIAN_ITERATIONS = 2
 # Conjugate-gradient steps on S's kept values per S-step (0: SparseGPT's values as they come).
 DEFAULT_REFIT_STEPS = 10
-# `OATSConfig.hessian_shrinkage` left unset: λ by the layer's compression rate. Measured on SmolLM2-135M
+# `HassleSettings.hessian_shrinkage` left unset: λ by the layer's compression rate. Measured on SmolLM2-135M
 # (docs/quality.md): λ = 0.5 beat the full Hessian at ρ = 0.3, 0.4 and 0.5 and lost at 0.6.
 AUTO_SHRINKAGE = 0.5
 AUTO_SHRINKAGE_BELOW_RATE = 0.55
@@ -328,3 +331,68 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
     if best.lowrank_v is not None:
         best.lowrank_v[:, metric.dead] = 0  # no response to features calibration never saw, as S
     return best
+
+
+@dataclass
+class HassleSettings(OATSSettings):
+    """hassle's settings: OATS's (for the warm start) and the Hessian alternation's.
+
+    Args:
+        hessian_iterations (`int`, defaults to 2): SparseGPT / weighted-SVD alternations after the OATS start (each
+            costs about one SparseGPT pass over the layer). 0 keeps OATS's support and only refits its values and
+            low-rank term in the Hessian metric.
+        hessian_shrinkage (`float`, *optional*): λ in [0, 1], the metric is `(1 - λ) H + λ diag(H)`. 0 is the full
+            Hessian; 1 is OATS's own diagonal metric. A step between trusts the calibration sample's input
+            correlations less (shrinkage towards the diagonal, as in covariance estimation). Unset: by the layer's
+            compression rate ([`default_shrinkage`]; docs/quality.md has the measurements behind it).
+    """
+
+    hessian_iterations: int = setting(DEFAULT_HESSIAN_ITERATIONS, "SparseGPT / weighted-SVD alternations", "N")
+    hessian_shrinkage: float | None = setting(
+        None,
+        f"Metric (1 - LAMBDA) H + LAMBDA diag(H); unset: {AUTO_SHRINKAGE} below rate {AUTO_SHRINKAGE_BELOW_RATE}, "
+        "else 0",
+        "LAMBDA",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.hessian_iterations = check_int("hessian_iterations", self.hessian_iterations, 0)
+        if self.hessian_shrinkage is not None:
+            self.hessian_shrinkage = check_float(
+                "hessian_shrinkage", self.hessian_shrinkage, 0.0, 1.0, low_inclusive=True, high_inclusive=True
+            )
+
+
+def run_hassle(
+    weight: torch.Tensor, stats: dict[str, torch.Tensor], budget: LayerBudget, settings: HassleSettings
+) -> Decomposition:
+    """OATS at the same budget as the first iterate, then S/L alternation in the full Hessian metric."""
+    warm = run_oats(weight, stats, budget, settings) if budget.rank > 0 else None
+    return hessian_sparse_low_rank(
+        weight,
+        hessian_metric(stats[HESSIAN], shrinkage=_shrinkage(weight, budget, settings)),
+        rank=budget.rank,
+        sparsity=None if budget.nm is not None else budget.layer_sparsity(weight.shape[1]),
+        nm=budget.nm,
+        iterations=settings.hessian_iterations if budget.rank > 0 else 1,  # L = 0: every pass would be the same
+        warm_start=warm,
+    )
+
+
+def _shrinkage(weight: torch.Tensor, budget: LayerBudget, settings: HassleSettings) -> float:
+    """The configured λ, or the default for the rate this layer's budget actually removes."""
+    if settings.hessian_shrinkage is not None:
+        return settings.hessian_shrinkage
+    d_out, d_in = weight.shape
+    return default_shrinkage(1.0 - budget.num_parameters(d_out, d_in) / (d_out * d_in))
+
+
+HASSLE = Algorithm(
+    "hassle",
+    "Hessian-aware sparse + low-rank (OATS start, SparseGPT / weighted-SVD alternation)",
+    (HESSIAN, INPUT_NORMS),
+    uses_low_rank=True,
+    run=run_hassle,
+    settings=HassleSettings,
+)

@@ -11,12 +11,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..utils.settings import check_choice, check_int, setting
+from .budget import LayerBudget
 from .masks import check_nm_width, rowwise_topk_mask, sparsity_mask
+from .method import INPUT_NORMS, Algorithm
 
 OATS_PRECISION = torch.float32
-SVD_SOLVERS = ("exact", "fast")
-# The solver compressions use unless told otherwise (`OATSConfig.svd`); "exact" is the reference iteration.
+SOLVERS = ("exact", "fast")
+# The solver compressions use unless told otherwise (`OATSSettings.solver`); "exact" is the reference iteration.
 DEFAULT_SOLVER = "fast"
+DEFAULT_ITERATIONS = 80  # the reference code's count
 # Early-stopping tolerance of the fast solver: stop once the support of S is unchanged and the objective fell by
 # less than this fraction in one iteration. The exact solver keeps the reference's fixed count (`tol=0`).
 FAST_TOL = 1e-5
@@ -159,7 +163,7 @@ def oats_decompose(
     rank: int,
     keep_per_row: int,
     nm: tuple[int, int] | None = None,
-    iterations: int = 80,
+    iterations: int = DEFAULT_ITERATIONS,
     track_error: bool = False,
     solver: str = DEFAULT_SOLVER,
     tol: float | None = None,
@@ -194,8 +198,7 @@ def oats_decompose(
         [`Decomposition`] with `sparse (d_out, d_in)`, `lowrank_u (d_out, r)`, `lowrank_v (r, d_in)` in
         float32, and `iterations`, the steps run.
     """
-    if solver not in SVD_SOLVERS:
-        raise ValueError(f"`solver` must be one of {SVD_SOLVERS}, got {solver!r}.")
+    check_choice("solver", solver, SOLVERS)
     tol = (FAST_TOL if solver == "fast" else 0.0) if tol is None else tol
     if not tol >= 0:
         raise ValueError(f"`tol` must be >= 0, got {tol}.")
@@ -356,3 +359,47 @@ def _exact_start(scaled: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     width = min(rank + FAST_OVERSAMPLE, *scaled.shape)
     basis = u[:, :width] if scaled.shape[0] > scaled.shape[1] else vh[:width].T
     return u[:, :rank] * s[:rank], vh[:rank], basis
+
+
+@dataclass
+class OATSSettings:
+    """OATS's own settings (`OATSConfig(method="oats", method_settings=OATSSettings(...))`).
+
+    Args:
+        num_iterations (`int`, defaults to 80): most alternating-thresholding iterations (the reference runs 80).
+        solver (`str`, defaults to `"fast"`): how the rank-r step is solved, `"exact"` (a full thin SVD every
+            iteration, as the reference does) or `"fast"` (warm-started; see [`oats_decompose`], and
+            `benchmarks/oats_solver.py` to compare both). It was `OATSConfig(svd=...)` before this class existed.
+    """
+
+    num_iterations: int = setting(DEFAULT_ITERATIONS, "Most alternating-thresholding iterations of OATS", "N")
+    solver: str = setting(DEFAULT_SOLVER, f"Rank-r solver inside OATS: one of {SOLVERS}", "SOLVER")
+
+    def __post_init__(self) -> None:
+        self.num_iterations = check_int("num_iterations", self.num_iterations, 1)
+        check_choice("solver", self.solver, SOLVERS)
+
+
+def run_oats(
+    weight: torch.Tensor, stats: dict[str, torch.Tensor], budget: LayerBudget, settings: OATSSettings
+) -> Decomposition:
+    return oats_decompose(
+        weight,
+        stats[INPUT_NORMS],
+        rank=budget.rank,
+        keep_per_row=budget.keep_per_row,
+        nm=budget.nm,
+        iterations=settings.num_iterations,
+        solver=settings.solver,
+    )
+
+
+OATS = Algorithm(
+    "oats",
+    "OATS, sparse + low-rank",
+    (INPUT_NORMS,),
+    uses_low_rank=True,
+    run=run_oats,
+    rows_balanced=True,
+    settings=OATSSettings,
+)

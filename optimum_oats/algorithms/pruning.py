@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from .budget import LayerBudget
 from .masks import sparsity_mask
+from .method import INPUT_NORMS, Algorithm, NoSettings
+from .oats import Decomposition
 
 
 def magnitude_prune(
@@ -46,3 +49,24 @@ def wanda_prune(
     """
     scores = weight.abs().float() * input_norms.to(weight.device, torch.float32)
     return weight * sparsity_mask(scores, keep_per_row, nm)
+
+
+def run_wanda(
+    weight: torch.Tensor, stats: dict[str, torch.Tensor], budget: LayerBudget, settings: NoSettings
+) -> Decomposition:
+    return Decomposition(
+        wanda_prune(weight.float(), stats[INPUT_NORMS], keep_per_row=budget.keep_per_row, nm=budget.nm)
+    )
+
+
+def run_magnitude(
+    weight: torch.Tensor, stats: dict[str, torch.Tensor], budget: LayerBudget, settings: NoSettings
+) -> Decomposition:
+    """One threshold per layer (wanda `prune_magnitude`); N:M per row."""
+    if budget.nm is not None:
+        return Decomposition(magnitude_prune(weight.float(), keep_per_row=budget.keep_per_row, nm=budget.nm))
+    return Decomposition(magnitude_prune(weight.float(), sparsity=budget.layer_sparsity(weight.shape[1])))
+
+
+WANDA = Algorithm("wanda", "Wanda pruning", (INPUT_NORMS,), uses_low_rank=False, run=run_wanda, rows_balanced=True)
+MAGNITUDE = Algorithm("magnitude", "magnitude pruning", (), uses_low_rank=False, run=run_magnitude)

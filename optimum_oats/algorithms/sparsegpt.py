@@ -27,6 +27,10 @@ from contextlib import contextmanager
 
 import torch
 
+from .budget import LayerBudget
+from .method import HESSIAN, Algorithm, NoSettings
+from .oats import Decomposition
+
 SPARSEGPT_PRECISION = torch.float32
 
 
@@ -229,3 +233,15 @@ def prune_with_factor(
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W
+
+
+def run_sparsegpt(
+    weight: torch.Tensor, stats: dict[str, torch.Tensor], budget: LayerBudget, settings: NoSettings
+) -> Decomposition:
+    """The reference's joint mask per 128-column block (IST-DASLab/sparsegpt `fasterprune`); N:M per row."""
+    if budget.nm is not None:
+        return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], nm=budget.nm))
+    return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], sparsity=budget.layer_sparsity(weight.shape[1])))
+
+
+SPARSEGPT = Algorithm("sparsegpt", "SparseGPT pruning", (HESSIAN,), uses_low_rank=False, run=run_sparsegpt)

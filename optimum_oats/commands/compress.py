@@ -7,36 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIG_FIELDS = (
-    "compression_rate",
-    "rank_ratio",
-    "method",
-    "sparsity_pattern",
-    "dataset",
-    "num_samples",
-    "seqlen",
-    "num_iterations",
-    "hessian_iterations",
-    "hessian_shrinkage",
-    "seed",
-    "calibration_sampling",
-    "svd",
-    "layerwise",
-    "owl_threshold",
-    "owl_lambda",
-    "refine_steps",
-    "refine_lr",
-    "refine_lowrank_lr",
-    "modules_to_not_convert",
-)
-
-
-def config_from_args(args: argparse.Namespace):
-    """An `OATSConfig` from the options given; options left out keep OATSConfig's defaults."""
-    from optimum_oats.config import OATSConfig
-
-    return OATSConfig(**{f: getattr(args, f) for f in CONFIG_FIELDS if getattr(args, f, None) is not None})
-
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compress and save; under `torchrun` every rank compresses its share of each block and rank 0 saves."""
@@ -44,6 +14,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from optimum_oats.engine.report import CompressionReport
     from optimum_oats.hub.card import resolve_base_model
 
+    from .arguments import config_from_args
     from .runner import load_model, resolve_model_source
 
     config = config_from_args(args)  # validated before the (slow) model load

@@ -28,7 +28,8 @@ from .text import generate_self_texts, load_calibration_texts, sample_calibratio
 logger = logging.getLogger(__name__)
 
 WINDOWS, TEXTS, IMAGES = "windows", "texts", "images"
-# The OATS paper's rank ratio for vision transformers (the LLM experiments use 0.25, the config default).
+# The OATS paper's rank ratio for vision transformers (its LLM experiments use 0.25; `OATSConfig.rank_ratio` has
+# this package's own default).
 VIT_RANK_RATIO = 0.2
 # `model_max_length` of tokenizers that set no limit (transformers' VERY_LARGE_INTEGER) is not a real bound.
 _NO_LIMIT = 10**9

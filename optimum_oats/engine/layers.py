@@ -40,7 +40,7 @@ def compress_linear(
     rate = config.compression_rate if compression_rate is None else compression_rate
     d_out, d_in = linear.weight.shape
     budget = layer_budget(d_out, d_in, rate, config.effective_rank_ratio, config.nm)
-    decomposition = algorithm.run(linear.weight, statistics, budget, config)
+    decomposition = algorithm.run(linear.weight, statistics, budget, config.method_settings)
     layer = LinearSparseLowRank.from_linear(
         linear, decomposition.sparse, decomposition.lowrank_u, decomposition.lowrank_v
     )

@@ -57,20 +57,19 @@ class CompressionOutcome:
 def calibrate_and_compress(
     model: nn.Module,
     config: OATSConfig,
-    data: CalibrationData | None = None,
+    data: CalibrationData,
     *,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
 ) -> CompressionOutcome:
-    """Build the calibration inputs from `data` (default: `config.dataset` and the model's tokenizer), then
-    compress every stack of blocks in place. `config` is not modified."""
+    """Build the calibration inputs from `data`, then compress every stack of blocks in place. `config` is not
+    modified."""
     if config.method not in ALGORITHMS:
         raise ValueError(
             f"`method={config.method!r}` is a training-time method and cannot compress one-shot; "
             "see `optimum_oats.training.losparse` (LoSparse fine-tuning with `transformers.Trainer`)."
         )
     check_plan(model, config)  # shapes against the settings, before any data is read
-    data = data if data is not None else CalibrationData.from_config(config)
     input_ids = calibration_inputs(model, config, data)
     logger.info("Calibrating on %s", describe_inputs(input_ids))
     entries = compress_with_inputs(model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir)

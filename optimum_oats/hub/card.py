@@ -15,8 +15,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from ..algorithms import method_info
-from ..config import METHODS, TRAINED
+from ..algorithms import method_info, method_names
 from ..engine.report import CompressionReport
 from ..evaluation.results import NON_METRICS
 from ..integrations.auto_classes import CAUSAL_LM, ModelTask
@@ -119,7 +118,7 @@ def render_model_card(
         model_name=name,
         base_model=base_model,
         repo_id=repo_id or "path/to/this/checkpoint",
-        method_label=method_info(method).label if method in METHODS + TRAINED else method,
+        method_label=method_info(method).label if method in method_names() else method,
         auto_class=task.auto_class,
         processor_class=task.processor_class,
         processor_name="image_processor" if task.is_vision else "tokenizer",

@@ -175,21 +175,18 @@ def test_shrinkage_interpolates_to_the_diagonal_metric_of_oats():
 @pytest.mark.parametrize("rate, expected", [(0.3, 0.5), (0.5, 0.5), (0.6, 0.0), (0.7, 0.0)])
 def test_unset_shrinkage_follows_the_layer_rate(rate, expected):
     """`hessian_shrinkage=None` runs exactly what the measured default for the layer's rate gives explicitly."""
-    from types import SimpleNamespace
-
-    from optimum_oats.algorithms import ALGORITHMS
-    from optimum_oats.algorithms.registry import HESSIAN, INPUT_NORMS
+    from optimum_oats.algorithms import ALGORITHMS, HESSIAN, INPUT_NORMS, HassleSettings
 
     assert default_shrinkage(rate) == expected
     W, H, X = _problem(10, d_out=48, d_in=64)
     stats = {HESSIAN: H, INPUT_NORMS: X.norm(dim=0)}
     budget = layer_budget(*W.shape, rate, 0.3)
     assert budget.rank > 0
-    settings = dict(num_iterations=5, svd="exact", hessian_iterations=1)
+    settings = dict(num_iterations=5, solver="exact", hessian_iterations=1)
     run = ALGORITHMS["hassle"].run
-    auto = run(W, stats, budget, SimpleNamespace(**settings, hessian_shrinkage=None))
-    given = run(W, stats, budget, SimpleNamespace(**settings, hessian_shrinkage=expected))
-    other = run(W, stats, budget, SimpleNamespace(**settings, hessian_shrinkage=0.5 - expected))
+    auto = run(W, stats, budget, HassleSettings(**settings, hessian_shrinkage=None))
+    given = run(W, stats, budget, HassleSettings(**settings, hessian_shrinkage=expected))
+    other = run(W, stats, budget, HassleSettings(**settings, hessian_shrinkage=0.5 - expected))
     assert torch.equal(auto.sparse, given.sparse) and torch.equal(auto.lowrank_v, given.lowrank_v)
     assert not torch.equal(auto.sparse, other.sparse)
 
@@ -217,24 +214,25 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="exactly one of"):
         hessian_sparse_low_rank(W, H, rank=2)
     with pytest.raises(ValueError, match="hessian_iterations"):
-        OATSConfig(method="hassle", hessian_iterations=-1)
+        OATSConfig(method="hassle", method_settings={"hessian_iterations": -1})
     with pytest.raises(ValueError, match=r"`shrinkage` must be in \[0, 1\]"):
         shrink_hessian(H, 1.5)
     with pytest.raises(ValueError, match=r"`hessian_shrinkage` must be in \[0.0, 1.0\], got -0.1"):
-        OATSConfig(method="hassle", hessian_shrinkage=-0.1)
+        OATSConfig(method="hassle", method_settings={"hessian_shrinkage": -0.1})
     with pytest.raises(ValueError, match="polishes the warm start only"):
         hessian_sparse_low_rank(W, H, rank=2, sparsity=0.5, iterations=0)
 
 
 def test_engine_error_names_the_layer(tiny_llama, tokenizer, calibration_texts, monkeypatch):
     """A failing layer is reported by name and method, with the algorithm's own explanation."""
-    import optimum_oats.algorithms.registry as module
+    import optimum_oats.algorithms.hessian_slr as module
 
     def broken(hessian, percdamp=0.01, shrinkage=0.0):
         raise ValueError("The dampened Hessian is not positive definite; increase `percdamp`.")
 
     monkeypatch.setattr(module, "hessian_metric", broken)
-    cfg = OATSConfig(method="hassle", dataset=calibration_texts, num_samples=2, seqlen=32, num_iterations=2)
+    settings = {"num_iterations": 2}
+    cfg = OATSConfig(method="hassle", method_settings=settings, dataset=calibration_texts, num_samples=2, seqlen=32)
     with pytest.raises(ValueError, match=r"`model\.layers\.0\.self_attn\.q_proj` \(hassle\): The dampened"):
         compress(tiny_llama, cfg, tokenizer, progress=False)
 

@@ -3,10 +3,18 @@
 import pytest
 import torch
 
-from optimum_oats.algorithms import ALGORITHMS, INPUT_NORMS, layer_budget, oats_decompose, truncated_svd
+from optimum_oats.algorithms import (
+    ALGORITHMS,
+    INPUT_NORMS,
+    SOLVERS,
+    OATSSettings,
+    layer_budget,
+    oats_decompose,
+    truncated_svd,
+)
 from optimum_oats.algorithms.masks import sparsity_mask
 from optimum_oats.algorithms.oats import _power_steps, ritz_step, warm_sparsity_mask
-from optimum_oats.config import SVD_SOLVERS, OATSConfig
+from optimum_oats.config import OATSConfig
 from tests.helpers.structured import structured_matrix
 
 
@@ -150,13 +158,15 @@ def test_warm_mask_keeps_exactly_k_when_scores_tie_at_the_boundary():
 def test_registry_passes_the_solver_from_the_config():
     weight, norms = _structured_matrix(seed=6)
     budget = layer_budget(96, 128, 0.5, 0.25)
-    config = OATSConfig(svd="fast", num_iterations=12)
-    out = ALGORITHMS["oats"].run(weight, {INPUT_NORMS: norms}, budget, config)
+    settings = OATSConfig(method_settings={"solver": "fast", "num_iterations": 12}).method_settings
+    out = ALGORITHMS["oats"].run(weight, {INPUT_NORMS: norms}, budget, settings)
     direct = oats_decompose(
         weight, norms, rank=budget.rank, keep_per_row=budget.keep_per_row, iterations=12, solver="fast"
     )
     assert torch.equal(out.sparse, direct.sparse)
-    exact = ALGORITHMS["oats"].run(weight, {INPUT_NORMS: norms}, budget, OATSConfig(svd="exact", num_iterations=12))
+    exact = ALGORITHMS["oats"].run(
+        weight, {INPUT_NORMS: norms}, budget, OATSSettings(num_iterations=12, solver="exact")
+    )
     assert exact.iterations == 12 and not torch.equal(exact.sparse, out.sparse)
 
 
@@ -169,15 +179,16 @@ def test_invalid_solver_and_tolerance_are_rejected():
 
 
 def test_fast_solver_end_to_end(tiny_configs, tokenizer, calibration_texts):
-    """`OATSConfig(svd="fast")` reaches `oats_decompose` through `compress`: same layer budgets, same quality."""
+    """`OATSSettings(solver="fast")` reaches `oats_decompose` through `compress`: same layer budgets, same quality."""
     from optimum_oats import compress, compression_report
     from tests.helpers.tiny_models import build_tiny_model
 
     reports, layer_maps = {}, {}
-    for svd in SVD_SOLVERS:
+    for svd in SOLVERS:
         torch.manual_seed(0)
         model = build_tiny_model(tiny_configs["llama"])
-        config = OATSConfig(svd=svd, dataset=calibration_texts, num_samples=2, seqlen=32, num_iterations=20)
+        settings = OATSSettings(num_iterations=20, solver=svd)
+        config = OATSConfig(method_settings=settings, dataset=calibration_texts, num_samples=2, seqlen=32)
         compress(model, config, tokenizer, progress=False)
         reports[svd] = compression_report(model)
         layer_map = model.config.quantization_config.layer_map

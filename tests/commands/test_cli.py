@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from optimum_oats import LinearSparseLowRank, OATSConfig
+from optimum_oats.algorithms import HassleSettings, OATSSettings, method_info, method_names
 from optimum_oats.hub.card import DEFAULT_MODEL_HUB_ID
 from tests.helpers.hub_server import DEFAULT_TOKEN
 
@@ -25,7 +27,7 @@ OPTIMUM_CLI = [sys.executable, "-m", "optimum.commands.optimum_cli"]
 
 def run_cli(argv: list[str]) -> tuple[int, list[str]]:
     """Run `optimum-oats ARGV` in-process; returns the exit status and the stdout lines."""
-    from optimum_oats.commands.main import main
+    from optimum.commands.register.oats import main
 
     out = io.StringIO()
     code = 0
@@ -66,6 +68,7 @@ def _subprocess_env() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- registration
+@pytest.mark.slow
 def test_optimum_cli_lists_the_oats_commands(tmp_path):
     """Registered through the `optimum.commands.register` namespace of the installed distribution (cwd elsewhere)."""
     root = subprocess.run([*OPTIMUM_CLI, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -75,8 +78,15 @@ def test_optimum_cli_lists_the_oats_commands(tmp_path):
     assert group.returncode == 0, group.stderr
     for command in ("compress", "evaluate", "push"):
         assert command in group.stdout
+    # The compression flags are generated (from the dataclasses) when `compress` parses: through optimum-cli too.
+    compress = subprocess.run(
+        [*OPTIMUM_CLI, "oats", "compress", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert compress.returncode == 0, compress.stderr
+    assert "--hessian-iterations" in compress.stdout and "--solver SOLVER, --svd SOLVER" in compress.stdout
 
 
+@pytest.mark.slow
 def test_registration_imports_nothing_heavy(tmp_path):
     """optimum-cli imports every register module at each start, whatever the command: keep ours light."""
     script = (
@@ -90,21 +100,68 @@ def test_registration_imports_nothing_heavy(tmp_path):
     subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, timeout=60)
 
 
-def test_help_defaults_match_oatsconfig():
-    from optimum.commands.register import oats
+def test_every_config_field_has_a_flag_or_is_python_only():
+    from optimum_oats.commands.arguments import config_flags, undeclared_fields
 
-    defaults = OATSConfig()
-    assert {name: getattr(defaults, name) for name in oats.CONFIG_DEFAULTS} == oats.CONFIG_DEFAULTS
+    assert undeclared_fields() == []
+    flags = {flag.dest for flag in config_flags()}
+    for name in method_names():  # every setting of every registered method
+        assert {f.name for f in dataclasses.fields(method_info(name).settings)} <= flags, name
 
 
-def test_console_script_help(capsys):
-    from optimum_oats.commands.main import main
+def test_a_new_config_field_without_a_flag_is_caught():
+    """The check above can fail: a field declared without `setting(...)` and not listed Python-only is reported."""
+    from optimum_oats.commands.arguments import undeclared_fields
+
+    @dataclasses.dataclass
+    class Grown(OATSConfig):
+        new_knob: int = 3
+
+    assert undeclared_fields(Grown) == ["new_knob"]
+
+
+def _parsed_config(*flags: str) -> OATSConfig:
+    from optimum.commands.register.oats import build_parser
+    from optimum_oats.commands.arguments import config_from_args
+
+    return config_from_args(build_parser().parse_args(["compress", "model", "-o", "out", *flags]))
+
+
+def test_flags_reach_the_config_and_the_method_settings():
+    cfg = _parsed_config("--method", "hassle", "--rank-ratio", "0.2", "--solver", "exact", "--hessian-iterations", "3")
+    assert (cfg.method, cfg.rank_ratio) == ("hassle", 0.2)
+    assert cfg.method_settings == HassleSettings(solver="exact", hessian_iterations=3)
+    assert _parsed_config("--svd", "exact").method_settings == OATSSettings(solver="exact")  # the old flag's name
+    assert _parsed_config("--modules-to-not-convert", "a", "b").modules_to_not_convert == ["a", "b"]
+    assert _parsed_config() == OATSConfig()  # no flag given: the dataclasses' defaults
+
+
+def test_a_setting_of_another_method_is_an_error_naming_the_flag():
+    with pytest.raises(
+        ValueError, match="`--hessian-iterations` is a setting of --method hassle, not of --method oats"
+    ):
+        _parsed_config("--hessian-iterations", "3")
+
+
+@pytest.mark.parametrize("command", ["compress", "evaluate", "push", "build-kernels"])
+def test_console_script_registers_each_command(command, capsys):
+    """Each command parses its own `--help`: a command left unregistered is an argparse error (exit 2)."""
+    from optimum.commands.register.oats import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: optimum-oats {command}")
+
+
+def test_console_script_usage_lists_the_registered_commands(capsys):
+    from optimum.commands.register.oats import OATSCommand, main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert "compress" in out and "evaluate" in out and "push" in out
+    names = ",".join(info.name for info in OATSCommand.SUBCOMMANDS)
+    assert capsys.readouterr().out.startswith(f"usage: optimum-oats [-h] {{{names}}} ...")
 
 
 # ----------------------------------------------------------------------------------------------- compress
@@ -121,7 +178,7 @@ def test_compress_in_process(compressed):
     model = AutoModelForCausalLM.from_pretrained(output)
     assert sum(isinstance(m, LinearSparseLowRank) for m in model.modules()) == 14
     config = model.config.quantization_config
-    assert (config.num_samples, config.seqlen, config.num_iterations) == (2, 32, 4)
+    assert (config.num_samples, config.seqlen, config.method_settings.num_iterations) == (2, 32, 4)
 
 
 def test_compress_bad_option_ends_with_a_json_error(dense_dir, tmp_path):
@@ -133,6 +190,7 @@ def test_compress_bad_option_ends_with_a_json_error(dense_dir, tmp_path):
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_compress_subprocess_smoke(dense_dir, calibration_file, tmp_path):
     output = tmp_path / "out"
     argv = ["oats", "compress", str(dense_dir), "-o", str(output), "--dataset", str(calibration_file), *FAST_COMPRESS]

@@ -22,9 +22,10 @@ def test_leading_special_tokens():
     assert leading_special_tokens(WordTokenizer(add_bos=False)) == []
 
 
-def test_smollm2_tokenizer_adds_no_bos(tokenizer):
+@pytest.mark.slow
+def test_smollm2_tokenizer_adds_no_bos(smollm2_tokenizer):
     """So the default windows of the recorded SmolLM2 benchmarks are unchanged by the BOS handling."""
-    assert leading_special_tokens(tokenizer) == []
+    assert leading_special_tokens(smollm2_tokenizer) == []
 
 
 @pytest.mark.parametrize("add_bos", [True, False])

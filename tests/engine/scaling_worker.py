@@ -22,7 +22,7 @@ def build_job(tokenizer, texts: list[str], layers: int, hidden: int, config_json
     from optimum_oats import OATSConfig
     from tests.helpers.tiny_models import _tiny_configs, build_tiny_model
 
-    config = _tiny_configs(len(tokenizer))["llama"]
+    config = _tiny_configs()["llama"]
     config.num_hidden_layers = layers
     config.hidden_size = hidden
     config.intermediate_size = 2 * hidden
@@ -54,17 +54,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch.distributed as dist
-    from transformers import AutoTokenizer
 
     from optimum_oats import compress
-    from optimum_oats.integrations.default_model import default_model_path
+    from tests.helpers.tiny_tokenizer import build_bpe_tokenizer
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         dist.init_process_group("gloo")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     data = Path(os.environ["OATS_DATA_DIR"]) / "wikitext2" / "wiki.valid.raw"
     texts = [t for t in data.read_text().split("\n\n") if t.strip()]
+    tokenizer = build_bpe_tokenizer(texts)  # the `tokenizer` fixture's: trained on the same texts
     model, cfg = build_job(tokenizer, texts, args.layers, args.hidden, args.config)
     compress(model, cfg, tokenizer, progress=False, checkpoint_dir=args.resume_dir)
     save_result(model, args.out + (f".rank{dist.get_rank()}" if world_size > 1 else ""))

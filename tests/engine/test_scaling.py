@@ -26,7 +26,7 @@ from tests.helpers.tiny_models import build_tiny_model
 WORKER = Path(__file__).resolve().parent / "scaling_worker.py"
 # Slow enough per block (~1 s here) that a kill after the first finished block lands mid-run.
 LAYERS_HIDDEN = (6, 64)
-JOB_CONFIG = json.dumps({"num_samples": 4, "seqlen": 64, "num_iterations": 80})
+JOB_CONFIG = json.dumps({"num_samples": 4, "seqlen": 64, "method_settings": {"num_iterations": 80}})
 JOB = ["--layers", str(LAYERS_HIDDEN[0]), "--hidden", str(LAYERS_HIDDEN[1]), "--config", JOB_CONFIG]
 
 
@@ -71,6 +71,7 @@ def reference(tmp_path_factory, tokenizer, calibration_texts) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, reference):
     resume_dir, out = tmp_path / "resume", tmp_path / "resumed.safetensors"
     command = [sys.executable, str(WORKER), "--out", str(out), *JOB, "--resume-dir", str(resume_dir)]
@@ -96,6 +97,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, reference):
     assert json.loads(manifest.read_text())["completed_blocks"] == 6
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_single_process(tmp_path, data_dir, reference):
     out = tmp_path / "distributed.safetensors"
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
@@ -271,7 +273,7 @@ def test_cli_offload_folder_and_resume_dir(tmp_path, dense_dir, tokenizer, calib
     """`optimum-cli oats compress --offload-folder --resume-dir` gives the in-memory result, and saves it."""
     from transformers import AutoModelForCausalLM
 
-    from optimum_oats.commands.main import main
+    from optimum.commands.register.oats import main
 
     data = tmp_path / "calibration.txt"
     data.write_text(calibration_texts[0])

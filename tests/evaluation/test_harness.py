@@ -199,12 +199,12 @@ def test_task_loader_without_data_dir_names_the_env_var(monkeypatch, data_dir):
     assert len(utils.load_rte(version=1.0, pretrained="ignored")["validation"]) == 277
 
 
-def test_evaluate_lm_eval_without_data_dir_names_the_env_var(monkeypatch, tiny_lm, smollm2_tokenizer, tmp_path):
+def test_evaluate_lm_eval_without_data_dir_names_the_env_var(monkeypatch, tiny_lm, tokenizer, tmp_path):
     monkeypatch.delenv("OATS_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="OATS_DATA_DIR"):
-        evaluate_lm_eval(tiny_lm, smollm2_tokenizer, "boolq")
+        evaluate_lm_eval(tiny_lm, tokenizer, "boolq")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate_lm_eval(tiny_lm, smollm2_tokenizer, "boolq", data_dir=tmp_path / "nowhere")
+        evaluate_lm_eval(tiny_lm, tokenizer, "boolq", data_dir=tmp_path / "nowhere")
 
 
 def test_summarize_results_flattens_and_averages():
@@ -226,11 +226,9 @@ def test_summarize_results_flattens_and_averages():
     assert "zero_shot_mean" not in summarize_results(results)
 
 
-def test_evaluate_lm_eval_zero_shot_tasks(tiny_lm, smollm2_tokenizer, data_dir, caplog):
+def test_evaluate_lm_eval_zero_shot_tasks(tiny_lm, tokenizer, data_dir, caplog):
     with caplog.at_level(logging.INFO):
-        summary = evaluate_lm_eval(
-            tiny_lm, smollm2_tokenizer, ZERO_SHOT_TASKS, data_dir=data_dir, limit=2, batch_size=4
-        )
+        summary = evaluate_lm_eval(tiny_lm, tokenizer, ZERO_SHOT_TASKS, data_dir=data_dir, limit=2, batch_size=4)
     # lm-eval's warnings about how this package calls it (not the user's concern) are gone; nothing else is hidden.
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert not [w for w in warnings if "launch via accelerate" in w or "Custom kwargs" in w or "Overwriting" in w]
@@ -246,21 +244,21 @@ def test_evaluate_lm_eval_zero_shot_tasks(tiny_lm, smollm2_tokenizer, data_dir, 
     assert summary["zero_shot_mean"] == pytest.approx(sum(scores) / len(scores))
 
 
-def test_wikitext_word_perplexity_matches_a_direct_computation(tiny_lm, smollm2_tokenizer, data_dir):
+def test_wikitext_word_perplexity_matches_a_direct_computation(tiny_lm, tokenizer, data_dir):
     """lm-eval's document-level word perplexity of the first article, recomputed by hand (one rolling window)."""
     from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 
     page = _task_utils().wikitext_pages(data_dir / "wikitext2" / "wiki.test.raw")[0]
-    tokens = smollm2_tokenizer.encode(wikitext_detokenizer({"page": page}))
+    tokens = tokenizer.encode(wikitext_detokenizer({"page": page}))
     assert len(tokens) < 8192
-    inputs = torch.tensor([[smollm2_tokenizer.bos_token_id, *tokens[:-1]]])  # lm-eval's prefix token
+    inputs = torch.tensor([[tokenizer.bos_token_id, *tokens[:-1]]])  # lm-eval's prefix token
     with torch.no_grad():
         logprobs = torch.log_softmax(tiny_lm(inputs).logits[0].float(), dim=-1)
     loglikelihood = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].sum().item()
     words = len(re.split(r"\s+", page))
     expected = math.exp(-loglikelihood / words)
 
-    summary = evaluate_lm_eval(tiny_lm, smollm2_tokenizer, "wikitext", data_dir=data_dir, limit=1, max_length=8192)
+    summary = evaluate_lm_eval(tiny_lm, tokenizer, "wikitext", data_dir=data_dir, limit=1, max_length=8192)
     assert summary["wikitext"]["n_samples"] == 1
     assert summary["wikitext"]["word_perplexity"] == pytest.approx(expected, rel=1e-4)
     assert summary["wikitext"]["bits_per_byte"] == pytest.approx(
@@ -280,10 +278,10 @@ def test_smollm2_arc_easy_beats_chance(smollm2, smollm2_tokenizer, data_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_lm, smollm2_tokenizer) -> str:
+def tiny_model_dir(tmp_path_factory, tiny_lm, tokenizer) -> str:
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_lm.save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
 
 
@@ -335,12 +333,14 @@ def _check_cli_results(results: dict) -> None:
     assert results["n-samples"]["arc_easy"]["original"] == 2376
 
 
+@pytest.mark.slow
 def test_stock_lm_eval_cli(tiny_model_dir, data_dir, tmp_path):
     env = _cli_env(OATS_DATA_DIR=str(data_dir))
     _check_cli_results(_run_stock_cli(tiny_model_dir, tmp_path / "out", env))
 
 
-def test_stock_lm_eval_cli_scores_compressed_checkpoint(tiny_model_dir, smollm2_tokenizer, data_dir, tmp_path):
+@pytest.mark.slow
+def test_stock_lm_eval_cli_scores_compressed_checkpoint(tiny_model_dir, tokenizer, data_dir, tmp_path):
     """The stock CLI cannot import the plugin; the checkpoint's `modeling_oats.py` does, under trust_remote_code."""
     from transformers import AutoModelForCausalLM
 
@@ -349,7 +349,7 @@ def test_stock_lm_eval_cli_scores_compressed_checkpoint(tiny_model_dir, smollm2_
     cfg = OATSConfig(dataset=["calibration text " * 200], num_samples=1, seqlen=32, num_iterations=2)
     compressed = tmp_path / "compressed"
     AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=cfg).save_pretrained(compressed)
-    smollm2_tokenizer.save_pretrained(compressed)
+    tokenizer.save_pretrained(compressed)
     env = _cli_env(OATS_DATA_DIR=str(data_dir))
     results = _run_stock_cli(str(compressed), tmp_path / "out", env, "dtype=float32,trust_remote_code=True")
     _check_cli_results(results)

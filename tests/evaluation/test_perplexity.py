@@ -56,33 +56,33 @@ def test_wikitext2_bad_folder_or_split(tmp_path, data_dir):
         wikitext2_text(data_dir, split="dev")
 
 
-def test_token_perplexity_is_exp_of_mean_window_loss(tiny_lm, smollm2_tokenizer, data_dir):
+def test_token_perplexity_is_exp_of_mean_window_loss(tiny_lm, tokenizer, data_dir):
     text = wikitext2_text(data_dir)[:20_000]
     seqlen, n = 128, 3
-    ids = smollm2_tokenizer(text, return_tensors="pt").input_ids[0, : n * seqlen].view(n, seqlen)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0, : n * seqlen].view(n, seqlen)
     with torch.no_grad():
         losses = [tiny_lm(ids[i : i + 1], labels=ids[i : i + 1]).loss.item() for i in range(n)]
     expected = math.exp(sum(losses) / n)
 
-    ppl = token_perplexity(tiny_lm, smollm2_tokenizer, text, seqlen=seqlen, max_windows=n, progress=False)
-    batched = token_perplexity(tiny_lm, smollm2_tokenizer, text, seqlen=seqlen, max_windows=n, batch_size=2)
+    ppl = token_perplexity(tiny_lm, tokenizer, text, seqlen=seqlen, max_windows=n, progress=False)
+    batched = token_perplexity(tiny_lm, tokenizer, text, seqlen=seqlen, max_windows=n, batch_size=2)
     assert ppl == pytest.approx(expected, rel=1e-5)
     assert batched == pytest.approx(ppl, rel=1e-5)
     # a random model is close to uniform over the vocabulary
-    assert 0.5 * len(smollm2_tokenizer) < ppl < 2 * len(smollm2_tokenizer)
+    assert 0.5 * len(tokenizer) < ppl < 2 * len(tokenizer)
 
 
-def test_token_perplexity_restores_training_mode_and_checks_inputs(tiny_lm, smollm2_tokenizer):
+def test_token_perplexity_restores_training_mode_and_checks_inputs(tiny_lm, tokenizer):
     tiny_lm.train()
     try:
-        token_perplexity(tiny_lm, smollm2_tokenizer, "hello world " * 40, seqlen=16, progress=False)
+        token_perplexity(tiny_lm, tokenizer, "hello world " * 40, seqlen=16, progress=False)
         assert tiny_lm.training
     finally:
         tiny_lm.eval()
     with pytest.raises(ValueError, match="fewer than one window"):
-        token_perplexity(tiny_lm, smollm2_tokenizer, "too short", seqlen=64, progress=False)
+        token_perplexity(tiny_lm, tokenizer, "too short", seqlen=64, progress=False)
     with pytest.raises(ValueError, match="max_windows"):
-        token_perplexity(tiny_lm, smollm2_tokenizer, "hello world " * 40, seqlen=16, max_windows=0)
+        token_perplexity(tiny_lm, tokenizer, "hello world " * 40, seqlen=16, max_windows=0)
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ import pytest
 import torch
 from scipy.stats import t as student_t
 
+pytestmark = pytest.mark.slow  # runs a benchmark script (tests/test_markers.py)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
 SWEEP = ["--num-samples", "16", "--seqlen", "1024", "--eval-seqlen", "1024", "--windows", "16", "--svd", "fast"]

@@ -12,6 +12,8 @@ import pytest
 
 from optimum_oats.evaluation import ZERO_SHOT_TASKS
 
+pytestmark = pytest.mark.slow  # runs a benchmark script (tests/test_markers.py)
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "zero_shot.py"
 
 

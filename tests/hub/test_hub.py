@@ -168,6 +168,7 @@ def test_plot_layer_report_writes_a_png(report, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_resolve_base_model(smollm2_path, tmp_path):
     assert resolve_base_model("default") == DEFAULT_MODEL_HUB_ID
     assert resolve_base_model(smollm2_path) == DEFAULT_MODEL_HUB_ID

@@ -80,6 +80,7 @@ _ROUNDTRIP = """
 """
 
 
+@pytest.mark.slow
 def test_subprocess_roundtrip_regular_and_lfs(hub_server: HubServer, hub_env: dict[str, str], folder: Path) -> None:
     out = _run_client(_ROUNDTRIP, hub_env, str(folder))
 
@@ -120,6 +121,7 @@ _FAILING_PUSH = """
 """
 
 
+@pytest.mark.slow
 def test_subprocess_forced_commit_failure(hub_server: HubServer, hub_env: dict[str, str], folder: Path) -> None:
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     hub_server.fail_next("/commit/", 500, message="disk full on the test hub")

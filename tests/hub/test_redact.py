@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from optimum.commands.register.oats import main as cli_main
 from optimum_oats import OATSConfig, compress
-from optimum_oats.commands.main import main as cli_main
 from optimum_oats.hub.publish import PublishError, publish, publish_folder
 from tests.helpers.hub_fixtures import point_hf_clients_at
 from tests.helpers.hub_server import HubServer
@@ -207,6 +207,7 @@ model.push_to_hub(sys.argv[2])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logging_setup", ["none", "debug"])
 def test_push_to_hub_in_a_plain_script_prints_no_token(logging_setup, checkpoint, tmp_path):
     """A user's script in a fresh process: no logging set up (warnings go to Python's last-resort handler) or

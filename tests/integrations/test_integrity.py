@@ -290,6 +290,7 @@ def test_verify_command_lists_structural_damage_without_records(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_optimum_cli_verify_exits_1_on_damage(recorded, tmp_path):
     broken = shutil.copytree(recorded, tmp_path / "broken")
     _edit_bytes_in_place(broken, VALUES, _flip_value_byte)

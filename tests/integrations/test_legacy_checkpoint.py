@@ -4,6 +4,7 @@ still loads, computes the same logits, and is rewritten in the current layout wh
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,3 +55,40 @@ def test_old_numbers_move_from_the_layer_map_to_the_report(tmp_path):
     }
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
     assert compression_report(reloaded).to_dict() == compression_report(model).to_dict()
+
+
+FLAT = FIXTURES / "flat_settings_d6939ad_llama"
+
+
+def test_checkpoint_with_flat_method_settings_loads_with_the_same_logits():
+    """Saved by d6939ad (`tests/fixtures/make_flat_settings_d6939ad.py`): hassle's and OATS's settings are flat
+    keys of config.json's `quantization_config`."""
+    expected = torch.load(FIXTURES / "flat_settings_d6939ad_llama_logits.pt")
+    saved = json.loads((FLAT / "config.json").read_text())["quantization_config"]
+    assert (saved["num_iterations"], saved["svd"], saved["hessian_iterations"]) == (5, "exact", 1)
+    model = AutoModelForCausalLM.from_pretrained(FLAT)
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_flat_method_settings_are_mapped_and_resaved_in_the_new_layout(tmp_path):
+    from optimum_oats.algorithms import HassleSettings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a checkpoint is not the user's code: no deprecation noise
+        model = AutoModelForCausalLM.from_pretrained(FLAT)
+    config = model.config.quantization_config
+    assert config.method == "hassle"
+    assert config.method_settings == HassleSettings(
+        num_iterations=5, solver="exact", hessian_iterations=1, hessian_shrinkage=0.25
+    )
+    model.save_pretrained(tmp_path / "resaved")
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert saved["method_settings"] == {
+        "num_iterations": 5,
+        "solver": "exact",
+        "hessian_iterations": 1,
+        "hessian_shrinkage": 0.25,
+    }
+    assert not {"num_iterations", "svd", "hessian_iterations", "hessian_shrinkage"} & set(saved)

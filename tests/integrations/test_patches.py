@@ -86,6 +86,7 @@ def test_unknown_names_are_refused_or_warned_about(monkeypatch):
     assert opted_out() == set(PATCHES)
 
 
+@pytest.mark.slow
 def test_opting_out_in_the_environment_leaves_transformers_untouched():
     """In a fresh process: the named patches are never applied; transformers' methods are its own."""
     code = textwrap.dedent(

@@ -113,6 +113,7 @@ def test_reload_with_loading_options(compressed_dir, kwargs):
     assert torch.equal(model(IDS).logits, torch.load(compressed_dir / "expected_logits.pt"))
 
 
+@pytest.mark.slow
 def test_reload_in_fresh_process(compressed_dir):
     script = (
         "import torch, optimum_oats\n"
@@ -172,6 +173,7 @@ def test_dequantize_gives_plain_checkpoint(compressed_dir, tmp_path):
     torch.testing.assert_close(plain(IDS).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_importing_the_plugin(compressed_dir):
     config = json.loads((compressed_dir / "config.json").read_text())
     assert config["auto_map"] == {
@@ -189,6 +191,7 @@ def test_trust_remote_code_loads_without_importing_the_plugin(compressed_dir):
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_load_without_plugin_fails_loudly(compressed_dir):
     script = (
         "from transformers import AutoModelForCausalLM\n"

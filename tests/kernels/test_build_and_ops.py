@@ -70,6 +70,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_loading_a_cached_build_logs_nothing(kernel):
     result = _python(
         "import logging; logging.basicConfig(level=logging.INFO)\n"
@@ -79,6 +80,7 @@ def test_loading_a_cached_build_logs_nothing(kernel):
     assert "Compiling" not in result.stderr
 
 
+@pytest.mark.slow
 def test_no_compiler_falls_back_with_a_warning_and_the_command_says_so(tmp_path):
     env = {"CXX": "/nonexistent/c++", "CC": "/nonexistent/cc", "OATS_KERNEL_CACHE": str(tmp_path)}
     result = _python(
@@ -97,7 +99,7 @@ def test_no_compiler_falls_back_with_a_warning_and_the_command_says_so(tmp_path)
     assert "could not build its CPU kernel" in result.stdout and "fall back" in result.stdout
     assert "torch.Size([1, 4])" in result.stdout
     command = subprocess.run(
-        [sys.executable, "-m", "optimum_oats.commands.main", "build-kernels"],
+        [sys.executable, "-m", "optimum.commands.register.oats", "build-kernels"],
         capture_output=True,
         text=True,
         timeout=600,

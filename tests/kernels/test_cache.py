@@ -75,6 +75,7 @@ def _stamp(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.name not in (LOCK, OWNER)}
 
 
+@pytest.mark.slow
 def test_another_ninja_first_on_path_compiles_nothing(cache):
     """The cache rebuilt silently when a caller had the system's `ninja` first on `PATH` (its log format differs
     from the venv's `ninja`): a recorded, intact library is loaded without asking ninja."""
@@ -89,6 +90,7 @@ def test_another_ninja_first_on_path_compiles_nothing(cache):
     assert _stamp(folder) == before  # nothing rebuilt, relinked or rewritten
 
 
+@pytest.mark.slow
 def test_stale_locks_of_a_killed_build_do_not_hang(cache):
     """torch's 0-byte `lock` (left by `kill -9` during a build) made every later process wait forever."""
     root, folder = cache
@@ -100,6 +102,7 @@ def test_stale_locks_of_a_killed_build_do_not_hang(cache):
     assert _result(process)["compiled_now"] is False
 
 
+@pytest.mark.slow
 def test_kill_during_the_first_build_does_not_block_the_next_process(tmp_path):
     """A build killed with SIGKILL mid-compile; the next process must not hang. It gets a compiler that fails at
     once (so this test compiles nothing to completion) and must fall back with the usual warning."""
@@ -132,6 +135,7 @@ def test_kill_during_the_first_build_does_not_block_the_next_process(tmp_path):
     assert not (folder / "lock").exists()
 
 
+@pytest.mark.slow
 def test_waiting_for_a_live_build_gives_up_naming_the_folder(tmp_path):
     """A build lock held by a live process (this one) is waited for, up to OATS_KERNEL_BUILD_TIMEOUT."""
     from filelock import FileLock

@@ -58,6 +58,7 @@ def test_eligible_calls_go_to_layer_forward_with_the_cached_offsets(monkeypatch,
     assert len(calls) == 1 and calls[0] is layer.row_offsets()
 
 
+@pytest.mark.slow
 def test_cpu_calls_never_load_the_gpu_module():
     code = textwrap.dedent(
         """

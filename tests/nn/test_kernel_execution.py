@@ -206,6 +206,7 @@ def test_kernel_reads_storage_a_wrapper_moved_out_of_the_module_dicts():
         torch.testing.assert_close(layer(x), expected + 1, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_failed_build_warns_once_and_falls_back(tmp_path):
     # A fresh process whose compiler is missing: the build really fails, a warning is shown once, results stay right.
     script = textwrap.dedent(

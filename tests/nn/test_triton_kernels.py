@@ -242,6 +242,7 @@ def test_gpu_path_selection(monkeypatch, capability, dtype, shape, tokens, two_f
     )
 
 
+@pytest.mark.slow
 def test_cpu_build_works_without_triton():
     # The CPU build must not need Triton: with it missing (blocked in a fresh process), the package imports, a
     # compressed layer runs on the CPU, and the GPU path reports itself unavailable instead of failing.

@@ -60,7 +60,7 @@ def test_trainer_recovery_keeps_mask_lowers_loss_and_saves_compact(
     assert trainable == sum(m.rank * (m.in_features + m.out_features) + train_sparse * m.sparse_nnz for m in layers)
 
     before = _held_out_loss(oats_model, held_out)
-    Trainer(model=oats_model, args=_args(tmp_path), train_dataset=train).train()
+    Trainer(model=oats_model, args=_args(tmp_path, max_steps=24), train_dataset=train).train()
     after = _held_out_loss(oats_model, held_out)
 
     assert after < before - 0.03

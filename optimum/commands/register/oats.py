@@ -3,38 +3,19 @@
 
 optimum-cli imports every module of this namespace at start-up, whatever command is run, so this file only
 declares arguments: importing `optimum_oats` (torch, transformers) costs seconds and happens when an `oats` command
-actually runs (`optimum_oats.commands.runner.execute`). The same classes back the `optimum-oats` console script.
+actually runs (`optimum_oats.commands.runner.execute`). The same classes back the `optimum-oats` console script
+(`main` below).
+
+This module is the top of the import graph: it imports `optimum_oats` (lazily), nothing in `optimum_oats` imports it.
 """
 
 from __future__ import annotations
 
 from argparse import ArgumentParser
+from collections.abc import Sequence
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
-# OATSConfig's defaults, for the help text only (arguments default to None so that OATSConfig stays the single
-# source of the values actually used; a test keeps this table in sync).
-CONFIG_DEFAULTS = {
-    "compression_rate": 0.5,
-    "rank_ratio": 0.1,
-    "method": "oats",
-    "sparsity_pattern": "unstructured",
-    "dataset": "c4",
-    "num_samples": 128,
-    "seqlen": 2048,
-    "num_iterations": 80,
-    "hessian_iterations": 2,
-    "hessian_shrinkage": None,
-    "seed": 0,
-    "calibration_sampling": "joined",
-    "svd": "fast",
-    "layerwise": "uniform",
-    "owl_threshold": 5.0,
-    "owl_lambda": 0.08,
-    "refine_steps": 0,
-    "refine_lr": None,
-    "refine_lowrank_lr": None,
-}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -56,54 +37,7 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--output", required=True, metavar="DIR", help="Folder to write the compressed checkpoint to."
     )
-    config = parser.add_argument_group("compression (OATSConfig)")
-
-    def option(flag: str, kind: type, metavar: str, help_text: str) -> None:
-        default = CONFIG_DEFAULTS[flag[2:].replace("-", "_")]
-        config.add_argument(flag, type=kind, default=None, metavar=metavar, help=f"{help_text} (default: {default}).")
-
-    option("--compression-rate", float, "RHO", "Fraction of each layer's parameters removed")
-    option("--rank-ratio", float, "KAPPA", "Share of the kept parameters given to the low-rank term")
-    option(
-        "--method",
-        str,
-        "NAME",
-        "Algorithm: `oats`, `hassle` (full-Hessian sparse + low-rank), or a baseline: `wanda`, `sparsegpt`",
-    )
-    option("--sparsity-pattern", str, "PATTERN", "`unstructured`, or N:M such as `2:4`")
-    option("--dataset", str, "DATA", "Calibration text: `c4`, `wikitext2`, `self`, or a local .txt/.jsonl/.json file")
-    option("--num-samples", int, "N", "Calibration sequences")
-    option("--seqlen", int, "N", "Tokens per calibration sequence")
-    option("--num-iterations", int, "N", "Alternating-thresholding iterations (OATS)")
-    option("--hessian-iterations", int, "N", "SparseGPT / weighted-SVD alternations (method `hassle`)")
-    option(
-        "--hessian-shrinkage",
-        float,
-        "LAMBDA",
-        "Metric (1 - LAMBDA) H + LAMBDA diag(H) (method `hassle`); None: 0.5 below rho 0.55, else 0",
-    )
-    option("--seed", int, "N", "Seed for calibration sampling")
-    option(
-        "--calibration-sampling",
-        str,
-        "HOW",
-        "`joined` (documents joined, cut into windows), `documents` (OATS ref.) or `random_windows` (Wanda/SparseGPT)",
-    )
-    option("--svd", str, "SOLVER", "SVD solver inside OATS: `fast` (default, warm-started) or `exact` (the reference)")
-    option("--layerwise", str, "MODE", "Per-block rates: `uniform`, or `owl` (outlier-weighted, OWL)")
-    option("--owl-threshold", float, "M", "OWL outlier threshold M")
-    option("--owl-lambda", float, "LAMBDA", "OWL half-spread of the per-block rates")
-    option("--refine-steps", int, "N", "Block refinement: Adam steps per block matching the dense block's outputs")
-    option(
-        "--refine-lr",
-        float,
-        "LR",
-        "Block refinement learning rate (unset: 1e-3 for blocks compressed at rate >= 0.55, else 1e-4)",
-    )
-    option("--refine-lowrank-lr", float, "LR", "Block refinement rate of U and V; None: --refine-lr, 0: frozen")
-    config.add_argument(
-        "--modules-to-not-convert", nargs="+", default=None, metavar="NAME", help="Module names to keep dense."
-    )
+    _declare_config_arguments_on_first_use(parser)
     scaling = parser.add_argument_group("scaling (docs/scaling.md)")
     scaling.add_argument(
         "--resume-dir",
@@ -119,6 +53,27 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
         "(peak memory: about one block plus the calibration activations).",
     )
     _runtime_arguments(parser)
+
+
+def _declare_config_arguments_on_first_use(parser: ArgumentParser) -> None:
+    """Add the compression flags when this parser is first used (to parse, or to print its help).
+
+    They are generated from `OATSConfig` and every registered method's settings dataclass
+    (`optimum_oats.commands.arguments`), which imports `optimum_oats` (torch); optimum-cli builds every command's
+    parser at each start, whatever command runs, so they cannot be added then. argparse hands a subcommand's
+    arguments to that parser's `parse_known_args`, which this wraps.
+    """
+    parse_known_args = parser.parse_known_args
+
+    def declare_then_parse(args=None, namespace=None):
+        if not getattr(parser, "_oats_config_declared", False):
+            from optimum_oats.commands.arguments import add_config_arguments
+
+            add_config_arguments(parser)
+            parser._oats_config_declared = True
+        return parse_known_args(args, namespace)
+
+    parser.parse_known_args = declare_then_parse
 
 
 def add_evaluate_arguments(parser: ArgumentParser) -> None:
@@ -263,3 +218,27 @@ class OATSCommand(BaseOptimumCLICommand):
 
 
 REGISTER_COMMANDS = [OATSCommand]
+
+
+def build_parser() -> ArgumentParser:
+    """`optimum-oats`: the root optimum command with the `oats` subcommands registered directly under it."""
+    from optimum.commands.base import RootOptimumCLICommand
+
+    root = RootOptimumCLICommand("optimum-oats")  # usage generated by argparse from what is registered
+    for info in OATSCommand.SUBCOMMANDS:
+        root.register_subcommand(info)
+    return root.parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `optimum-oats` console script: a fallback where optimum's CLI namespace is not picked up."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        raise SystemExit(1)
+    args.func(args).run()
+
+
+if __name__ == "__main__":
+    main()
