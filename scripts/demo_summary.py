@@ -76,6 +76,14 @@ def _run(path: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _bits_per_weight(folder: Path) -> float | None:
+    """From the checkpoint's `oats_report.json` (None when the report predates the number)."""
+    report = folder / "oats_report.json"
+    if not report.is_file():
+        return None
+    return json.loads(report.read_text()).get("summary", {}).get("bits_per_weight")
+
+
 def _stderr(m: dict, n: int | None) -> float:
     return m.get("acc_stderr") or (math.sqrt(m["acc"] * (1 - m["acc"]) / n) if n else float("nan"))
 
@@ -135,6 +143,9 @@ def main() -> None:
     print("| | dense | compressed | compressed / dense |")
     print("|---|---|---|---|")
     print(f"| checkpoint size (MB, all weights) | {size_d:.1f} | {size_c:.1f} | {size_c / size_d:.2f}x |")
+    bits = _bits_per_weight(args.compressed)
+    if bits is not None:
+        print(f"| bits per weight of the compressed layers (values, mask, scales, factors) | 16 (bf16) | {bits:.2f} | |")
     print(
         f"| greedy generation, {args.new_tokens} tokens (tokens/s, median of {args.reps}) | "
         f"{dense['tokens_per_s']:.1f} | {compressed['tokens_per_s']:.1f} | "
