@@ -76,6 +76,14 @@ def _run(path: str, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
+
+
+def _dtype(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
 def _bits_per_weight(folder: Path) -> float | None:
     """From the checkpoint's `oats_report.json` (None when the report predates the number)."""
     report = folder / "oats_report.json"
@@ -145,7 +153,11 @@ def main() -> None:
     print(f"| checkpoint size (MB, all weights) | {size_d:.1f} | {size_c:.1f} | {size_c / size_d:.2f}x |")
     bits = _bits_per_weight(args.compressed)
     if bits is not None:
-        print(f"| bits per weight of the compressed layers (values, mask, scales, factors) | 16 (bf16) | {bits:.2f} | |")
+        dense_bits = _DTYPE_BITS.get(_dtype(args.dense), float("nan"))
+        print(
+            f"| bits per weight, compressed layers (values, mask, scales, factors) | {dense_bits:.0f} | {bits:.2f} | "
+            f"{bits / dense_bits:.2f}x |"
+        )
     print(
         f"| greedy generation, {args.new_tokens} tokens (tokens/s, median of {args.reps}) | "
         f"{dense['tokens_per_s']:.1f} | {compressed['tokens_per_s']:.1f} | "
