@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cells to run, in order: 'dense' or '<method>-<kept>' (default: the 7 cells of the table)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="head init, data order, dropout")
-    parser.add_argument("--train-size", type=int, default=3200, help="SST-2 train sentences (seeded subset)")
+    parser.add_argument("--train-size", type=int, default=6400, help="SST-2 train sentences (seeded subset)")
     parser.add_argument("--test-size", type=int, default=None, help="first N validation sentences (default: all 872)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train subset")
     parser.add_argument("--epochs", type=float, default=1.0)
