@@ -376,6 +376,9 @@ def plot(results: dict[str, list[dict]], n: int, file: Path) -> None:
         xs, ys, es = zip(*points, strict=True)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
     ax.axhline(50.9, color="grey", linestyle=":", label="majority class (50.9)")
+    compressed = [x for method, points in series.items() if method != "dense" for x, _, _ in points]
+    if compressed:
+        ax.set_xlim(0.0, max(compressed) + 0.05)
     ax.set_xlabel("kept fraction of the encoder linears' parameters")
     ax.set_ylabel("SST-2 validation accuracy (%)")
     ax.set_title("all-MiniLM-L6-v2 on SST-2 (mean ± s.e. over seeds)")
