@@ -322,3 +322,35 @@ def test_explicit_workspace_mode_takes_the_triton_decompression(monkeypatch):
     assert calls == [1]
     _assert_close(out, _reference(layer, x), torch.float32)
     release_workspaces()
+
+
+def test_compiled_model_on_the_triton_paths_has_no_graph_break_and_matches_eager(monkeypatch):
+    # The CUDA implementation's paths, run here through the interpreter: the op's choice is pointed at them (a CPU
+    # tensor would otherwise take the C++ kernel), everything else is what a GPU run traces.
+    from tests.helpers.compressed import tiny_compressed_llama
+
+    taken = []
+
+    def triton_paths(w, x, mode):
+        taken.append(
+            "triton_decode" if dispatch.tokens_of(w, x) <= dispatch.GPU_MAX_DECODE_TOKENS else "triton_workspace"
+        )
+        return taken[-1]
+
+    model = tiny_compressed_llama(layers=1)  # one block: the interpreter runs every program in numpy
+    with torch.no_grad():
+        ids = {tokens: (torch.arange(tokens).view(1, tokens) * 5) % 128 for tokens in (1, 20)}
+        reference = {tokens: model(input_ids=x, use_cache=False).logits for tokens, x in ids.items()}  # C++ / PyTorch
+        monkeypatch.setattr(dispatch, "choose_path", triton_paths)
+
+        def logits(x):
+            return model(input_ids=x, use_cache=False).logits
+
+        torch._dynamo.reset()
+        # fullgraph=True raises on any graph break (what `torch._dynamo.explain` counts, in tests/nn/test_compile.py).
+        compiled = torch.compile(logits, fullgraph=True, backend="aot_eager", dynamic=False)
+        for tokens, x in ids.items():
+            taken.clear()
+            torch.testing.assert_close(compiled(x), reference[tokens], rtol=1e-4, atol=1e-4)
+            assert len(taken) == 7 and set(taken) == {"triton_decode" if tokens == 1 else "triton_workspace"}
+    release_workspaces()
