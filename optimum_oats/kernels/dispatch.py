@@ -176,22 +176,30 @@ def gpu_module(w: PackedWeights, x: torch.Tensor) -> ModuleType | None:
 
 
 # ------------------------------------------------------------------------------------------------ the choice
-def choose_path(w: PackedWeights, x: torch.Tensor, mode: str = "auto") -> str:
-    """The path (see module docstring) that computes this call in execution mode `mode`."""
+def plan(w: PackedWeights, x: torch.Tensor, mode: str = "auto") -> tuple[str, ModuleType | None]:
+    """The path (see module docstring) that computes this call in execution mode `mode`, and the C++ extension when
+    that path is `"cpu_kernel"` (looked up once per call: this runs on every decode step of every layer)."""
     if x.is_cuda:
         if gpu_module(w, x) is None:
-            return "workspace" if mode == "workspace" else "decompress"
+            return ("workspace" if mode == "workspace" else "decompress"), None
         tokens = tokens_of(w, x)
         two_four = mode != "workspace" and tokens > GPU_MAX_DECODE_TOKENS and is_two_four(w.mask, w.in_features)
-        return choose_gpu_path(
+        path = choose_gpu_path(
             tokens, device=x.device, dtype=x.dtype, out_features=w.out_features, in_features=w.in_features,
             two_four=two_four, mode=mode,
         )  # fmt: skip
+        return path, None
     if mode == "workspace" or (mode == "auto" and cpu_prefill(w, x)):
-        return "workspace"
+        return "workspace", None
     if mode not in KERNEL_MODES:
         raise ValueError(f"`mode` must be one of {KERNEL_MODES}, got {mode!r}.")
-    return "decompress" if cpu_kernel(w, x, vector_only=mode == "auto") is None else "cpu_kernel"
+    kernel = cpu_kernel(w, x, vector_only=mode == "auto")
+    return ("decompress", None) if kernel is None else ("cpu_kernel", kernel)
+
+
+def choose_path(w: PackedWeights, x: torch.Tensor, mode: str = "auto") -> str:
+    """The path (see module docstring) that computes this call in execution mode `mode`."""
+    return plan(w, x, mode)[0]
 
 
 # ------------------------------------------------------------------------------------------------ the paths
@@ -237,16 +245,17 @@ def workspace_linear(w: PackedWeights, x: torch.Tensor) -> torch.Tensor:
     return y if fold else add_low_rank(w, x, y)
 
 
-def cpu_kernel_linear(w: PackedWeights, x: torch.Tensor) -> torch.Tensor:
+def cpu_kernel_linear(w: PackedWeights, x: torch.Tensor, kernel: ModuleType | None = None) -> torch.Tensor:
     """The `"cpu_kernel"` path. Tensors go in as stored: the C++ side checks contiguity and reshapes `x`."""
     offsets = row_offsets(w.mask, w.values.numel())
-    return load_kernel().sparse_lowrank_forward(x, w.values, w.mask, offsets, w.lowrank_u, w.lowrank_v, w.bias)
+    kernel = load_kernel() if kernel is None else kernel
+    return kernel.sparse_lowrank_forward(x, w.values, w.mask, offsets, w.lowrank_u, w.lowrank_v, w.bias)
 
 
-def run_path(path: str, w: PackedWeights, x: torch.Tensor) -> torch.Tensor:
-    """Compute `x (S + U V)ᵀ + b` on `path` (a name [`choose_path`] returns)."""
+def run_path(path: str, w: PackedWeights, x: torch.Tensor, kernel: ModuleType | None = None) -> torch.Tensor:
+    """Compute `x (S + U V)ᵀ + b` on `path` (a name [`choose_path`] returns; `kernel` as [`plan`] returns it)."""
     if path == "cpu_kernel":
-        return cpu_kernel_linear(w, x)
+        return cpu_kernel_linear(w, x, kernel)
     if path == "workspace":
         return workspace_linear(w, x)
     if path == "decompress":
@@ -266,6 +275,7 @@ __all__ = [
     "choose_gpu_path",
     "choose_path",
     "gpu_eligible",
+    "plan",
     "needs_grad",
     "release_workspaces",
     "run_path",

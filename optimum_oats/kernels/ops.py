@@ -4,7 +4,7 @@
 `x Sᵀ + (x Vᵀ) Uᵀ + b` from the stored values and packed bitmask ([`PackedWeights`] spread out), in execution mode
 `mode` ("auto", "sparse_kernel" or "workspace"). Its implementations:
 
-- CPU: the path `dispatch.choose_path` picks (the C++ kernel, the shared workspace, or PyTorch);
+- CPU: the path `dispatch.plan` picks (the C++ kernel, the shared workspace, or PyTorch);
 - CUDA: likewise, the Triton paths (decode, workspace, 2:4) where eligible;
 - any other device (the default): decompress + matmul, plain PyTorch;
 - fake (meta): the output's shape and dtype, all a graph needs.
@@ -41,7 +41,8 @@ def sparse_lowrank_linear(
 
 def _dispatched(x, values, mask, lowrank_u, lowrank_v, bias, mode):
     w = PackedWeights(values, mask, lowrank_u, lowrank_v, bias)
-    return dispatch.run_path(dispatch.choose_path(w, x, mode), w, x)
+    path, kernel = dispatch.plan(w, x, mode)
+    return dispatch.run_path(path, w, x, kernel)
 
 
 sparse_lowrank_linear.register_kernel("cpu")(_dispatched)
@@ -57,7 +58,8 @@ def linear(w: PackedWeights, x: torch.Tensor, mode: str = "auto") -> torch.Tenso
     """`x (S + U V)ᵀ + b` for an inference call: the op under `torch.compile`, its implementation directly in eager."""
     if torch.compiler.is_compiling():
         return torch.ops.optimum_oats.sparse_lowrank_linear(x, *w, mode)
-    return dispatch.run_path(dispatch.choose_path(w, x, mode), w, x)
+    path, kernel = dispatch.plan(w, x, mode)
+    return dispatch.run_path(path, w, x, kernel)
 
 
 __all__ = ["OP_NAME", "linear", "sparse_lowrank_linear"]

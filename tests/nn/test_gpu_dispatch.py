@@ -57,7 +57,7 @@ def test_eligible_calls_reach_the_gpu_paths_with_the_layers_storage(monkeypatch,
         return torch.zeros(3, 8)
 
     monkeypatch.setattr(
-        dispatch, "choose_path", lambda w, x, chosen: {"workspace": "triton_workspace"}.get(chosen, "triton_decode")
+        dispatch, "plan", lambda w, x, chosen: ({"workspace": "triton_workspace"}.get(chosen, "triton_decode"), None)
     )
     monkeypatch.setattr(gpu, "run", fake_run)
     layer = _layer().requires_grad_(False)

@@ -335,13 +335,13 @@ def test_compiled_model_on_the_triton_paths_has_no_graph_break_and_matches_eager
         taken.append(
             "triton_decode" if dispatch.tokens_of(w, x) <= dispatch.GPU_MAX_DECODE_TOKENS else "triton_workspace"
         )
-        return taken[-1]
+        return taken[-1], None
 
     model = tiny_compressed_llama(layers=1)  # one block: the interpreter runs every program in numpy
     with torch.no_grad():
         ids = {tokens: (torch.arange(tokens).view(1, tokens) * 5) % 128 for tokens in (1, 20)}
         reference = {tokens: model(input_ids=x, use_cache=False).logits for tokens, x in ids.items()}  # C++ / PyTorch
-        monkeypatch.setattr(dispatch, "choose_path", triton_paths)
+        monkeypatch.setattr(dispatch, "plan", triton_paths)
 
         def logits(x):
             return model(input_ids=x, use_cache=False).logits
