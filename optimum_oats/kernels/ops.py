@@ -1,36 +1,65 @@
-"""The compiled layer forward as a `torch.library` custom op, so `torch.compile` traces through it.
+"""The compressed layer's forward as one `torch.library` custom op, so `torch.compile` traces it whole.
 
-`torch.ops.optimum_oats.sparse_lowrank_forward(x, values, mask, offsets, u, v, bias)` computes
-`x Sᵀ + (x Vᵀ) Uᵀ + b` from the stored values and packed bitmask. Its fake implementation gives the output's shape
-and dtype without running anything, which is all a graph needs. Callers check `load_kernel()` first: the op runs
-only where the extension is built.
+`torch.ops.optimum_oats.sparse_lowrank_linear(x, values, mask, lowrank_u, lowrank_v, bias, mode)` computes
+`x Sᵀ + (x Vᵀ) Uᵀ + b` from the stored values and packed bitmask ([`PackedWeights`] spread out), in execution mode
+`mode` ("auto", "sparse_kernel" or "workspace"). Its implementations:
+
+- CPU: the path `dispatch.plan` picks (the C++ kernel, the shared workspace, or PyTorch);
+- CUDA: likewise, the Triton paths (decode, workspace, 2:4) where eligible;
+- any other device (the default): decompress + matmul, plain PyTorch;
+- fake (meta): the output's shape and dtype, all a graph needs.
+
+The offset tables are looked up inside (cached with the mask, `operands.py`), so nothing outside the op reads a
+data pointer or a version counter: the traced graph has no break. Eager calls go through [`linear`], which runs the
+same code without the dispatcher's ~10 us (several % of a decode step). The op is inference-only (no autograd
+formula): callers send calls that need gradients to the differentiable PyTorch path first.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import load_kernel
+from . import dispatch
+from .operands import PackedWeights
+
+OP_NAME = "optimum_oats::sparse_lowrank_linear"
 
 
-@torch.library.custom_op("optimum_oats::sparse_lowrank_forward", mutates_args=())
-def sparse_lowrank_forward(
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def sparse_lowrank_linear(
     x: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor,
-    offsets: torch.Tensor,
     lowrank_u: torch.Tensor,
     lowrank_v: torch.Tensor,
     bias: torch.Tensor | None,
+    mode: str,
 ) -> torch.Tensor:
-    kernel = load_kernel()
-    if kernel is None:
-        raise RuntimeError(
-            "optimum_oats::sparse_lowrank_forward needs the compiled kernel (see optimum_oats.kernels)."
-        )
-    return kernel.sparse_lowrank_forward(x, values, mask, offsets, lowrank_u, lowrank_v, bias)
+    """The default implementation (devices without their own): decompress + matmul in PyTorch."""
+    return dispatch.decompress_linear(PackedWeights(values, mask, lowrank_u, lowrank_v, bias), x)
 
 
-@sparse_lowrank_forward.register_fake
-def _(x, values, mask, offsets, lowrank_u, lowrank_v, bias):
+def _dispatched(x, values, mask, lowrank_u, lowrank_v, bias, mode):
+    w = PackedWeights(values, mask, lowrank_u, lowrank_v, bias)
+    path, kernel = dispatch.plan(w, x, mode)
+    return dispatch.run_path(path, w, x, kernel)
+
+
+sparse_lowrank_linear.register_kernel("cpu")(_dispatched)
+sparse_lowrank_linear.register_kernel("cuda")(_dispatched)
+
+
+@sparse_lowrank_linear.register_fake
+def _(x, values, mask, lowrank_u, lowrank_v, bias, mode):
     return x.new_empty((*x.shape[:-1], mask.shape[0]))
+
+
+def linear(w: PackedWeights, x: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """`x (S + U V)ᵀ + b` for an inference call: the op under `torch.compile`, its implementation directly in eager."""
+    if torch.compiler.is_compiling():
+        return torch.ops.optimum_oats.sparse_lowrank_linear(x, *w, mode)
+    path, kernel = dispatch.plan(w, x, mode)
+    return dispatch.run_path(path, w, x, kernel)
+
+
+__all__ = ["OP_NAME", "linear", "sparse_lowrank_linear"]

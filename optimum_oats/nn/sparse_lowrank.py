@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.operands import PackedWeights, row_offsets
 from ..utils.counting import counted_parameters
 
 # Importing kernel_execution registers every mode ("auto", "sparse_kernel", "workspace") before the layer exists.
 from .execution import EXECUTION_MODES
 from .kernel_execution import AUTO_MAX_KERNEL_TOKENS  # noqa: F401
-from .packing import pack_bitmask, packed_columns, row_counts, unpack_bitmask
+from .packing import pack_bitmask, packed_columns, unpack_bitmask
 
 
 class LinearSparseLowRank(nn.Module):
@@ -62,9 +63,8 @@ class LinearSparseLowRank(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.execution_mode = "auto"  # see nn/kernel_execution.py: kernel for decode, workspace GEMM for prefill
         # Derived from the storage for speed, owned here and dropped by `release_caches`: the dense `S + U V` of the
-        # opt-in "merged" mode, and the per-row offsets of the kept values (keyed by the mask's identity and version).
+        # opt-in "merged" mode. The kernels' offset tables live with the mask (optimum_oats/kernels/operands.py).
         self._merged_cache: torch.Tensor | None = None
-        self._row_offsets: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -120,22 +120,22 @@ class LinearSparseLowRank(nn.Module):
     def row_offsets(self) -> torch.Tensor:
         """Start of each row's kept values in `weight`, int64 `(out_features + 1,)`; cached until the mask changes.
 
-        This is the only derived inference data of the kernels (8 bytes per output row): they read the stored values
-        and packed bitmask as they are.
+        With `kernels.operands.chunk_offsets`, the only derived inference data of the kernels (8 bytes per output
+        row, 4 per 64 columns), cached with the mask: they read the stored values and packed bitmask as they are.
         """
-        mask = self._buffers["weight_mask"]  # the dict, not Module.__getattr__: this runs on every decode call
-        key = (mask.data_ptr(), mask._version)
-        if self._row_offsets is not None and self._row_offsets[0] == key:
-            return self._row_offsets[1]
-        counts = row_counts(mask)
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        if int(offsets[-1]) != self.sparse_nnz:
-            raise ValueError(
-                f"`weight_mask` marks {int(offsets[-1])} kept weights but `weight` holds {self.sparse_nnz}: the "
-                "layer's storage is inconsistent (a corrupted or mismatched checkpoint)."
+        return row_offsets(self._buffers["weight_mask"], self.sparse_nnz)
+
+    def packed(self) -> PackedWeights:
+        """The storage as the kernels take it, read from the module's dicts: `Module.__getattr__` costs ~1.4 us per
+        tensor, a few % of a decode step over 200 layers. Falls back to attributes if a wrapper moved them."""
+        params, buffers = self._parameters, self._buffers
+        try:
+            bias = params["bias"] if "bias" in params else self.bias
+            return PackedWeights(
+                params["weight"], buffers["weight_mask"], params["lowrank_u"], params["lowrank_v"], bias
             )
-        self._row_offsets = (key, offsets)
-        return offsets
+        except KeyError:
+            return PackedWeights(self.weight, self.weight_mask, self.lowrank_u, self.lowrank_v, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return EXECUTION_MODES[self.execution_mode](self, x)

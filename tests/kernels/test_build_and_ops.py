@@ -12,7 +12,6 @@ import torch
 
 from optimum_oats.kernels import build_kernels, build_location, load_kernel
 from optimum_oats.nn import LinearSparseLowRank
-from optimum_oats.nn.kernel_execution import row_offsets
 
 
 def _layer(rank: int = 3) -> LinearSparseLowRank:
@@ -23,10 +22,10 @@ def _layer(rank: int = 3) -> LinearSparseLowRank:
     return LinearSparseLowRank.from_linear(linear, sparse, u, v).eval()
 
 
-def _op_args(layer, x):
+def _op_args(layer, x, mode="sparse_kernel"):
     """The op's inputs, detached: it is an inference kernel (autograd goes through the PyTorch path)."""
-    tensors = (x, layer.weight, layer.weight_mask, row_offsets(layer), layer.lowrank_u, layer.lowrank_v, layer.bias)
-    return tuple(t.detach() for t in tensors)
+    tensors = (x, layer.weight, layer.weight_mask, layer.lowrank_u, layer.lowrank_v, layer.bias)
+    return (*(t.detach() for t in tensors), mode)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +34,26 @@ def kernel():
     return load_kernel()
 
 
+@pytest.mark.parametrize("mode", ["sparse_kernel", "workspace", "auto"])
 @pytest.mark.parametrize("rank", [0, 3])
-def test_custom_op_matches_the_dense_product_and_passes_opcheck(kernel, rank):
+def test_custom_op_matches_the_dense_product_and_passes_opcheck(kernel, rank, mode):
     layer = _layer(rank)
     x = torch.randn(2, 37)
     with torch.no_grad():
-        y = torch.ops.optimum_oats.sparse_lowrank_forward(*_op_args(layer, x))
+        y = torch.ops.optimum_oats.sparse_lowrank_linear(*_op_args(layer, x, mode))
         torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias, rtol=1e-5, atol=1e-5)
-    torch.library.opcheck(torch.ops.optimum_oats.sparse_lowrank_forward.default, _op_args(layer, x))
+    torch.library.opcheck(torch.ops.optimum_oats.sparse_lowrank_linear.default, _op_args(layer, x, mode))
+
+
+def test_the_default_implementation_is_decompress_and_matmul(kernel):
+    # A device without its own implementation (here: the op's Python body, what `meta`-less backends run).
+    from optimum_oats.kernels.ops import sparse_lowrank_linear
+
+    layer = _layer()
+    x = torch.randn(3, 37)
+    with torch.no_grad():
+        y = sparse_lowrank_linear._init_fn(*_op_args(layer, x, "auto"))
+    torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_traces_the_op_without_a_graph_break(kernel):
@@ -51,10 +62,10 @@ def test_torch_compile_traces_the_op_without_a_graph_break(kernel):
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def forward(*inputs):
-        return torch.ops.optimum_oats.sparse_lowrank_forward(*inputs) * 2
+        return torch.ops.optimum_oats.sparse_lowrank_linear(*inputs) * 2
 
     with torch.no_grad():
-        torch.testing.assert_close(forward(*args), 2 * torch.ops.optimum_oats.sparse_lowrank_forward(*args))
+        torch.testing.assert_close(forward(*args), 2 * torch.ops.optimum_oats.sparse_lowrank_linear(*args))
 
 
 def test_cache_folder_depends_on_the_environment(monkeypatch):
@@ -130,11 +141,12 @@ def test_the_build_uses_the_vector_path_this_cpu_has(kernel):
 
 
 def test_auto_never_picks_the_portable_kernel(kernel, monkeypatch):
+    from optimum_oats.kernels import dispatch
     from optimum_oats.nn import kernel_execution
 
     layer = _layer()
     x = torch.randn(1, 37)
     with torch.no_grad():
         assert kernel_execution.choose_mode(layer, x) == "sparse_kernel"
-        monkeypatch.setattr(kernel_execution, "_VECTOR_ISA", {id(kernel): False})
+        monkeypatch.setattr(dispatch, "_VECTOR_ISA", {id(kernel): False})
         assert kernel_execution.choose_mode(layer, x) == "decompress"

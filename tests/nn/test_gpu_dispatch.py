@@ -1,7 +1,8 @@
-"""How "auto" and "sparse_kernel" route a call to the Triton GPU path (`optimum_oats.kernels.gpu`), on the CPU.
+"""How the execution modes route a call to the Triton GPU path (`optimum_oats.kernels.gpu`), on the CPU.
 
-A CUDA call cannot be made here, so the routing rule is checked as the pure function it is ([`gpu_eligible`]),
-the wiring by standing in for the GPU module, and the CPU build by a fresh process that must never load it.
+A CUDA call cannot be made here, so the routing rules are checked as the pure functions they are
+([`gpu_eligible`], [`choose_gpu_path`]), the wiring by standing in for the path choice, and the CPU build by a
+fresh process that must never load the GPU module.
 """
 
 import os
@@ -13,9 +14,12 @@ import types
 import pytest
 import torch
 
-from optimum_oats.kernels import gpu
-from optimum_oats.nn import LinearSparseLowRank, choose_mode, kernel_execution
-from optimum_oats.nn.kernel_execution import gpu_eligible, release_workspaces
+from optimum_oats.kernels import dispatch, gpu
+from optimum_oats.kernels.dispatch import gpu_eligible
+from optimum_oats.kernels.operands import PackedWeights
+from optimum_oats.kernels.workspaces import workspace, workspaces
+from optimum_oats.nn import LinearSparseLowRank
+from optimum_oats.nn.kernel_execution import release_workspaces
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -44,18 +48,42 @@ def _layer():
     return LinearSparseLowRank.from_linear(linear, sparse, torch.randn(8, 2), torch.randn(2, 16))
 
 
-@pytest.mark.parametrize("mode", ["auto", "sparse_kernel"])
-def test_eligible_calls_go_to_layer_forward_with_the_cached_offsets(monkeypatch, mode):
+@pytest.mark.parametrize("mode", ["auto", "sparse_kernel", "workspace"])
+def test_eligible_calls_reach_the_gpu_paths_with_the_layers_storage(monkeypatch, mode):
     calls = []
-    fake = types.SimpleNamespace(layer_forward=lambda layer, x, offsets: calls.append(offsets) or torch.zeros(3, 8))
-    monkeypatch.setattr(kernel_execution, "_gpu_path", lambda layer, x: fake)
+
+    def fake_run(path, w, x):
+        calls.append((path, w))
+        return torch.zeros(3, 8)
+
+    monkeypatch.setattr(
+        dispatch, "plan", lambda w, x, chosen: ({"workspace": "triton_workspace"}.get(chosen, "triton_decode"), None)
+    )
+    monkeypatch.setattr(gpu, "run", fake_run)
     layer = _layer().requires_grad_(False)
     layer.set_execution_mode(mode)
-    x = torch.randn(3, 16)
     with torch.no_grad():
-        assert torch.equal(layer(x), torch.zeros(3, 8))
-        assert choose_mode(layer, x) == "sparse_kernel"
-    assert len(calls) == 1 and calls[0] is layer.row_offsets()
+        assert torch.equal(layer(torch.randn(3, 16)), torch.zeros(3, 8))
+    ((path, w),) = calls
+    assert path == ("triton_workspace" if mode == "workspace" else "triton_decode")
+    assert isinstance(w, PackedWeights) and w.values is layer.weight and w.mask is layer.weight_mask
+
+
+def test_a_training_call_on_cuda_warns_once_that_it_builds_a_dense_s(monkeypatch):
+    dispatch._GRAD_WARNED.clear()
+    layer = _layer()
+    cuda_like = types.SimpleNamespace(is_cuda=True, requires_grad=False)  # what the rule reads of a CUDA input
+    with pytest.warns(RuntimeWarning, match="no_grad"):
+        dispatch.warn_dense_training_once(layer.packed(), cuda_like)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")
+        dispatch.warn_dense_training_once(layer.packed(), cuda_like)  # once only
+    dispatch._GRAD_WARNED.clear()
+    # The modes ask for it whenever autograd forces the dense path (on the CPU the rule itself stays silent).
+    asked = []
+    monkeypatch.setattr(dispatch, "warn_dense_training_once", lambda w, x: asked.append(w))
+    layer(torch.randn(2, 16))
+    assert len(asked) == 1
 
 
 @pytest.mark.slow
@@ -80,8 +108,8 @@ def test_cpu_calls_never_load_the_gpu_module():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_release_workspaces_frees_the_gpu_ones():
-    gpu.workspace(4, 8, torch.float32, torch.device("cpu"))
-    assert gpu._workspaces
+def test_one_workspace_cache_serves_every_path():
+    workspace(4, 8, torch.float32, torch.device("cpu"))
+    assert workspaces()
     release_workspaces()
-    assert not gpu._workspaces
+    assert not workspaces()

@@ -158,7 +158,7 @@ def test_long_prompts_fold_the_low_rank_term_into_the_workspace(dtype):
             expected = x.float() @ reference.T + layer.bias.float()
             tol = 1e-4 if dtype == torch.float32 else 0.1
             torch.testing.assert_close(layer(x).float(), expected, rtol=tol, atol=tol * 10)
-            buffer = workspace((24, 40), dtype, torch.device("cpu"))
+            buffer = workspace(24, 40, dtype, torch.device("cpu"))
             holds = reference if folded else layer.sparse_weight().float()
             torch.testing.assert_close(buffer.float(), holds, rtol=1e-2, atol=1e-2)
     release_workspaces()

@@ -19,7 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_oats.kernels import gpu
+from optimum_oats.kernels import dispatch, gpu
+from optimum_oats.kernels.operands import OFFSET_CHUNK, PackedWeights, chunk_offsets, is_two_four
+from optimum_oats.kernels.workspaces import release_workspaces, workspaces
 from optimum_oats.nn import LinearSparseLowRank
 
 if sys.platform == "linux" and platform.machine() == "x86_64":
@@ -72,19 +74,9 @@ def _layer(out_features, in_features, rank, *, bias, dtype, seed):
     return layer
 
 
-def _offsets(layer):
-    counts = layer.dense_mask().sum(dim=1)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
-
-
-def _tensors(layer):
-    return (
-        layer.weight.detach(),
-        layer.weight_mask,
-        _offsets(layer),
-        layer.lowrank_u.detach(),
-        layer.lowrank_v.detach(),
-    )
+def _packed(layer):
+    """The layer's storage, detached (the kernels are inference-only)."""
+    return PackedWeights(*(None if t is None else t.detach() for t in layer.packed()))
 
 
 def _reference(layer, x):
@@ -118,14 +110,14 @@ def _assert_close(out, expected, dtype):
 def test_decode_matches_reference(out_features, in_features, rank, bias, tokens, dtype):
     layer = _layer(out_features, in_features, rank, bias=bias, dtype=dtype, seed=out_features * in_features + rank)
     x = torch.randn(tokens, in_features, generator=torch.Generator().manual_seed(tokens)).to(dtype)
-    out = gpu.triton_forward(x, *_tensors(layer), None if layer.bias is None else layer.bias.detach())
+    out = gpu.triton_forward(x, _packed(layer))
     _assert_close(out, _reference(layer, x), dtype)
 
 
 def test_decode_keeps_leading_dims_and_fp16():
     layer = _layer(24, 40, 4, bias=True, dtype=torch.float16, seed=1)
     x = torch.randn(2, 3, 40).to(torch.float16)
-    out = gpu.triton_forward(x, *_tensors(layer), layer.bias.detach())
+    out = gpu.triton_forward(x, _packed(layer))
     assert out.shape == (2, 3, 24)
     _assert_close(out, _reference(layer, x.view(6, 40)).view(2, 3, 24), torch.float16)
 
@@ -134,67 +126,65 @@ def test_decode_more_tokens_than_one_tile():
     # 40 tokens: three token tiles of 16 (the second grid axis), the last one partial.
     layer = _layer(20, 70, 2, bias=True, dtype=torch.float32, seed=2)
     x = torch.randn(40, 70)
-    _assert_close(gpu.triton_forward(x, *_tensors(layer), layer.bias.detach()), _reference(layer, x), torch.float32)
+    _assert_close(gpu.triton_forward(x, _packed(layer)), _reference(layer, x), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("out_features", "in_features"), [(37, 77), (8, 64), (19, 130)])
 def test_decompress_writes_s_exactly(dtype, out_features, in_features):
     layer = _layer(out_features, in_features, 0, bias=False, dtype=dtype, seed=in_features)
-    values, bitmask, offsets, _, _ = _tensors(layer)
     # A row slice of a wider buffer pre-filled with garbage: every entry must be overwritten, the rest untouched.
     buffer = torch.full((out_features, in_features + 5), 7.0, dtype=dtype)
-    out = gpu.triton_decompress(values, bitmask, offsets, buffer[:, :in_features])
+    out = gpu.triton_decompress(_packed(layer), buffer[:, :in_features])
     assert torch.equal(out, layer.sparse_weight().detach())
     assert (buffer[:, in_features:] == 7.0).all()
 
 
 @pytest.mark.parametrize(("rank", "bias"), [(0, False), (6, True)])
 def test_prefill_through_shared_workspace(rank, bias):
-    gpu.clear_workspaces()
+    release_workspaces()
     first = _layer(24, 72, rank, bias=bias, dtype=torch.float32, seed=3)
     second = _layer(24, 72, rank, bias=bias, dtype=torch.float32, seed=4)
     x = torch.randn(3, 11, 72)
     for layer in (first, second, first):
-        out = gpu.triton_prefill(x, *_tensors(layer), None if layer.bias is None else layer.bias.detach())
+        out = gpu.triton_prefill(x, _packed(layer))
         _assert_close(out, _reference(layer, x.view(33, 72)).view(3, 11, 24), torch.float32)
-    assert len(gpu._workspaces) == 1  # one buffer for the shape, shared by both layers
-    gpu.clear_workspaces()
+    assert len(workspaces()) == 1  # one buffer for the shape, shared by both layers
+    release_workspaces()
 
 
-@pytest.mark.parametrize("tokens", [3, 40])  # decode kernel, then workspace prefill (above GPU_MAX_DECODE_TOKENS)
-def test_layer_forward_for_the_dispatch(tokens):
+@pytest.mark.parametrize(("tokens", "path"), [(3, "triton_decode"), (40, "triton_workspace")])
+def test_gpu_run_for_the_dispatch(tokens, path):
     layer = _layer(40, 96, 5, bias=True, dtype=torch.float32, seed=7)
     x = torch.randn(1, tokens, 96)
     with torch.no_grad():
-        out = gpu.layer_forward(layer, x, _offsets(layer))
+        out = gpu.run(path, _packed(layer), x)
     _assert_close(out, _reference(layer, x.view(tokens, 96)).view(1, tokens, 40), torch.float32)
-    assert not gpu.layer_two_four(layer)
-    gpu.clear_workspaces()
+    assert not is_two_four(layer.weight_mask, 96)
+    release_workspaces()
 
 
 def test_semi_structured_falls_back_when_unsupported():
     # On the CPU `to_sparse_semi_structured` raises: the call must still be right, warned once, then remembered.
-    gpu._semi_structured_failed.clear()
+    gpu.semi_structured_failed.clear()
     layer = _layer(32, 64, 2, bias=True, dtype=torch.float32, seed=5)
     x = torch.randn(20, 64)
     with pytest.warns(RuntimeWarning, match="semi-structured"):
-        out = gpu.semi_structured_prefill(x, *_tensors(layer), layer.bias.detach())
+        out = gpu.semi_structured_prefill(x, _packed(layer))
     _assert_close(out, _reference(layer, x), torch.float32)
-    assert torch.device("cpu") in gpu._semi_structured_failed
-    gpu._semi_structured_failed.clear()
-    gpu.clear_workspaces()
+    assert torch.device("cpu") in gpu.semi_structured_failed
+    gpu.semi_structured_failed.clear()
+    release_workspaces()
 
 
 def test_bad_storage_is_named():
-    layer = _layer(16, 64, 0, bias=False, dtype=torch.float32, seed=6)
-    values, bitmask, offsets, u, v = _tensors(layer)
-    with pytest.raises(ValueError, match="row_offsets"):
-        gpu.triton_forward(torch.randn(1, 64), values, bitmask, offsets.int(), u, v)
+    w = _packed(_layer(16, 64, 0, bias=False, dtype=torch.float32, seed=6))
+    with pytest.raises(ValueError, match="weight_mask"):  # the offsets are checked against the stored values
+        gpu.triton_forward(torch.randn(1, 64), w._replace(values=w.values[1:]))
     with pytest.raises(ValueError, match="bitmask"):
-        gpu.triton_forward(torch.randn(1, 64), values, bitmask[:, :4], offsets, u, v)
+        gpu.triton_forward(torch.randn(1, 64), w._replace(mask=w.mask[:, :4].contiguous()))
     with pytest.raises(ValueError, match="features"):
-        gpu.triton_forward(torch.randn(1, 63), values, bitmask, offsets, u, v)
+        gpu.triton_forward(torch.randn(1, 63), w)
 
 
 def test_two_four_detection():
@@ -203,12 +193,12 @@ def test_two_four_detection():
     mask[:, 3::4] = True  # 2 of every 4
     layer = LinearSparseLowRank(16, 4, rank=0, nnz=int(mask.sum()), bias=False)
     layer.load_decomposition(torch.randn(4, 16) * mask)
-    assert gpu.is_two_four(layer.weight_mask, 16)
+    assert is_two_four(layer.weight_mask, 16)
     mask[1, 1] = True  # 3 of 4 in one group
     layer = LinearSparseLowRank(16, 4, rank=0, nnz=int(mask.sum()), bias=False)
     layer.load_decomposition(torch.randn(4, 16).abs().add(0.1) * mask)
-    assert not gpu.is_two_four(layer.weight_mask, 16)
-    assert not gpu.is_two_four(torch.zeros(4, 2, dtype=torch.uint8), 14)  # columns not a multiple of 4
+    assert not is_two_four(layer.weight_mask, 16)
+    assert not is_two_four(torch.zeros(4, 2, dtype=torch.uint8), 14)  # columns not a multiple of 4
 
 
 @pytest.mark.parametrize(
@@ -218,17 +208,17 @@ def test_two_four_detection():
         ((9, 0), torch.bfloat16, (4096, 4096), 16, True, "triton_decode"),
         ((9, 0), torch.bfloat16, (4096, 4096), 17, True, "semi_structured"),
         ((9, 0), torch.float16, (14336, 4096), 512, True, "semi_structured"),
-        ((9, 0), torch.bfloat16, (4096, 4096), 512, False, "workspace"),  # not 2:4
-        ((7, 5), torch.bfloat16, (4096, 4096), 512, True, "workspace"),  # no sparse tensor cores
-        ((9, 0), torch.float32, (4096, 4096), 512, True, "workspace"),  # fp32 not in the 2:4 GEMM
-        ((9, 0), torch.bfloat16, (4100, 4096), 512, True, "workspace"),  # rows not a multiple of 32
-        ((9, 0), torch.bfloat16, (4096, 4000), 512, True, "workspace"),  # columns not a multiple of 64
+        ((9, 0), torch.bfloat16, (4096, 4096), 512, False, "triton_workspace"),  # not 2:4
+        ((7, 5), torch.bfloat16, (4096, 4096), 512, True, "triton_workspace"),  # no sparse tensor cores
+        ((9, 0), torch.float32, (4096, 4096), 512, True, "triton_workspace"),  # fp32 not in the 2:4 GEMM
+        ((9, 0), torch.bfloat16, (4100, 4096), 512, True, "triton_workspace"),  # rows not a multiple of 32
+        ((9, 0), torch.bfloat16, (4096, 4000), 512, True, "triton_workspace"),  # columns not a multiple of 64
     ],
 )
 def test_gpu_path_selection(monkeypatch, capability, dtype, shape, tokens, two_four, expected):
     # The hardware query is the only thing faked: the rule itself is what runs on a GPU.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    path = gpu.choose_gpu_path(
+    path = dispatch.choose_gpu_path(
         tokens,
         device=torch.device("cuda"),
         dtype=dtype,
@@ -237,8 +227,20 @@ def test_gpu_path_selection(monkeypatch, capability, dtype, shape, tokens, two_f
         two_four=two_four,
     )
     assert path == expected
-    assert gpu.choose_gpu_path(512, device=torch.device("cpu"), dtype=dtype, out_features=64, in_features=64) == (
-        "workspace"
+    assert dispatch.choose_gpu_path(512, device=torch.device("cpu"), dtype=dtype, out_features=64, in_features=64) == (
+        "triton_workspace"
+    )
+    # An explicit "workspace" mode on CUDA decompresses with Triton whatever the token count (not masked_scatter_).
+    assert (
+        dispatch.choose_gpu_path(
+            tokens,
+            device=torch.device("cuda"),
+            dtype=dtype,
+            out_features=shape[0],
+            in_features=shape[1],
+            mode="workspace",
+        )
+        == "triton_workspace"
     )
 
 
@@ -258,7 +260,7 @@ def test_cpu_build_works_without_triton():
         with torch.no_grad():
             y = layer(torch.ones(2, 8))
         assert torch.allclose(y - layer.bias, torch.full((2, 4), 9.0)), y
-        assert not gpu.triton_available(torch.zeros(2, 3))
+        assert not gpu.triton_ready()
         assert gpu._triton_module() is None
         assert "optimum_oats.kernels.triton_sparse_lowrank" not in sys.modules
         print("ok")
@@ -267,3 +269,88 @@ def test_cpu_build_works_without_triton():
     env = {**os.environ, "OATS_DISABLE_KERNELS": "1"}  # the PyTorch path: no C++ build in this child process
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_chunk_offsets_count_the_kept_weights_before_each_chunk():
+    layer = _layer(9, 3 * OFFSET_CHUNK + 5, 0, bias=False, dtype=torch.float32, seed=8)
+    table = chunk_offsets(layer.weight_mask)
+    dense = layer.dense_mask().long()
+    starts = range(0, layer.in_features, OFFSET_CHUNK)
+    expected = torch.stack([dense[:, :start].sum(dim=1) for start in starts], dim=1)
+    assert table.dtype == torch.int32 and torch.equal(table.long(), expected)
+    assert chunk_offsets(layer.weight_mask) is table  # cached with the mask ...
+    with torch.no_grad():
+        layer.weight_mask[0, 0] ^= 1  # ... until it changes in place
+    assert chunk_offsets(layer.weight_mask) is not table
+
+
+# Split-K: the columns of each row block shared by 2 or 3 programs (the last split shorter), partial sums added
+# atomically in float32; with 1 and several tokens, with and without the low-rank term (added by split 0 only).
+@pytest.mark.parametrize(("split_k", "tokens", "rank"), [(2, 1, 3), (3, 4, 0), (2, 16, 5), (4, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_decode_matches_reference(split_k, tokens, rank, dtype):
+    layer = _layer(21, 200, rank, bias=True, dtype=dtype, seed=split_k * 10 + tokens)
+    x = torch.randn(tokens, 200, generator=torch.Generator().manual_seed(3)).to(dtype)
+    out = gpu.triton_forward(x, _packed(layer), split_k=split_k)
+    _assert_close(out, _reference(layer, x), dtype)
+
+
+def test_launches_run_under_the_device_guard_of_the_input(monkeypatch):
+    entered = []
+    real = gpu.on_device
+    monkeypatch.setattr(gpu, "on_device", lambda device: entered.append(device) or real(device))
+    layer = _layer(16, 64, 2, bias=True, dtype=torch.float32, seed=9)
+    x = torch.randn(2, 64)
+    gpu.run("triton_decode", _packed(layer), x)
+    gpu.run("triton_workspace", _packed(layer), torch.randn(30, 64))
+    assert entered and all(device == x.device for device in entered)
+    guard = real(torch.device("cuda", 1))  # a layer on cuda:1 launches there, not on the current device
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    release_workspaces()
+
+
+def test_explicit_workspace_mode_takes_the_triton_decompression(monkeypatch):
+    # The path an explicit "workspace" mode gets on CUDA, run here through the interpreter: S comes from the Triton
+    # decompression kernel into the shared workspace (not `masked_scatter_`).
+    kernels = gpu._kernels()
+    calls = []
+    real = kernels.decompress
+    monkeypatch.setattr(kernels, "decompress", lambda *args: calls.append(1) or real(*args))
+    layer = _layer(24, 72, 3, bias=True, dtype=torch.float32, seed=10)
+    x = torch.randn(2, 72)
+    out = dispatch.run_path("triton_workspace", _packed(layer), x)
+    assert calls == [1]
+    _assert_close(out, _reference(layer, x), torch.float32)
+    release_workspaces()
+
+
+def test_compiled_model_on_the_triton_paths_has_no_graph_break_and_matches_eager(monkeypatch):
+    # The CUDA implementation's paths, run here through the interpreter: the op's choice is pointed at them (a CPU
+    # tensor would otherwise take the C++ kernel), everything else is what a GPU run traces.
+    from tests.helpers.compressed import tiny_compressed_llama
+
+    taken = []
+
+    def triton_paths(w, x, mode):
+        taken.append(
+            "triton_decode" if dispatch.tokens_of(w, x) <= dispatch.GPU_MAX_DECODE_TOKENS else "triton_workspace"
+        )
+        return taken[-1], None
+
+    model = tiny_compressed_llama(layers=1)  # one block: the interpreter runs every program in numpy
+    with torch.no_grad():
+        ids = {tokens: (torch.arange(tokens).view(1, tokens) * 5) % 128 for tokens in (1, 20)}
+        reference = {tokens: model(input_ids=x, use_cache=False).logits for tokens, x in ids.items()}  # C++ / PyTorch
+        monkeypatch.setattr(dispatch, "plan", triton_paths)
+
+        def logits(x):
+            return model(input_ids=x, use_cache=False).logits
+
+        torch._dynamo.reset()
+        # fullgraph=True raises on any graph break (what `torch._dynamo.explain` counts, in tests/nn/test_compile.py).
+        compiled = torch.compile(logits, fullgraph=True, backend="aot_eager", dynamic=False)
+        for tokens, x in ids.items():
+            taken.clear()
+            torch.testing.assert_close(compiled(x), reference[tokens], rtol=1e-4, atol=1e-4)
+            assert len(taken) == 7 and set(taken) == {"triton_decode" if tokens == 1 else "triton_workspace"}
+    release_workspaces()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from optimum_oats.kernels import DISABLE_ENV
-from optimum_oats.nn import LinearSparseLowRank, kernel_execution
+from optimum_oats.kernels.workspaces import workspaces
+from optimum_oats.nn import LinearSparseLowRank
 from optimum_oats.nn.kernel_execution import release_workspaces, workspace_forward
 
 
@@ -41,15 +42,14 @@ def test_layers_of_one_shape_share_one_buffer_and_keep_no_dense_copy():
     x = torch.randn(40, 24)
     with torch.no_grad():
         outputs = [layer(x) for layer in layers]  # "auto" sends 40 tokens to the workspace
-    buffers = kernel_execution._WORKSPACES.buffers
-    assert sorted(key[0] for key in buffers) == [(8, 24), (16, 24)]
+    assert sorted(key[2:] for key in workspaces()) == [(8, 24), (16, 24)]
     assert all(layer._merged_cache is None for layer in layers)
     for layer, out in zip(layers, outputs, strict=True):  # a later layer's decompression did not disturb it
         layer.set_execution_mode("decompress")
         with torch.no_grad():
             torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
     release_workspaces()
-    assert not hasattr(kernel_execution._WORKSPACES, "buffers")
+    assert not workspaces()
 
 
 def test_workspace_keeps_autograd():
