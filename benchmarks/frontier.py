@@ -11,15 +11,16 @@ Reads the stored results of two benchmarks and prints one markdown table, option
 
 Bits per weight, over the compressed (or quantized) linear layers: every stored byte of those layers, values,
 mask, scales, zero points and factors, times 8, over their dense weight count. A project result that carries
-`bits_per_weight` is taken as stored (with `value_bits` when it says them). One that does not is an unquantized
-sparse + low-rank checkpoint, whose format is known: kept values in bf16, a 1-bit mask over every weight
-(`nn.packing`, rows padded to a byte: exact for SmolLM2's widths), U and V in bf16, so
+`bits_per_weight` is taken as stored (with `value_bits` and `lowrank_bits` where it says them); a quantized one
+without it is refused. One that carries none of them is an unquantized sparse + low-rank checkpoint, whose format
+is known: kept values in bf16, a 1-bit mask over every weight (`nn.packing`; rows pad to a byte, exact for
+SmolLM2's widths), U and V in bf16, so over all compressed layers together
 
     bits_per_weight = (16 * nnz + 1 * d_in * d_out + 16 * rank * (d_in + d_out)) / (d_in * d_out)
                     = 16 * kept_fraction + 1,
 
-with `kept_fraction` the report's `(nnz + rank (d_in + d_out)) / (d_in * d_out)` summed over the layers. The
-sweep itself evaluates these models with float32 values; the bits are those of the bf16 checkpoint.
+with `kept_fraction` the report's kept parameters `nnz + rank (d_in + d_out)` over the dense ones (quality.py
+stores it). The sweep scores these models with float32 values; the bits are those of their bf16 checkpoint.
 
 Perplexity across seeds: the geometric mean. The interval column gives, where a row shares two or more seeds with
 the reference (`--reference`, default llm-compressor GPTQ W4A16 g64), the 95% t interval of the per-seed ratio
@@ -114,6 +115,14 @@ def load_project(folder: Path, rows: dict[str, Setting]) -> float | None:
         rest = SEED_TOKEN.sub("", match["rest"]).lstrip("-")
         if "bits_per_weight" in data:
             bits, value_bits = data["bits_per_weight"], data.get("value_bits")
+        elif any(
+            data.get(k, VALUE_BITS_UNQUANTIZED) != VALUE_BITS_UNQUANTIZED for k in ("value_bits", "lowrank_bits")
+        ):
+            raise ValueError(
+                f"{file}: quantized (`value_bits` {data.get('value_bits')}, `lowrank_bits` {data.get('lowrank_bits')})"
+                " but no `bits_per_weight`; the bf16 formula would overstate its size. Rerun it with a quality.py "
+                "that records `bits_per_weight`"
+            )
         elif "kept_fraction" in data:
             bits, value_bits = unquantized_bits(data["kept_fraction"]), VALUE_BITS_UNQUANTIZED
         else:
@@ -122,6 +131,8 @@ def load_project(folder: Path, rows: dict[str, Setting]) -> float | None:
         label = f"{match['method']}{layerwise} {match['rate']}" + (f" ({rest})" if rest else "")
         if value_bits is not None and value_bits != VALUE_BITS_UNQUANTIZED:
             label += f" q{value_bits:g}"
+        if data.get("lowrank_bits", VALUE_BITS_UNQUANTIZED) != VALUE_BITS_UNQUANTIZED:
+            label += f" uv{data['lowrank_bits']:g}"
         row = Setting(label, "project", float(match["rate"]), value_bits, bits)
         _add(rows, row, seed, data["perplexity"])
     return dense

@@ -128,6 +128,10 @@ def test_seeds_that_disagree_on_bits_and_foreign_files_are_refused(tmp_path):
     write(other, "notes", {"perplexity": 1.0})
     with pytest.raises(ValueError, match="not a quality.py result"):
         frontier.collect([], [other])
+    quantized = tmp_path / "quantized"
+    project(quantized, "hassle-uniform-0.5-q4", 30.0, kept_fraction=0.5, value_bits=4)
+    with pytest.raises(ValueError, match="quantized .* but no `bits_per_weight`"):
+        frontier.collect([], [quantized])
     with pytest.raises(FileNotFoundError, match="`--peer`"):
         frontier.collect([tmp_path / "missing"], [])
 
