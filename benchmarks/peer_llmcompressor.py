@@ -142,6 +142,21 @@ def target_layers(model) -> dict[str, int]:
     }
 
 
+def cpu_workarounds(cell: dict) -> list[str]:
+    """Make the cell's recipe run on a machine without an accelerator; returns what was changed, in words.
+
+    llm-compressor 0.14's AWQ pins its cached activations (`IntermediatesCache.pin_memory`) before each grid search,
+    which raises "Cannot access accelerator device" without one. Pinning only speeds host-to-device copies, so on
+    such a machine it is skipped; the numbers are unchanged.
+    """
+    if cell["kind"] != "awq" or torch.accelerator.is_available():
+        return []
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    return ["IntermediatesCache.pin_memory skipped (it needs an accelerator; it only speeds host-to-device copies)"]
+
+
 def checkpoint_bytes(folder: Path, layers: dict[str, int]) -> dict:
     """Bytes of a saved compressed-tensors checkpoint: all its files, and every tensor of the target layers.
 
@@ -253,6 +268,7 @@ def run_cell(name, seed, windows, model_path, tokenizer, evaluate, out: Path, ke
 
     cell = CELLS[name]
     start, load = time.perf_counter(), os.getloadavg()
+    workarounds = cpu_workarounds(cell)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     calibration = Dataset.from_dict(
         {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
@@ -290,6 +306,7 @@ def run_cell(name, seed, windows, model_path, tokenizer, evaluate, out: Path, ke
         "perplexity": ppl,
         "checkpoint_dtype": str(CHECKPOINT_DTYPE).removeprefix("torch."),
         "compress_seconds": compress_seconds,
+        "workarounds": workarounds,
         **sizes,
         "_start": start,
         "_load": load,
