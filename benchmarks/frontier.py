@@ -167,7 +167,9 @@ def markdown_table(rows: list[Setting], reference_label: str = REFERENCE) -> str
         "|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: (r.bits_per_weight, r.mean)):
-        seeds = " ".join(f"{p:.2f} (s{s})" for s, p in sorted(row.perplexity.items()))
+        seeds = " ".join(
+            f"{p:.2f}" + ("" if row.source == "dense" else f" (s{s})") for s, p in sorted(row.perplexity.items())
+        )
         rate = "-" if row.rate is None else f"{row.rate:g}"
         value_bits = "-" if row.value_bits is None else f"{row.value_bits:g}"
         lines.append(
