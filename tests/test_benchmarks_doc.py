@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # reads benchmarks/ scripts (tests/test_markers.py)
 ROOT = Path(__file__).resolve().parents[1]
 HISTORY_MARKER = "<!-- history -->"
 SCRIPT = re.compile(r"benchmarks/(\w+)\.py((?:(?:[ \t]+|[ \t]*\\\n[ \t]*)+[^\s`|\\]+)*)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from scipy.stats import t as student_t
 
+pytestmark = pytest.mark.slow  # reads benchmarks/ scripts (tests/test_markers.py)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

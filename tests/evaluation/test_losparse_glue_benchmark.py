@@ -11,13 +11,15 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.evaluation.conftest import REPO_ROOT
 from tests.helpers.tiny_encoders import build_wordpiece_tokenizer, text_configs
 
+pytestmark = pytest.mark.slow  # reads benchmarks/ scripts (tests/test_markers.py)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CELLS = ["dense", "losparse-0.2", "structured-0.2", "oats-0.2", "hassle-0.2"]
 FIELDS = {"cell", "seed", "steps", "kept_fraction", "test_accuracy", "reload_agreement", "checkpoint_bytes"}
 FIELDS |= {"train_seconds", "train_cpu_seconds", "loadavg_before_after", "machine", "protocol", "date", "losses"}
