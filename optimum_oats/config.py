@@ -12,6 +12,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms import (
     ALGORITHMS,
+    DEFAULT_GROUP_SIZE,
+    LOWRANK_BITS,
+    NOT_QUANTIZED,
+    VALUE_BITS,
     DEFAULT_HESSIAN_ITERATIONS,
     DEFAULT_SOLVER,
     SVD_SOLVERS,
@@ -30,6 +34,7 @@ NAMED_DATASETS = ("c4", "wikitext2", "self")
 # ASCII digits and nothing else: `\d` also takes other scripts' digits, and `$` a trailing newline.
 _NM_PATTERN = re.compile(r"([0-9]+):([0-9]+)")
 _MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+SPARSEGPT_BLOCK = 128  # columns per OBS block of SparseGPT's pass (sparsegpt.prune_with_factor's default)
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -119,6 +124,18 @@ class OATSConfig(QuantizationConfigMixin):
             uses `refine_lr`, 0 freezes them. Their product moves by about the sum of both factors' steps, so at a
             rate that suits the kept values it overshoots: one block of SmolLM2 at ρ = 0.6, 256 steps at 1e-3,
             held-out loss 0.399 with U, V at 1e-3, 0.373 frozen, 0.367 at 1e-4 (docs/quality.md).
+        value_bits (`int`, defaults to 16): bits of each kept value of S: 16 stores them in the model's float dtype
+            (no quantization); 8, 6, 4 or 3 store `b`-bit codes on a symmetric grid without a zero level (the mask
+            says which entries are zero) with one fp16 scale per group (`optimum_oats.algorithms.quantize`).
+            SparseGPT and hassle round inside their OBS pass, so each rounding error is compensated on the columns
+            not yet placed (the registry's `quantizes_jointly`); OATS, Wanda and magnitude round to nearest after
+            the fact (the baselines).
+        group_size (`int`, defaults to 128): consecutive input columns of a row sharing one fp16 scale (of the
+            values, and of U and V when they are quantized); a divisor or a multiple of SparseGPT's 128-column
+            block. Each group costs 16 bits per row: 0.125 bits per weight at 128, 0.25 at 64.
+        lowrank_bits (`int`, defaults to 16): bits of U and V: 16 (the model's float dtype), 8 or 4, grouped as
+            the values. hassle refits U to the rounded V in its Hessian metric before rounding U; the other
+            low-rank methods round both to nearest. Ignored by methods without a low-rank term.
         tokenizer (`str` or tokenizer, *optional*), image_processor (`str` or image processor, *optional*):
             Accepted for compatibility and never serialized; they are arguments of a run, so prefer
             `compress(model, cfg, tokenizer, image_processor=...)`. A data set given as objects (PIL images, a
@@ -155,6 +172,9 @@ class OATSConfig(QuantizationConfigMixin):
     refine_steps: int = 0
     refine_lr: float | None = None
     refine_lowrank_lr: float | None = None
+    value_bits: int = NOT_QUANTIZED
+    group_size: int = DEFAULT_GROUP_SIZE
+    lowrank_bits: int = NOT_QUANTIZED
     tokenizer: Any = None
     image_processor: Any = None
     layer_map: dict[str, dict[str, Any]] | None = None
@@ -184,6 +204,7 @@ class OATSConfig(QuantizationConfigMixin):
             self.refine_lowrank_lr = _check_float(
                 "refine_lowrank_lr", self.refine_lowrank_lr, 0.0, 1.0, low_inclusive=True
             )
+        self._check_quantization()
         if self.method not in METHODS + TRAINED:
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         if self.calibration_sampling not in SAMPLINGS:
@@ -234,6 +255,38 @@ class OATSConfig(QuantizationConfigMixin):
             self.modules_to_not_convert = list(self.modules_to_not_convert)
         if self.layer_map is not None:
             _check_layer_map(self.layer_map)
+
+    def _check_quantization(self) -> None:
+        self.value_bits = _check_int("value_bits", self.value_bits, 0)
+        if self.value_bits not in VALUE_BITS:
+            raise ValueError(f"`value_bits` must be one of {VALUE_BITS} (16: not quantized), got {self.value_bits}.")
+        self.lowrank_bits = _check_int("lowrank_bits", self.lowrank_bits, 0)
+        if self.lowrank_bits not in LOWRANK_BITS:
+            raise ValueError(
+                f"`lowrank_bits` must be one of {LOWRANK_BITS} (16: not quantized), got {self.lowrank_bits}."
+            )
+        self.group_size = _check_int("group_size", self.group_size, 1)
+        if SPARSEGPT_BLOCK % self.group_size and self.group_size % SPARSEGPT_BLOCK:
+            raise ValueError(
+                f"`group_size` must divide {SPARSEGPT_BLOCK} or be a multiple of it (SparseGPT's column block, so a "
+                f"group never straddles two blocks), e.g. 32, 64, 128, 256; got {self.group_size}."
+            )
+        if self.quantized and self.refine_steps:
+            raise NotImplementedError(
+                f"`refine_steps={self.refine_steps}` with quantization (`value_bits={self.value_bits}`, "
+                f"`lowrank_bits={self.lowrank_bits}`): refinement moves values off the quantization grid and is "
+                "not supported yet; set `refine_steps=0` or leave both bit widths at 16."
+            )
+        if self.value_bits != NOT_QUANTIZED and self.sparsity_pattern != "unstructured":
+            raise NotImplementedError(
+                f"`value_bits={self.value_bits}` with `sparsity_pattern={self.sparsity_pattern!r}` is not supported "
+                "yet (the N:M groups are chosen inside a quantization group); use `sparsity_pattern='unstructured'`."
+            )
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the values or the factors are stored as codes (a bit width below 16)."""
+        return self.value_bits != NOT_QUANTIZED or self.lowrank_bits != NOT_QUANTIZED
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ from .masks import nm_mask, rowwise_topk_mask, sparsity_mask
 from .oats import DEFAULT_SOLVER, SVD_SOLVERS, Decomposition, oats_decompose, truncated_svd
 from .owl import outlier_ratios, owl_block_rates
 from .pruning import magnitude_prune, wanda_prune
+from .quantize import DEFAULT_GROUP_SIZE, LOWRANK_BITS, NOT_QUANTIZED, VALUE_BITS, GroupSpec
 from .registry import (
     ALGORITHMS,
     HESSIAN,
@@ -23,6 +24,11 @@ from .sparsegpt import sparsegpt_prune
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_GROUP_SIZE",
+    "LOWRANK_BITS",
+    "NOT_QUANTIZED",
+    "VALUE_BITS",
+    "GroupSpec",
     "DEFAULT_HESSIAN_ITERATIONS",
     "DEFAULT_SOLVER",
     "HESSIAN",

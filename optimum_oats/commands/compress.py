@@ -27,6 +27,9 @@ CONFIG_FIELDS = (
     "refine_steps",
     "refine_lr",
     "refine_lowrank_lr",
+    "value_bits",
+    "group_size",
+    "lowrank_bits",
     "modules_to_not_convert",
 )
 

@@ -34,6 +34,9 @@ CONFIG_DEFAULTS = {
     "refine_steps": 0,
     "refine_lr": None,
     "refine_lowrank_lr": None,
+    "value_bits": 16,
+    "group_size": 128,
+    "lowrank_bits": 16,
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -101,6 +104,9 @@ def add_compress_arguments(parser: ArgumentParser) -> None:
         "Block refinement learning rate (unset: 1e-3 for blocks compressed at rate >= 0.55, else 1e-4)",
     )
     option("--refine-lowrank-lr", float, "LR", "Block refinement rate of U and V; None: --refine-lr, 0: frozen")
+    option("--value-bits", int, "B", "Bits of the kept values: 16 (not quantized), 8, 6, 4 or 3")
+    option("--group-size", int, "G", "Input columns sharing one fp16 scale of the quantized values and factors")
+    option("--lowrank-bits", int, "B", "Bits of U and V: 16 (not quantized), 8 or 4")
     config.add_argument(
         "--modules-to-not-convert", nargs="+", default=None, metavar="NAME", help="Module names to keep dense."
     )
