@@ -17,8 +17,11 @@ from .registry import (
     TRAINED_METHODS,
     Algorithm,
     RunSettings,
+    compress_layer,
+    lowrank_spec,
     method_info,
     register_algorithm,
+    value_spec,
 )
 from .sparsegpt import sparsegpt_prune
 
@@ -47,7 +50,10 @@ __all__ = [
     "oats_decompose",
     "outlier_ratios",
     "owl_block_rates",
+    "compress_layer",
+    "lowrank_spec",
     "register_algorithm",
+    "value_spec",
     "rowwise_topk_mask",
     "sparsegpt_prune",
     "sparsity_mask",

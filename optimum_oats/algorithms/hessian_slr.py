@@ -26,6 +26,13 @@ few thousand calibration tokens; its off-diagonal correlations are what SparseGP
 and at low ρ, where the errors are small, fitting them exactly fits the sample more than the model
 (docs/quality.md measures it).
 
+Quantized (`value_quant`, `lowrank_quant`): every S-step ends, after the refit of the kept values, with one OBS pass
+on the fixed support that rounds each kept value and spreads its rounding error over the values not yet rounded (GPTQ
+on the refitted S; the refit is the optimum on the support, so the pass minimises exactly the extra error of the
+rounding); the L-step fits U V to what the *rounded* S leaves, rounds V, refits U to the rounded V in the metric
+(a least-squares solve of `r x r`) and rounds U. The objective, and so the acceptance of an iterate, is that of the
+rounded decomposition.
+
 Each phase runs under a `torch.profiler.record_function` label (`hassle/s_step`, `hassle/refit`, `hassle/l_step`,
 `hassle/objective`) so that a profile on any device shows where the time goes (`benchmarks/hessian_slr.py --profile`).
 """
@@ -38,11 +45,13 @@ import torch
 from torch.profiler import record_function
 
 from .oats import Decomposition
+from .quantize import GroupSpec, quantize_rtn
 from .sparsegpt import (
     SPARSEGPT_PRECISION,
     _not_positive_definite,
     damped_hessian,
     no_tf32,
+    prune_and_quantize_with_factor,
     prune_with_factor,
 )
 
@@ -178,6 +187,32 @@ def weighted_low_rank(
     return lowrank_u.to(residual.dtype), lowrank_v.to(residual.dtype)
 
 
+def quantize_on_support(
+    sparse: torch.Tensor, metric: HessianMetric, quant: GroupSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round S's kept values with OBS compensation on its own support: `(on-grid S, scales)`."""
+    inverse_factor = metric.inverse_factor()
+    return prune_and_quantize_with_factor(sparse, inverse_factor, metric.dead, quant, support=sparse != 0)
+
+
+def quantize_factors(
+    residual: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: torch.Tensor, metric: HessianMetric, quant: GroupSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round V, refit U to the rounded V in the metric, round U: `(U, V, U's scales, V's scales)`.
+
+    The refit is `argmin_U tr((R - U V) H (R - U V)^T) = R H V^T (V H V^T)^-1`, one `r x r` solve.
+    """
+    lowrank_v = lowrank_v.float().clone()
+    lowrank_v[:, metric.dead] = 0  # no response to features calibration never saw; 0 is a level of this grid
+    lowrank_v, v_scales = quantize_rtn(lowrank_v, quant)
+    hessian_vt = metric.hessian() @ lowrank_v.T  # (d_in, r)
+    gram = lowrank_v @ hessian_vt
+    gram.diagonal().add_(gram.diagonal().mean().clamp_min(1e-30) * 1e-8)  # a zero row of V leaves it singular
+    refit = torch.linalg.solve(gram, (residual.to(SPARSEGPT_PRECISION) @ hessian_vt).T).T
+    lowrank_u, u_scales = quantize_rtn(refit, quant)
+    return lowrank_u, lowrank_v, u_scales, v_scales
+
+
 def refit_on_support(target: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` conjugate-gradient steps from `sparse` on `min tr((T - S) H (T - S)^T)` over S's non-zeros.
 
@@ -223,6 +258,8 @@ def hessian_sparse_low_rank(
     warm_start: Decomposition | None = None,
     refit_steps: int = DEFAULT_REFIT_STEPS,
     percdamp: float = 0.01,
+    value_quant: GroupSpec | None = None,
+    lowrank_quant: GroupSpec | None = None,
 ) -> Decomposition:
     """Decompose `weight ≈ S + U V` in the metric of `hessian` (see the module docstring).
 
@@ -241,6 +278,8 @@ def hessian_sparse_low_rank(
             from `L = 0`, so with `rank=0`, one iteration and `refit_steps=0` this is exactly SparseGPT.
         refit_steps: conjugate-gradient steps on the kept values of S after each SparseGPT pass.
         percdamp: diagonal damping as a fraction of `mean(diag H)` (SparseGPT's default) of a tensor `hessian`.
+        value_quant: round S's kept values on this grid inside each S-step (unstructured `sparsity` only).
+        lowrank_quant: round U and V on this grid (a `zero_level` grid) inside each L-step.
 
     Returns:
         A `Decomposition` in float32; `history` holds the relative objective `tr(ΔHΔ^T) / tr(WHW^T)` of every
@@ -255,6 +294,8 @@ def hessian_sparse_low_rank(
         )
     if (sparsity is None) == (nm is None):
         raise ValueError(f"Give exactly one of `sparsity` or `nm`, got sparsity={sparsity}, nm={nm}.")
+    if value_quant is not None and nm is not None:
+        raise NotImplementedError("Quantized values (`value_quant`) with `nm` are not supported yet.")
     if iterations < 0 or refit_steps < 0:
         raise ValueError(f"Need `iterations` >= 0 and `refit_steps` >= 0, got {iterations} and {refit_steps}.")
     if iterations == 0 and (warm_start is None or rank == 0):
@@ -263,10 +304,14 @@ def hessian_sparse_low_rank(
             "`iterations` >= 1 otherwise)."
         )
     with no_tf32():
-        return _alternate(weight, hessian, rank, (sparsity, nm), iterations, warm_start, refit_steps, percdamp)
+        return _alternate(
+            weight, hessian, rank, (sparsity, nm), iterations, warm_start, refit_steps, percdamp, value_quant, lowrank_quant
+        )
 
 
-def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_steps, percdamp) -> Decomposition:
+def _alternate(
+    weight, hessian, rank, pattern, iterations, warm_start, refit_steps, percdamp, value_quant, lowrank_quant
+) -> Decomposition:
     sparsity, nm = pattern
     if not isinstance(hessian, HessianMetric):
         hessian = hessian_metric(hessian.to(weight.device), percdamp)
@@ -280,7 +325,7 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
     scale = max(hessian_objective(target, metric.hessian()), 1e-30)
     best: Decomposition | None = None
 
-    def accept(sparse: torch.Tensor, lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None) -> bool:
+    def accept(sparse: torch.Tensor, lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None, scales) -> bool:
         nonlocal best
         residual = target - sparse
         if lowrank_u is not None:
@@ -291,7 +336,23 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
             return False  # a greedy S-step made it worse: keep the previous iterate
         history = [*best.history, loss] if best is not None else [loss]
         best = Decomposition(sparse, lowrank_u, lowrank_v, history=history, iterations=len(history))
+        best.value_scales, best.lowrank_u_scales, best.lowrank_v_scales = scales
         return True
+
+    def rounded_s(sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if value_quant is None:
+            return sparse, None
+        with record_function("hassle/quantize"):
+            return quantize_on_support(sparse, metric, value_quant)
+
+    def l_step(sparse: torch.Tensor):
+        """U, V for the (rounded) S, rounded themselves when asked, and their scales."""
+        with record_function("hassle/l_step"):
+            lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
+        if lowrank_quant is None or lowrank_u is None:
+            return lowrank_u, lowrank_v, None, None
+        with record_function("hassle/quantize"):
+            return quantize_factors(target - sparse, lowrank_u, lowrank_v, metric, lowrank_quant)
 
     def minus_low_rank(lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None) -> torch.Tensor:
         return target if lowrank_u is None else torch.addmm(target, lowrank_u, lowrank_v, alpha=-1)
@@ -306,10 +367,10 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
         with record_function("hassle/refit"):
             sparse = refit_on_support(goal, start, metric.hessian(), refit_steps)
         del goal, start
-        with record_function("hassle/l_step"):
-            lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
+        sparse, value_scales = rounded_s(sparse)
+        lowrank_u, lowrank_v, u_scales, v_scales = l_step(sparse)
         with record_function("hassle/objective"):
-            accept(sparse, lowrank_u, lowrank_v)
+            accept(sparse, lowrank_u, lowrank_v, (value_scales, u_scales, v_scales))
     for _ in range(iterations):
         with record_function("hassle/s_step"):
             inverse_factor = metric.inverse_factor()  # its two-matrix transient before `goal` exists
@@ -319,10 +380,10 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
         with record_function("hassle/refit"):
             sparse = refit_on_support(goal, sparse, metric.hessian(), refit_steps)
         del goal
-        with record_function("hassle/l_step"):
-            lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
+        sparse, value_scales = rounded_s(sparse)
+        lowrank_u, lowrank_v, u_scales, v_scales = l_step(sparse)
         with record_function("hassle/objective"):
-            accepted = accept(sparse, lowrank_u, lowrank_v)
+            accepted = accept(sparse, lowrank_u, lowrank_v, (value_scales, u_scales, v_scales))
         if not accepted:
             break
     if best.lowrank_v is not None:

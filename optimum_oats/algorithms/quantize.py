@@ -10,6 +10,10 @@ against GPTQ's integer symmetric grid and the min-max asymmetric grid (fp16 zero
 in that script's output and in BENCHMARKS.md; the zero-free grid was best at 3 and 4 bits, so asymmetric grids
 and their zero points did not earn their bytes.
 
+**Factors.** U and V are dense and their entries spread around zero like any dense weight, so they use the
+grid *with* a zero level (`zero_level=True`, GPTQ's symmetric integer grid: codes `q - 2^(b-1)`), which also keeps
+the exact zeros a factor may hold (the columns of dead inputs) representable.
+
 **Scale.** Chosen per group from the group's kept values by a small grid search over clipping ratios
 `s = ratio · max|w| / z` minimising the squared rounding error (GPTQ's `mse` option and AWQ's clip search do the
 same); `ratio = 1` alone is plain min-max. Scales are rounded to fp16 before use, so what is stored is what was used.
@@ -46,10 +50,12 @@ CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 ... 0.6
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """How one tensor is quantized: `bits` per code, scales per `group_size` consecutive columns of a row."""
+    """How one tensor is quantized: `bits` per code, scales per `group_size` consecutive columns of a row;
+    `zero_level` picks the grid with a level at 0 (for the dense factors) instead of the zero-free one."""
 
     bits: int
     group_size: int
+    zero_level: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -59,8 +65,13 @@ class GroupSpec:
 
     @property
     def offset(self) -> float:
-        """`z`: the code of value 0 lies between two levels, so no level is zero."""
-        return (2**self.bits - 1) / 2
+        """`z`, the code of value 0: between two codes on the zero-free grid, code `2^(b-1)` with a zero level."""
+        return float(2 ** (self.bits - 1)) if self.zero_level else (2**self.bits - 1) / 2
+
+    @property
+    def top(self) -> float:
+        """The largest positive level in units of the scale (what the peak of a group is mapped to)."""
+        return self.max_code - self.offset
 
     @property
     def max_code(self) -> int:
@@ -101,7 +112,7 @@ def best_scale(values: torch.Tensor, spec: GroupSpec, ratios: tuple[float, ...] 
     kept = values != 0
     best, best_error = None, None
     for ratio in ratios:
-        scale = to_scale(peak * ratio / spec.offset)
+        scale = to_scale(peak * ratio / spec.top)
         error = ((round_to_grid(values, scale, spec) - values) * kept).square().sum(dim=1, keepdim=True)
         if best is None:
             best, best_error = scale, error

@@ -17,7 +17,8 @@ from .budget import LayerBudget
 from .hessian_slr import default_shrinkage, hessian_metric, hessian_sparse_low_rank
 from .oats import Decomposition, oats_decompose
 from .pruning import magnitude_prune, wanda_prune
-from .sparsegpt import sparsegpt_prune
+from .quantize import NOT_QUANTIZED, GroupSpec, quantize_rtn
+from .sparsegpt import sparsegpt_prune, sparsegpt_prune_quantized
 
 # Calibration statistics an algorithm may ask for; the engine collects only these.
 INPUT_NORMS = "input_norms"
@@ -31,6 +32,21 @@ class RunSettings(Protocol):
     svd: str
     hessian_iterations: int
     hessian_shrinkage: float | None
+    value_bits: int
+    group_size: int
+    lowrank_bits: int
+
+
+def value_spec(settings: RunSettings) -> GroupSpec | None:
+    """The grid of S's kept values (zero-free: the mask carries the zeros), or None when they are not quantized."""
+    bits = getattr(settings, "value_bits", NOT_QUANTIZED)
+    return None if bits == NOT_QUANTIZED else GroupSpec(bits, settings.group_size)
+
+
+def lowrank_spec(settings: RunSettings) -> GroupSpec | None:
+    """The grid of U and V (with a zero level: they are dense), or None when they are not quantized."""
+    bits = getattr(settings, "lowrank_bits", NOT_QUANTIZED)
+    return None if bits == NOT_QUANTIZED else GroupSpec(bits, settings.group_size, zero_level=True)
 
 
 Run = Callable[[torch.Tensor, dict[str, torch.Tensor], LayerBudget, RunSettings], Decomposition]
@@ -49,6 +65,8 @@ class Algorithm:
         rows_balanced: whether its unstructured masks keep the same number of weights in every row (a per-row top-k,
             as OATS and Wanda; SparseGPT's and magnitude's references choose per block or per layer). Loading checks
             it on checkpoints that predate the integrity records (`integrations/checkpoint.py`).
+        quantizes_jointly: whether `run` rounds the values itself while placing them, compensating each rounding
+            error (SparseGPT's and hassle's OBS passes); otherwise [`compress_layer`] rounds its result to nearest.
     """
 
     name: str
@@ -57,10 +75,32 @@ class Algorithm:
     uses_low_rank: bool
     run: Run | None = None
     rows_balanced: bool = False
+    quantizes_jointly: bool = False
 
     @property
     def one_shot(self) -> bool:
         return self.run is not None
+
+
+def compress_layer(
+    algorithm: Algorithm,
+    weight: torch.Tensor,
+    statistics: dict[str, torch.Tensor],
+    budget: LayerBudget,
+    settings: RunSettings,
+) -> Decomposition:
+    """Run `algorithm` on one layer; for a method that does not quantize jointly, round what it returns to nearest
+    (S's kept values and U, V each on its own grid), so every method's result is on the configured grid."""
+    decomposition = algorithm.run(weight, statistics, budget, settings)
+    if algorithm.quantizes_jointly:
+        return decomposition
+    values, factors = value_spec(settings), lowrank_spec(settings)
+    if values is not None:
+        decomposition.sparse, decomposition.value_scales = quantize_rtn(decomposition.sparse, values)
+    if factors is not None and decomposition.lowrank_u is not None:
+        decomposition.lowrank_u, decomposition.lowrank_u_scales = quantize_rtn(decomposition.lowrank_u, factors)
+        decomposition.lowrank_v, decomposition.lowrank_v_scales = quantize_rtn(decomposition.lowrank_v, factors)
+    return decomposition
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -105,12 +145,17 @@ def _run_sparsegpt(weight, stats, budget, settings) -> Decomposition:
     """The reference's joint mask per 128-column block (IST-DASLab/sparsegpt `fasterprune`); N:M per row."""
     if budget.nm is not None:
         return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], nm=budget.nm))
-    return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], sparsity=_layer_sparsity(weight, budget)))
+    sparsity = _layer_sparsity(weight, budget)
+    quant = value_spec(settings)
+    if quant is not None:
+        sparse, scales = sparsegpt_prune_quantized(weight, stats[HESSIAN], quant, sparsity=sparsity)
+        return Decomposition(sparse, value_scales=scales)
+    return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], sparsity=sparsity))
 
 
 def _run_hassle(weight, stats, budget, settings) -> Decomposition:
     """OATS at the same budget as the first iterate, then S/L alternation in the full Hessian metric."""
-    warm = _run_oats(weight, stats, budget, settings) if budget.rank > 0 else None
+    warm = _run_oats(weight, stats, budget, settings) if budget.rank > 0 else None  # unrounded: refitted first
     return hessian_sparse_low_rank(
         weight,
         hessian_metric(stats[HESSIAN], shrinkage=_shrinkage(weight, budget, settings)),
@@ -119,6 +164,8 @@ def _run_hassle(weight, stats, budget, settings) -> Decomposition:
         nm=budget.nm,
         iterations=settings.hessian_iterations if budget.rank > 0 else 1,  # L = 0: every pass would be the same
         warm_start=warm,
+        value_quant=value_spec(settings),
+        lowrank_quant=lowrank_spec(settings),
     )
 
 
@@ -147,11 +194,16 @@ register_algorithm(
         (HESSIAN, INPUT_NORMS),
         uses_low_rank=True,
         run=_run_hassle,
+        quantizes_jointly=True,
     )
 )
 register_algorithm(
     Algorithm("wanda", "Wanda pruning", (INPUT_NORMS,), uses_low_rank=False, run=_run_wanda, rows_balanced=True)
 )
-register_algorithm(Algorithm("sparsegpt", "SparseGPT pruning", (HESSIAN,), uses_low_rank=False, run=_run_sparsegpt))
+register_algorithm(
+    Algorithm(
+        "sparsegpt", "SparseGPT pruning", (HESSIAN,), uses_low_rank=False, run=_run_sparsegpt, quantizes_jointly=True
+    )
+)
 register_algorithm(Algorithm("magnitude", "magnitude pruning", (), uses_low_rank=False, run=_run_magnitude))
 register_algorithm(Algorithm("losparse", "LoSparse, low-rank + structured sparse", (), uses_low_rank=True))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms import ALGORITHMS, INPUT_NORMS, layer_budget
+from ..algorithms import ALGORITHMS, INPUT_NORMS, compress_layer, layer_budget
 from ..config import OATSConfig
 from ..nn import LinearSparseLowRank
 from .distributed import assign_layers, share_layers, world
@@ -40,7 +40,7 @@ def compress_linear(
     rate = config.compression_rate if compression_rate is None else compression_rate
     d_out, d_in = linear.weight.shape
     budget = layer_budget(d_out, d_in, rate, config.effective_rank_ratio, config.nm)
-    decomposition = algorithm.run(linear.weight, statistics, budget, config)
+    decomposition = compress_layer(algorithm, linear.weight, statistics, budget, config)
     layer = LinearSparseLowRank.from_linear(
         linear, decomposition.sparse, decomposition.lowrank_u, decomposition.lowrank_v
     )

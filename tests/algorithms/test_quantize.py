@@ -79,3 +79,17 @@ def test_bad_spec_is_refused():
         GroupSpec(16, 64)
     with pytest.raises(ValueError, match="`group_size`"):
         GroupSpec(4, 0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_factor_grid_has_a_zero_level_and_keeps_zeros_decodable(bits):
+    g = torch.Generator().manual_seed(1)
+    factor = torch.randn(12, 150, generator=g)
+    factor[:, 5] = 0  # a dead input's column
+    spec = GroupSpec(bits, 64, zero_level=True)
+    values, scales = quantize_rtn(factor, spec)
+    codes = codes_of(values, scales, spec)
+    decoded = (codes.float() - spec.offset) * expand_scales(scales, 150, spec)
+    assert torch.equal(decoded, values)  # no mask needed: zeros decode to zero
+    assert (values[:, 5] == 0).all()
+    assert float((values - factor).norm() / factor.norm()) < (0.12 if bits == 4 else 0.01)
