@@ -13,13 +13,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .algorithms import (
     ALGORITHMS,
     DEFAULT_GROUP_SIZE,
-    LOWRANK_BITS,
-    NOT_QUANTIZED,
-    VALUE_BITS,
     DEFAULT_HESSIAN_ITERATIONS,
     DEFAULT_SOLVER,
+    LOWRANK_BITS,
+    NOT_QUANTIZED,
     SVD_SOLVERS,
     TRAINED_METHODS,
+    VALUE_BITS,
     method_info,
 )
 from .data.kinds import is_in_memory_dataset

@@ -305,7 +305,16 @@ def hessian_sparse_low_rank(
         )
     with no_tf32():
         return _alternate(
-            weight, hessian, rank, (sparsity, nm), iterations, warm_start, refit_steps, percdamp, value_quant, lowrank_quant
+            weight,
+            hessian,
+            rank,
+            (sparsity, nm),
+            iterations,
+            warm_start,
+            refit_steps,
+            percdamp,
+            value_quant,
+            lowrank_quant,
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..nn import LinearSparseLowRank
-from ..utils.counting import counted_parameters
+from ..utils.counting import counted_parameters, storage_bits
 from ..utils.files import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class LayerReport:
     compression_rate: float | None = None
     owl_outlier_ratio: float | None = None
     kept_rows: int | None = None
+    stored_bits: int | None = None  # values, mask, scales and factors as stored (bias excluded)
 
     @property
     def num_parameters(self) -> int:
@@ -72,6 +73,13 @@ class CompressionReport:
         return self.kept_parameters / max(1, self.dense_parameters)
 
     @property
+    def bits_per_weight(self) -> float | None:
+        """All stored bits of the compressed layers (values, mask, scales, factors) over their dense weight count."""
+        if not self.layers or any(layer.stored_bits is None for layer in self.layers):
+            return None
+        return sum(layer.stored_bits for layer in self.layers) / max(1, self.dense_parameters)
+
+    @property
     def mean_relative_error(self) -> float | None:
         errors = [layer.relative_error for layer in self.layers if layer.relative_error is not None]
         return sum(errors) / len(errors) if errors else None
@@ -93,6 +101,7 @@ class CompressionReport:
                 "dense_parameters": self.dense_parameters,
                 "kept_parameters": self.kept_parameters,
                 "kept_fraction": self.kept_fraction,
+                "bits_per_weight": self.bits_per_weight,
                 "mean_relative_error": self.mean_relative_error,
             },
             "layers": [asdict(layer) for layer in self.layers],
@@ -124,10 +133,25 @@ class CompressionReport:
                         rank=module.rank,
                         nnz=module.sparse_nnz,
                         kept_fraction=module.num_parameters / (module.in_features * module.out_features),
+                        stored_bits=layer_storage_bits(module, config),
                         **{key: entry.get(key) for key in STAT_FIELDS},
                     )
                 )
         return cls(config={k: v for k, v in config.to_dict().items() if k != "layer_map"}, layers=layers)
+
+
+def layer_storage_bits(module: LinearSparseLowRank, config: Any) -> int:
+    """The bits `module` stores, at the config's bit widths (16: the module's float dtype)."""
+    return storage_bits(
+        module.sparse_nnz,
+        module.rank,
+        module.in_features,
+        module.out_features,
+        value_bits=getattr(config, "value_bits", 16),
+        lowrank_bits=getattr(config, "lowrank_bits", 16),
+        group_size=getattr(config, "group_size", 128),
+        float_bits=module.weight.element_size() * 8,
+    )
 
 
 def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Quantization inside the algorithms: on-grid results, and OBS compensation beating round-to-nearest after the fact."""
+"""Quantization inside the algorithms: on-grid results; OBS compensation beats round-to-nearest after the fact."""
 
 from types import SimpleNamespace
 
