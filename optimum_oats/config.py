@@ -375,6 +375,11 @@ def _check_layer_map(layer_map: Any) -> None:
                     f"`layer_map[{module!r}]` has no {key!r}; the checkpoint's config.json is incomplete."
                 )
             _check_int(f"layer_map[{module!r}][{key!r}]", entry[key], 0)
+        for key, allowed in (("value_bits", VALUE_BITS), ("lowrank_bits", LOWRANK_BITS)):
+            if key in entry and (isinstance(entry[key], bool) or entry[key] not in allowed):
+                raise ValueError(f"`layer_map[{module!r}][{key!r}]` must be one of {allowed}, got {entry[key]!r}.")
+        if "group_size" in entry:
+            _check_int(f"layer_map[{module!r}]['group_size']", entry["group_size"], 1)
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:

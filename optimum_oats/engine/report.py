@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..nn import LinearSparseLowRank
-from ..utils.counting import counted_parameters, storage_bits
+from ..utils.counting import counted_parameters
 from ..utils.files import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -133,25 +133,11 @@ class CompressionReport:
                         rank=module.rank,
                         nnz=module.sparse_nnz,
                         kept_fraction=module.num_parameters / (module.in_features * module.out_features),
-                        stored_bits=layer_storage_bits(module, config),
+                        stored_bits=module.stored_bits,
                         **{key: entry.get(key) for key in STAT_FIELDS},
                     )
                 )
         return cls(config={k: v for k, v in config.to_dict().items() if k != "layer_map"}, layers=layers)
-
-
-def layer_storage_bits(module: LinearSparseLowRank, config: Any) -> int:
-    """The bits `module` stores, at the config's bit widths (16: the module's float dtype)."""
-    return storage_bits(
-        module.sparse_nnz,
-        module.rank,
-        module.in_features,
-        module.out_features,
-        value_bits=getattr(config, "value_bits", 16),
-        lowrank_bits=getattr(config, "lowrank_bits", 16),
-        group_size=getattr(config, "group_size", 128),
-        float_bits=module.weight.element_size() * 8,
-    )
 
 
 def layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
