@@ -74,7 +74,10 @@ def test_file_holds_packed_codes_and_fp16_scales_only(quantized_dir):
             codes = handle.get_tensor(f"{name}.weight_codes")
             assert codes.dtype == torch.uint8 and codes.numel() == -(-entry["nnz"] * value_bits // 8)
             scales = handle.get_tensor(f"{name}.weight_scales")
-            out_features, in_features = handle.get_tensor(f"{name}.weight_mask").shape[0], 64 if "down" not in name else 128
+            out_features, in_features = (
+                handle.get_tensor(f"{name}.weight_mask").shape[0],
+                64 if "down" not in name else 128,
+            )
             assert scales.dtype == torch.int16 and scales.shape == (out_features, in_features // 32)
             assert torch.isfinite(scales.view(torch.float16)).all() and (scales.view(torch.float16) > 0).all()
             u_codes = handle.get_tensor(f"{name}.lowrank_u_codes")
@@ -95,14 +98,18 @@ def test_bits_per_weight_counts_every_stored_byte(quantized_dir):
                     tensor = handle.get_tensor(key)
                     layer_bits += tensor.numel() * tensor.element_size() * 8
             config = model.config.quantization_config
-            assert layer_bits == layer.stored_bits == storage_bits(
-                layer.sparse_nnz,
-                layer.rank,
-                layer.in_features,
-                layer.out_features,
-                value_bits=config.value_bits,
-                lowrank_bits=config.lowrank_bits,
-                group_size=config.group_size,
+            assert (
+                layer_bits
+                == layer.stored_bits
+                == storage_bits(
+                    layer.sparse_nnz,
+                    layer.rank,
+                    layer.in_features,
+                    layer.out_features,
+                    value_bits=config.value_bits,
+                    lowrank_bits=config.lowrank_bits,
+                    group_size=config.group_size,
+                )
             )
             stored += layer_bits
             dense += layer.in_features * layer.out_features
@@ -131,3 +138,16 @@ def test_layer_map_disagreeing_with_the_codes_is_refused(quantized_dir, tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=rf"`{first}.weight_codes`.*shape"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_card_and_report_state_the_bits(quantized_dir):
+    from optimum_oats.hub.card import render_model_card
+
+    model = AutoModelForCausalLM.from_pretrained(quantized_dir)
+    report = compression_report(model)
+    config = model.config.quantization_config
+    text = str(render_model_card(report))
+    row = "| Bits per weight (values, mask, scales and factors of the compressed layers) |"
+    assert f"{row} {report.bits_per_weight:.3f} |" in text
+    assert f"{config.value_bits}-bit values, 1-bit mask, {config.lowrank_bits}-bit U, V" in text
+    assert "one fp16 scale per 32 input columns" in text
