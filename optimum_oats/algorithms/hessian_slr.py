@@ -26,12 +26,8 @@ few thousand calibration tokens; its off-diagonal correlations are what SparseGP
 and at low ρ, where the errors are small, fitting them exactly fits the sample more than the model
 (docs/quality.md measures it).
 
-Quantized (`value_quant`, `lowrank_quant`): every S-step ends, after the refit of the kept values, with one OBS pass
-on the fixed support that rounds each kept value and spreads its rounding error over the values not yet rounded (GPTQ
-on the refitted S; the refit is the optimum on the support, so the pass minimises exactly the extra error of the
-rounding); the L-step fits U V to what the *rounded* S leaves, rounds V, refits U to the rounded V in the metric
-(a least-squares solve of `r x r`) and rounds U. The objective, and so the acceptance of an iterate, is that of the
-rounded decomposition.
+Quantized ([`quantized_hessian_sparse_low_rank`]): each S-step and L-step ends by rounding, with compensation, as
+`quantize_hessian.py` describes; the objective, and so the acceptance of an iterate, is the rounded decomposition's.
 
 Each phase runs under a `torch.profiler.record_function` label (`hassle/s_step`, `hassle/refit`, `hassle/l_step`,
 `hassle/objective`) so that a profile on any device shows where the time goes (`benchmarks/hessian_slr.py --profile`).
@@ -45,13 +41,13 @@ import torch
 from torch.profiler import record_function
 
 from .oats import Decomposition
-from .quantize import GroupSpec, quantize_rtn
+from .quantize import GroupSpec
+from .quantize_hessian import quantize_factors, quantize_on_support
 from .sparsegpt import (
     SPARSEGPT_PRECISION,
     _not_positive_definite,
     damped_hessian,
     no_tf32,
-    prune_and_quantize_with_factor,
     prune_with_factor,
 )
 
@@ -187,32 +183,6 @@ def weighted_low_rank(
     return lowrank_u.to(residual.dtype), lowrank_v.to(residual.dtype)
 
 
-def quantize_on_support(
-    sparse: torch.Tensor, metric: HessianMetric, quant: GroupSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round S's kept values with OBS compensation on its own support: `(on-grid S, scales)`."""
-    inverse_factor = metric.inverse_factor()
-    return prune_and_quantize_with_factor(sparse, inverse_factor, metric.dead, quant, support=sparse != 0)
-
-
-def quantize_factors(
-    residual: torch.Tensor, lowrank_u: torch.Tensor, lowrank_v: torch.Tensor, metric: HessianMetric, quant: GroupSpec
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round V, refit U to the rounded V in the metric, round U: `(U, V, U's scales, V's scales)`.
-
-    The refit is `argmin_U tr((R - U V) H (R - U V)^T) = R H V^T (V H V^T)^-1`, one `r x r` solve.
-    """
-    lowrank_v = lowrank_v.float().clone()
-    lowrank_v[:, metric.dead] = 0  # no response to features calibration never saw; 0 is a level of this grid
-    lowrank_v, v_scales = quantize_rtn(lowrank_v, quant)
-    hessian_vt = metric.hessian() @ lowrank_v.T  # (d_in, r)
-    gram = lowrank_v @ hessian_vt
-    gram.diagonal().add_(gram.diagonal().mean().clamp_min(1e-30) * 1e-8)  # a zero row of V leaves it singular
-    refit = torch.linalg.solve(gram, (residual.to(SPARSEGPT_PRECISION) @ hessian_vt).T).T
-    lowrank_u, u_scales = quantize_rtn(refit, quant)
-    return lowrank_u, lowrank_v, u_scales, v_scales
-
-
 def refit_on_support(target: torch.Tensor, sparse: torch.Tensor, hessian: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` conjugate-gradient steps from `sparse` on `min tr((T - S) H (T - S)^T)` over S's non-zeros.
 
@@ -258,8 +228,6 @@ def hessian_sparse_low_rank(
     warm_start: Decomposition | None = None,
     refit_steps: int = DEFAULT_REFIT_STEPS,
     percdamp: float = 0.01,
-    value_quant: GroupSpec | None = None,
-    lowrank_quant: GroupSpec | None = None,
 ) -> Decomposition:
     """Decompose `weight ≈ S + U V` in the metric of `hessian` (see the module docstring).
 
@@ -278,14 +246,45 @@ def hessian_sparse_low_rank(
             from `L = 0`, so with `rank=0`, one iteration and `refit_steps=0` this is exactly SparseGPT.
         refit_steps: conjugate-gradient steps on the kept values of S after each SparseGPT pass.
         percdamp: diagonal damping as a fraction of `mean(diag H)` (SparseGPT's default) of a tensor `hessian`.
-        value_quant: round S's kept values on this grid inside each S-step (unstructured `sparsity` only).
-        lowrank_quant: round U and V on this grid (a `zero_level` grid) inside each L-step.
 
     Returns:
         A `Decomposition` in float32; `history` holds the relative objective `tr(ΔHΔ^T) / tr(WHW^T)` of every
         accepted iterate (the polished warm start first, when given), so `iterations` is at most `iterations + 1`.
         Weights and low-rank columns of dead inputs (`H_jj = 0`) are zero.
     """
+    return quantized_hessian_sparse_low_rank(
+        weight,
+        hessian,
+        None,
+        None,
+        rank=rank,
+        sparsity=sparsity,
+        nm=nm,
+        iterations=iterations,
+        warm_start=warm_start,
+        refit_steps=refit_steps,
+        percdamp=percdamp,
+    )
+
+
+def quantized_hessian_sparse_low_rank(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | HessianMetric,
+    value_quant: GroupSpec | None,
+    lowrank_quant: GroupSpec | None,
+    *,
+    rank: int,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    iterations: int = DEFAULT_HESSIAN_ITERATIONS,
+    warm_start: Decomposition | None = None,
+    refit_steps: int = DEFAULT_REFIT_STEPS,
+    percdamp: float = 0.01,
+) -> Decomposition:
+    """[`hessian_sparse_low_rank`] with S's kept values rounded on `value_quant`'s grid inside each S-step
+    (unstructured `sparsity` only) and U, V on `lowrank_quant`'s (a `zero_level` grid) inside each L-step, as the
+    module docstring describes; None leaves that part in float32. The scales are in the result's
+    `value_scales`, `lowrank_u_scales`, `lowrank_v_scales`."""
     d_out, d_in = weight.shape
     if not 0 <= rank <= min(d_out, d_in):
         raise ValueError(

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from .budget import LayerBudget
-from .hessian_slr import default_shrinkage, hessian_metric, hessian_sparse_low_rank
+from .hessian_slr import default_shrinkage, hessian_metric, quantized_hessian_sparse_low_rank
 from .oats import Decomposition, oats_decompose
 from .pruning import magnitude_prune, wanda_prune
 from .quantize import NOT_QUANTIZED, GroupSpec, quantize_rtn
@@ -156,16 +156,16 @@ def _run_sparsegpt(weight, stats, budget, settings) -> Decomposition:
 def _run_hassle(weight, stats, budget, settings) -> Decomposition:
     """OATS at the same budget as the first iterate, then S/L alternation in the full Hessian metric."""
     warm = _run_oats(weight, stats, budget, settings) if budget.rank > 0 else None  # unrounded: refitted first
-    return hessian_sparse_low_rank(
+    return quantized_hessian_sparse_low_rank(
         weight,
         hessian_metric(stats[HESSIAN], shrinkage=_shrinkage(weight, budget, settings)),
+        value_spec(settings),
+        lowrank_spec(settings),
         rank=budget.rank,
         sparsity=None if budget.nm is not None else _layer_sparsity(weight, budget),
         nm=budget.nm,
         iterations=settings.hessian_iterations if budget.rank > 0 else 1,  # L = 0: every pass would be the same
         warm_start=warm,
-        value_quant=value_spec(settings),
-        lowrank_quant=lowrank_spec(settings),
     )
 
 

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from optimum_oats.algorithms import ALGORITHMS, GroupSpec, compress_layer, layer_budget
-from optimum_oats.algorithms.hessian_slr import hessian_objective, hessian_sparse_low_rank
+from optimum_oats.algorithms.hessian_slr import (
+    hessian_objective,
+    hessian_sparse_low_rank,
+    quantized_hessian_sparse_low_rank,
+)
 from optimum_oats.algorithms.quantize import codes_of, expand_scales, quantize_rtn, round_to_grid
 from optimum_oats.algorithms.sparsegpt import sparsegpt_prune, sparsegpt_prune_quantized
 
@@ -53,7 +57,7 @@ def test_hassle_quantized_is_on_grid_and_beats_rtn_after(bits):
     W, H, _ = _layer()
     values, factors = GroupSpec(bits, 64), GroupSpec(8, 64, zero_level=True)
     common = {"rank": 6, "sparsity": 0.5, "iterations": 2}
-    quantized = hessian_sparse_low_rank(W, H, **common, value_quant=values, lowrank_quant=factors)
+    quantized = quantized_hessian_sparse_low_rank(W, H, values, factors, **common)
     assert _on_grid(quantized.sparse, quantized.value_scales, values)
     assert _on_grid(quantized.lowrank_u, quantized.lowrank_u_scales, factors)
     assert _on_grid(quantized.lowrank_v, quantized.lowrank_v_scales, factors)
