@@ -11,6 +11,20 @@ Each (method, rate) result is stored as one JSON file under `--output`, so a sto
     python benchmarks/quality.py --quick            # minutes: a smoke run for CI
     python benchmarks/quality.py --methods oats --rates 0.7 --svd exact fast --seed 0 1 2   # solvers, paired by seed
 
+Quantized values and factors (`--value-bits 4 3`, `--group-size`, `--lowrank-bits`) are part of the sweep; the table
+then has a bits-per-weight column (all stored bits of the compressed layers: values, mask, scales and factors, over
+their dense weight count; `compression_report(model).bits_per_weight`).
+
+    python benchmarks/quality.py --methods hassle sparsegpt --rates 0.3 --value-bits 4 --lowrank-bits 8 --seed 0 1 2
+
+Result files (one JSON per cell, `<output>/<key>.json`; `dense.json` holds `perplexity` and `seconds` only):
+`perplexity`, `seconds` (compression), `kept_fraction`, `mean_relative_error`, `device`, and since quantization
+`bits_per_weight`, `value_bits` (16: float), `group_size` (None unless quantized), `lowrank_bits` (None without a
+low-rank term), `method`, `compression_rate`, `rank_ratio` (as used), `seed`, `calibration`, `evaluation` and
+`model_dtype`. The key is `<method>-<layerwise>-<rate>`, then the settings that differ from the original protocol,
+e.g. `hassle-uniform-0.3-fast-k0.1-h2-lam0.5-v4-g128-uv8-s1` (quantized runs gain `-v<bits>-g<group>[-uv<bits>]`
+before the seed; unquantized keys are unchanged).
+
 With both solvers and several seeds a paired table follows: fast / exact perplexity per seed and its geometric
 mean with a 95% t interval, the yardstick for "the fast solver costs no accuracy" where one run is too noisy.
 """
