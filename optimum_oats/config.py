@@ -378,8 +378,9 @@ def _check_layer_map(layer_map: Any) -> None:
         for key, allowed in (("value_bits", VALUE_BITS), ("lowrank_bits", LOWRANK_BITS)):
             if key in entry and (isinstance(entry[key], bool) or entry[key] not in allowed):
                 raise ValueError(f"`layer_map[{module!r}][{key!r}]` must be one of {allowed}, got {entry[key]!r}.")
-        if "group_size" in entry:
-            _check_int(f"layer_map[{module!r}]['group_size']", entry["group_size"], 1)
+        for key in ("group_size", "in_features"):
+            if key in entry:
+                _check_int(f"layer_map[{module!r}][{key!r}]", entry[key], 1)
 
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:

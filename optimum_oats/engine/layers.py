@@ -65,11 +65,13 @@ def storage_settings(config: OATSConfig) -> dict[str, int]:
 
 
 def layer_storage(layer: LinearSparseLowRank) -> dict[str, int]:
-    """What a quantized layer's `layer_map` entry records beyond its shape, so its skeleton can be rebuilt; empty
-    for a layer stored as floats (its entry stays as before quantization existed)."""
+    """What a quantized layer's `layer_map` entry records beyond its shape, so its skeleton can be rebuilt (and
+    `in_features`, which `oats verify` otherwise reads from `lowrank_v`, not stored when quantized); empty for a
+    layer stored as floats (its entry stays as before quantization existed)."""
     if layer.value_spec is None and layer.lowrank_spec is None:
         return {}
-    return {"value_bits": layer.value_bits, "lowrank_bits": layer.lowrank_bits, "group_size": layer.group_size}
+    storage = {"value_bits": layer.value_bits, "lowrank_bits": layer.lowrank_bits, "group_size": layer.group_size}
+    return {**storage, "in_features": layer.in_features}
 
 
 def compress_block(

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 # The keys of a layer entry that reloading needs (config.json's `layer_map`); the rest go to oats_report.json.
 SHAPE_KEYS = ("rank", "nnz")
 # ... and, for a quantized layer only, how it is stored (absent: floats).
-STORAGE_KEYS = ("value_bits", "lowrank_bits", "group_size")
+SKELETON_KEYS = ("value_bits", "lowrank_bits", "group_size")  # the layer constructor's storage arguments
+STORAGE_KEYS = (*SKELETON_KEYS, "in_features")
 LAYER_MAP_KEYS = SHAPE_KEYS + STORAGE_KEYS
 
 
@@ -231,7 +232,8 @@ def _restore_block(onloaded, prefix: str, linears: dict[str, nn.Linear], resume,
             raise ResumeMismatchError(
                 f"The resume folder {resume.directory} has no saved layer `{prefix}.{name}`; delete it to start over."
             )
-        layer = LinearSparseLowRank.skeleton_of(linear, **{k: entry[k] for k in LAYER_MAP_KEYS if k in entry})
+        storage = {k: entry[k] for k in SKELETON_KEYS if k in entry}
+        layer = LinearSparseLowRank.skeleton_of(linear, entry["rank"], entry["nnz"], **storage)
         layer.load_state_dict({key[len(name) + 1 :]: t for key, t in tensors.items() if key.startswith(name + ".")})
         onloaded.replace(name, layer)
         entries[f"{prefix}.{name}"] = entry

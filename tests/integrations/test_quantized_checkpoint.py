@@ -151,3 +151,11 @@ def test_card_and_report_state_the_bits(quantized_dir):
     assert f"{row} {report.bits_per_weight:.3f} |" in text
     assert f"{config.value_bits}-bit values, 1-bit mask, {config.lowrank_bits}-bit U, V" in text
     assert "one fp16 scale per 32 input columns" in text
+
+
+def test_verify_accepts_a_quantized_checkpoint(quantized_dir):
+    from optimum_oats.integrations.verify import verify_checkpoint
+
+    summary = verify_checkpoint(quantized_dir)
+    assert not summary["damaged"], summary["problems"]
+    assert summary["layers_checked"] == 14
