@@ -11,6 +11,20 @@ Each (method, rate) result is stored as one JSON file under `--output`, so a sto
     python benchmarks/quality.py --quick            # minutes: a smoke run for CI
     python benchmarks/quality.py --methods oats --rates 0.7 --svd exact fast --seed 0 1 2   # solvers, paired by seed
 
+Quantized values and factors (`--value-bits 4 3`, `--group-size`, `--lowrank-bits`) are part of the sweep; the table
+then has a bits-per-weight column (all stored bits of the compressed layers: values, mask, scales and factors, over
+their dense weight count; `compression_report(model).bits_per_weight`).
+
+    python benchmarks/quality.py --methods hassle sparsegpt --rates 0.3 --value-bits 4 --lowrank-bits 8 --seed 0 1 2
+
+Result files (one JSON per cell, `<output>/<key>.json`; `dense.json` holds `perplexity` and `seconds` only):
+`perplexity`, `seconds` (compression), `kept_fraction`, `mean_relative_error`, `device`, and since quantization
+`bits_per_weight`, `value_bits` (16: float), `group_size` (None unless quantized), `lowrank_bits` (None without a
+low-rank term), `method`, `compression_rate`, `rank_ratio` (as used), `seed`, `calibration`, `evaluation` and
+`model_dtype`. The key is `<method>-<layerwise>-<rate>`, then the settings that differ from the original protocol,
+e.g. `hassle-uniform-0.3-fast-k0.1-h2-lam0.5-v4-g128-uv8-s1` (quantized runs gain `-v<bits>-g<group>[-uv<bits>]`
+before the seed; unquantized keys are unchanged).
+
 With both solvers and several seeds a paired table follows: fast / exact perplexity per seed and its geometric
 mean with a 95% t interval, the yardstick for "the fast solver costs no accuracy" where one run is too noisy.
 """
@@ -57,6 +71,7 @@ class Entry(NamedTuple):
     pattern: str
     svd: str  # OATS's solver; other methods record the first --svd value and ignore it
     seed: int
+    value_bits: int = 16
 
 
 # `OATSConfig.refine_lr` unset, in words (engine.refine.default_refine_lr).
@@ -115,6 +130,11 @@ def parse_args() -> argparse.Namespace:
         default=0.1,
         help="method hassle: kappa (the library default, not --rank-ratio)",
     )
+    parser.add_argument(
+        "--value-bits", type=int, nargs="+", default=[16], help="bits of S's kept values (OATSConfig.value_bits)"
+    )
+    parser.add_argument("--group-size", type=int, default=128, help="columns per scale (OATSConfig.group_size)")
+    parser.add_argument("--lowrank-bits", type=int, default=16, help="bits of U and V (OATSConfig.lowrank_bits)")
     parser.add_argument("--svd", nargs="+", default=["exact"], choices=["exact", "fast"], help="OATS's rank-r step")
     parser.add_argument(
         "--patterns",
@@ -207,6 +227,9 @@ def main() -> None:
                 refine_steps=args.refine_steps,
                 refine_lr=args.refine_lr,
                 refine_lowrank_lr=args.refine_lowrank_lr,
+                value_bits=entry.value_bits,
+                group_size=args.group_size,
+                lowrank_bits=args.lowrank_bits,
                 **(owl if entry.layerwise == "owl" else {}),
             )
             cuda = args.device.type == "cuda"
@@ -226,6 +249,17 @@ def main() -> None:
                 "kept_fraction": report.kept_fraction,
                 "mean_relative_error": report.mean_relative_error,
                 "device": str(args.device),
+                "bits_per_weight": report.bits_per_weight,
+                "value_bits": entry.value_bits,
+                "group_size": args.group_size if config.quantized else None,
+                "lowrank_bits": args.lowrank_bits if config.uses_low_rank else None,
+                "method": entry.method,
+                "compression_rate": entry.rate,
+                "rank_ratio": config.effective_rank_ratio,
+                "seed": entry.seed,
+                "calibration": f"{args.num_samples}x{args.seqlen} c4 {args.sampling}",
+                "evaluation": f"wikitext2 test, first {args.windows} windows of {args.eval_seqlen}",
+                "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             }
             if cuda:
                 result["peak_memory_bytes"] = peak
@@ -240,9 +274,10 @@ def main() -> None:
     settings = [(r, lw, "unstructured") for r in args.rates for lw in args.layerwise if unstructured]
     settings += [(nm_rate(p), "uniform", p) for p in args.patterns if p != "unstructured"]
     runs = [
-        Entry(m, r, lw, p, svd, seed)
+        Entry(m, r, lw, p, svd, seed, bits)
         for seed in args.seed
         for r, lw, p in settings
+        for bits in args.value_bits
         for m in args.methods
         for svd in (args.svd if m == "oats" else args.svd[:1])
     ]
@@ -268,16 +303,20 @@ def main() -> None:
     if dense_result is None:
         raise SystemExit("--table-only: the dense baseline has not been run in this --output folder yet")
     dense_ppl = dense_result["perplexity"]
-    print("| method | pattern | layerwise | rho | kept | perplexity | ppl / dense | mean rel. error | compress s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| dense | - | - | 0 | 1.000 | {dense_ppl:.2f} | 1.00 | - | - |")
+    print(
+        "| method | pattern | layerwise | rho | kept | bits/weight | perplexity | ppl / dense | mean rel. error "
+        "| compress s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| dense | - | - | 0 | 1.000 | - | {dense_ppl:.2f} | 1.00 | - | - |")
     for entry, r in results.items():
         row = f"| {label(entry, args)} | {entry.pattern} | {entry.layerwise} | {entry.rate} |"
         if r is None:
-            print(f"{row} not run yet | | | | |")
+            print(f"{row} not run yet | | | | | |")
             continue
+        bits = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "-"  # absent in older results
         print(
-            f"{row} {r['kept_fraction']:.3f} | {r['perplexity']:.2f} | {r['perplexity'] / dense_ppl:.2f} | "
+            f"{row} {r['kept_fraction']:.3f} | {bits} | {r['perplexity']:.2f} | {r['perplexity'] / dense_ppl:.2f} | "
             f"{r['mean_relative_error']:.4f} | {r['seconds']:.0f} |"
         )
     if "oats" in args.methods and len(args.svd) == 2:
@@ -292,6 +331,10 @@ def main() -> None:
 def label(entry: Entry, args: argparse.Namespace) -> str:
     """The method, with the solver and seed where the run compares several."""
     parts = [entry.method]
+    if entry.value_bits != 16 or args.lowrank_bits != 16:
+        parts.append(
+            f"W{entry.value_bits}" + (f"/UV{args.lowrank_bits}" if ALGORITHMS[entry.method].uses_low_rank else "")
+        )
     if entry.method == "oats" and len(args.svd) > 1:
         parts.append(entry.svd)
     if len(args.seed) > 1:
@@ -412,6 +455,11 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += "-lamauto" if shrinkage is None else f"-lam{shrinkage:g}" if shrinkage else ""
     if layerwise == "owl" and (args.owl_threshold, args.owl_lambda) != SWEEP_OWL:
         key += f"-M{args.owl_threshold}-l{args.owl_lambda}"
+    quantized = entry.value_bits != 16 or (args.lowrank_bits != 16 and ALGORITHMS[method].uses_low_rank)
+    if quantized:  # unquantized runs keep their old keys
+        key += f"-v{entry.value_bits}-g{args.group_size}"
+        if ALGORITHMS[method].uses_low_rank:
+            key += f"-uv{args.lowrank_bits}"
     if entry.seed != 0:
         key += f"-s{entry.seed}"
     if args.sampling != "joined":

@@ -11,7 +11,15 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .algorithms import method_info, method_names, resolve_method_settings
+from .algorithms import (
+    DEFAULT_GROUP_SIZE,
+    LOWRANK_BITS,
+    NOT_QUANTIZED,
+    VALUE_BITS,
+    method_info,
+    method_names,
+    resolve_method_settings,
+)
 from .data.kinds import is_in_memory_dataset
 from .data.text import SAMPLINGS
 from .legacy_settings import (
@@ -34,6 +42,7 @@ NAMED_DATASETS = ("c4", "wikitext2", "self")
 # ASCII digits and nothing else: `\d` also takes other scripts' digits, and `$` a trailing newline.
 _NM_PATTERN = re.compile(r"([0-9]+):([0-9]+)")
 _MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+SPARSEGPT_BLOCK = 128  # columns per OBS block of SparseGPT's pass (sparsegpt.prune_with_factor's default)
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -106,6 +115,18 @@ class OATSConfig(QuantizationConfigMixin):
         refine_lowrank_lr (`float`, *optional*): Adam's rate for U and V during refinement; `None` (the default)
             uses `refine_lr`, 0 freezes them. Their product moves by about the sum of both factors' steps, so at a
             rate that suits the kept values it can overshoot (docs/quality.md).
+        value_bits (`int`, defaults to 16): bits of each kept value of S: 16 stores them in the model's float dtype
+            (no quantization); 8, 6, 4 or 3 store `b`-bit codes on a symmetric grid without a zero level (the mask
+            says which entries are zero) with one fp16 scale per group (`optimum_oats.algorithms.quantize`).
+            SparseGPT and hassle round inside their OBS pass, so each rounding error is compensated on the columns
+            not yet placed (the registry's `quantizes_jointly`); OATS, Wanda and magnitude round to nearest after
+            the fact (the baselines).
+        group_size (`int`, defaults to 128): consecutive input columns of a row sharing one fp16 scale (of the
+            values, and of U and V when they are quantized); a divisor or a multiple of SparseGPT's 128-column
+            block. Each group costs 16 bits per row: 0.125 bits per weight at 128, 0.25 at 64.
+        lowrank_bits (`int`, defaults to 16): bits of U and V: 16 (the model's float dtype), 8 or 4, grouped as
+            the values. hassle refits U to the rounded V in its Hessian metric before rounding U; the other
+            low-rank methods round both to nearest. Ignored by methods without a low-rank term.
         tokenizer (`str` or tokenizer, *optional*), image_processor (`str` or image processor, *optional*):
             Accepted for compatibility and never serialized; they are arguments of a run, so prefer
             `compress(model, cfg, tokenizer, image_processor=...)`. A data set given as objects (PIL images, a
@@ -150,6 +171,11 @@ class OATSConfig(QuantizationConfigMixin):
     refine_lowrank_lr: float | None = setting(
         None, "Block refinement rate of U and V; unset: the refinement rate, 0: frozen", "LR"
     )
+    value_bits: int = setting(NOT_QUANTIZED, "Bits of the kept values: 16 (not quantized), 8, 6, 4 or 3", "B")
+    group_size: int = setting(
+        DEFAULT_GROUP_SIZE, "Input columns sharing one fp16 scale of the quantized values and factors", "G"
+    )
+    lowrank_bits: int = setting(NOT_QUANTIZED, "Bits of U and V: 16 (not quantized), 8 or 4", "B")
     tokenizer: Any = None
     image_processor: Any = None
     layer_map: dict[str, dict[str, Any]] | None = None
@@ -173,6 +199,7 @@ class OATSConfig(QuantizationConfigMixin):
             self.refine_lowrank_lr = _check_float(
                 "refine_lowrank_lr", self.refine_lowrank_lr, 0.0, 1.0, low_inclusive=True
             )
+        self._check_quantization()
         if not isinstance(self.method, str) or self.method not in method_names():
             raise ValueError(f"`method` must be one of {method_names()}, got {self.method!r}.")
         settings = self.method_settings
@@ -225,6 +252,38 @@ class OATSConfig(QuantizationConfigMixin):
             self.modules_to_not_convert = list(self.modules_to_not_convert)
         if self.layer_map is not None:
             _check_layer_map(self.layer_map)
+
+    def _check_quantization(self) -> None:
+        self.value_bits = _check_int("value_bits", self.value_bits, 0)
+        if self.value_bits not in VALUE_BITS:
+            raise ValueError(f"`value_bits` must be one of {VALUE_BITS} (16: not quantized), got {self.value_bits}.")
+        self.lowrank_bits = _check_int("lowrank_bits", self.lowrank_bits, 0)
+        if self.lowrank_bits not in LOWRANK_BITS:
+            raise ValueError(
+                f"`lowrank_bits` must be one of {LOWRANK_BITS} (16: not quantized), got {self.lowrank_bits}."
+            )
+        self.group_size = _check_int("group_size", self.group_size, 1)
+        if SPARSEGPT_BLOCK % self.group_size and self.group_size % SPARSEGPT_BLOCK:
+            raise ValueError(
+                f"`group_size` must divide {SPARSEGPT_BLOCK} or be a multiple of it (SparseGPT's column block, so a "
+                f"group never straddles two blocks), e.g. 32, 64, 128, 256; got {self.group_size}."
+            )
+        if self.quantized and self.refine_steps:
+            raise NotImplementedError(
+                f"`refine_steps={self.refine_steps}` with quantization (`value_bits={self.value_bits}`, "
+                f"`lowrank_bits={self.lowrank_bits}`): refinement moves values off the quantization grid and is "
+                "not supported yet; set `refine_steps=0` or leave both bit widths at 16."
+            )
+        if self.value_bits != NOT_QUANTIZED and self.sparsity_pattern != "unstructured":
+            raise NotImplementedError(
+                f"`value_bits={self.value_bits}` with `sparsity_pattern={self.sparsity_pattern!r}` is not supported "
+                "yet (the N:M groups are chosen inside a quantization group); use `sparsity_pattern='unstructured'`."
+            )
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the values or the factors are stored as codes (a bit width below 16)."""
+        return self.value_bits != NOT_QUANTIZED or self.lowrank_bits != NOT_QUANTIZED
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -326,3 +385,9 @@ def _check_layer_map(layer_map: Any) -> None:
                     f"`layer_map[{module!r}]` has no {key!r}; the checkpoint's config.json is incomplete."
                 )
             _check_int(f"layer_map[{module!r}][{key!r}]", entry[key], 0)
+        for key, allowed in (("value_bits", VALUE_BITS), ("lowrank_bits", LOWRANK_BITS)):
+            if key in entry and (isinstance(entry[key], bool) or entry[key] not in allowed):
+                raise ValueError(f"`layer_map[{module!r}][{key!r}]` must be one of {allowed}, got {entry[key]!r}.")
+        for key in ("group_size", "in_features"):
+            if key in entry:
+                _check_int(f"layer_map[{module!r}][{key!r}]", entry[key], 1)

@@ -84,3 +84,36 @@ def test_an_unset_refine_lr_survives_the_round_trip():
     assert cfg.refine_lr is None
     assert OATSConfig.from_dict(cfg.to_dict()).refine_lr is None
     assert OATSConfig(refine_lr=3e-4).refine_lr == 3e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"value_bits": 5}, ValueError, r"`value_bits` must be one of \(3, 4, 6, 8, 16\).*got 5"),
+        ({"value_bits": 2}, ValueError, "`value_bits` must be one of"),
+        ({"lowrank_bits": 6}, ValueError, r"`lowrank_bits` must be one of \(4, 8, 16\).*got 6"),
+        ({"group_size": 0}, ValueError, "`group_size` must be >= 1, got 0"),
+        ({"group_size": 96}, ValueError, "`group_size` must divide 128 or be a multiple of it.*got 96"),
+        ({"value_bits": 4.0}, TypeError, "`value_bits` must be an integer"),
+        ({"value_bits": 4, "refine_steps": 8}, NotImplementedError, "`refine_steps=8` with quantization"),
+        ({"lowrank_bits": 8, "refine_steps": 8}, NotImplementedError, "off the quantization grid"),
+        ({"value_bits": 4, "sparsity_pattern": "2:4"}, NotImplementedError, "`sparsity_pattern='2:4'`"),
+    ],
+)
+def test_invalid_quantization_settings_name_the_field(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        OATSConfig(**kwargs)
+
+
+def test_quantization_settings_round_trip():
+    cfg = OATSConfig(method="hassle", value_bits=3, group_size=64, lowrank_bits=8)
+    assert cfg.quantized and not OATSConfig().quantized and OATSConfig(lowrank_bits=4).quantized
+    again = OATSConfig.from_dict(cfg.to_dict())
+    assert (again.value_bits, again.group_size, again.lowrank_bits) == (3, 64, 8)
+    assert {k: v for k, v in cfg.to_diff_dict().items() if k != "method_settings"} == {
+        "quant_method": "oats",
+        "method": "hassle",
+        "value_bits": 3,
+        "group_size": 64,
+        "lowrank_bits": 8,
+    }

@@ -21,4 +21,3 @@ def test_a_difference_within_two_standard_errors_is_marked_as_noise():
     assert row.endswith("-0.050 (noise) |")
     (row,) = SUMMARY["_quality_rows"](_results(0.70, 0.55, 500))  # 0.15 against a bound of ~0.06
     assert row.endswith("-0.150 |")
-

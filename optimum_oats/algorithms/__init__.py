@@ -10,19 +10,29 @@ from .method import HESSIAN, INPUT_NORMS, Algorithm, NoSettings
 from .oats import DEFAULT_SOLVER, SOLVERS, Decomposition, OATSSettings, oats_decompose, truncated_svd
 from .owl import outlier_ratios, owl_block_rates
 from .pruning import magnitude_prune, wanda_prune
+from .quantize import DEFAULT_GROUP_SIZE, LOWRANK_BITS, NOT_QUANTIZED, VALUE_BITS, GroupSpec
 from .registry import (
     ALGORITHMS,
     TRAINED_METHODS,
+    QuantizationSettings,
+    compress_layer,
+    lowrank_spec,
     method_info,
     method_names,
     register_algorithm,
     resolve_method_settings,
     unregister_algorithm,
+    value_spec,
 )
 from .sparsegpt import sparsegpt_prune
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_GROUP_SIZE",
+    "LOWRANK_BITS",
+    "NOT_QUANTIZED",
+    "VALUE_BITS",
+    "GroupSpec",
     "DEFAULT_HESSIAN_ITERATIONS",
     "DEFAULT_SOLVER",
     "HESSIAN",
@@ -34,6 +44,7 @@ __all__ = [
     "HassleSettings",
     "LayerBudget",
     "NoSettings",
+    "QuantizationSettings",
     "OATSSettings",
     "hessian_sparse_low_rank",
     "layer_budget",
@@ -44,8 +55,11 @@ __all__ = [
     "oats_decompose",
     "outlier_ratios",
     "owl_block_rates",
+    "compress_layer",
+    "lowrank_spec",
     "register_algorithm",
     "resolve_method_settings",
+    "value_spec",
     "rowwise_topk_mask",
     "sparsegpt_prune",
     "sparsity_mask",

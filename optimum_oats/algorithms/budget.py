@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..utils.counting import counted_parameters
+from .quantize import GroupSpec
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,10 @@ class LayerBudget:
     rank: int
     keep_per_row: int
     nm: tuple[int, int] | None = None
+    # The grids the kept values and U, V are rounded to (None: stored in the float dtype); set by the engine from
+    # `OATSConfig.value_bits` / `lowrank_bits`, read by methods that round while placing values (`quantizes_jointly`).
+    values: GroupSpec | None = None
+    factors: GroupSpec | None = None
 
     def num_parameters(self, d_out: int, d_in: int) -> int:
         return counted_parameters(self.keep_per_row * d_out, self.rank, d_in, d_out)

@@ -26,6 +26,9 @@ few thousand calibration tokens; its off-diagonal correlations are what SparseGP
 and at low ρ, where the errors are small, fitting them exactly fits the sample more than the model
 (docs/quality.md measures it).
 
+Quantized ([`quantized_hessian_sparse_low_rank`]): each S-step and L-step ends by rounding, with compensation, as
+`quantize_hessian.py` describes; the objective, and so the acceptance of an iterate, is the rounded decomposition's.
+
 Each phase runs under a `torch.profiler.record_function` label (`hassle/s_step`, `hassle/refit`, `hassle/l_step`,
 `hassle/objective`) so that a profile on any device shows where the time goes (`benchmarks/hessian_slr.py --profile`).
 """
@@ -41,6 +44,8 @@ from ..utils.settings import check_float, check_int, setting
 from .budget import LayerBudget
 from .method import HESSIAN, INPUT_NORMS, Algorithm
 from .oats import Decomposition, OATSSettings, run_oats
+from .quantize import GroupSpec
+from .quantize_hessian import quantize_factors, quantize_on_support
 from .sparsegpt import (
     SPARSEGPT_PRECISION,
     _not_positive_definite,
@@ -250,6 +255,39 @@ def hessian_sparse_low_rank(
         accepted iterate (the polished warm start first, when given), so `iterations` is at most `iterations + 1`.
         Weights and low-rank columns of dead inputs (`H_jj = 0`) are zero.
     """
+    return quantized_hessian_sparse_low_rank(
+        weight,
+        hessian,
+        None,
+        None,
+        rank=rank,
+        sparsity=sparsity,
+        nm=nm,
+        iterations=iterations,
+        warm_start=warm_start,
+        refit_steps=refit_steps,
+        percdamp=percdamp,
+    )
+
+
+def quantized_hessian_sparse_low_rank(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | HessianMetric,
+    value_quant: GroupSpec | None,
+    lowrank_quant: GroupSpec | None,
+    *,
+    rank: int,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    iterations: int = DEFAULT_HESSIAN_ITERATIONS,
+    warm_start: Decomposition | None = None,
+    refit_steps: int = DEFAULT_REFIT_STEPS,
+    percdamp: float = 0.01,
+) -> Decomposition:
+    """[`hessian_sparse_low_rank`] with S's kept values rounded on `value_quant`'s grid inside each S-step
+    (unstructured `sparsity` only) and U, V on `lowrank_quant`'s (a `zero_level` grid) inside each L-step, as the
+    module docstring describes; None leaves that part in float32. The scales are in the result's
+    `value_scales`, `lowrank_u_scales`, `lowrank_v_scales`."""
     d_out, d_in = weight.shape
     if not 0 <= rank <= min(d_out, d_in):
         raise ValueError(
@@ -258,6 +296,8 @@ def hessian_sparse_low_rank(
         )
     if (sparsity is None) == (nm is None):
         raise ValueError(f"Give exactly one of `sparsity` or `nm`, got sparsity={sparsity}, nm={nm}.")
+    if value_quant is not None and nm is not None:
+        raise NotImplementedError("Quantized values (`value_quant`) with `nm` are not supported yet.")
     if iterations < 0 or refit_steps < 0:
         raise ValueError(f"Need `iterations` >= 0 and `refit_steps` >= 0, got {iterations} and {refit_steps}.")
     if iterations == 0 and (warm_start is None or rank == 0):
@@ -266,10 +306,23 @@ def hessian_sparse_low_rank(
             "`iterations` >= 1 otherwise)."
         )
     with no_tf32():
-        return _alternate(weight, hessian, rank, (sparsity, nm), iterations, warm_start, refit_steps, percdamp)
+        return _alternate(
+            weight,
+            hessian,
+            rank,
+            (sparsity, nm),
+            iterations,
+            warm_start,
+            refit_steps,
+            percdamp,
+            value_quant,
+            lowrank_quant,
+        )
 
 
-def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_steps, percdamp) -> Decomposition:
+def _alternate(
+    weight, hessian, rank, pattern, iterations, warm_start, refit_steps, percdamp, value_quant, lowrank_quant
+) -> Decomposition:
     sparsity, nm = pattern
     if not isinstance(hessian, HessianMetric):
         hessian = hessian_metric(hessian.to(weight.device), percdamp)
@@ -283,7 +336,7 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
     scale = max(hessian_objective(target, metric.hessian()), 1e-30)
     best: Decomposition | None = None
 
-    def accept(sparse: torch.Tensor, lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None) -> bool:
+    def accept(sparse: torch.Tensor, lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None, scales) -> bool:
         nonlocal best
         residual = target - sparse
         if lowrank_u is not None:
@@ -294,7 +347,23 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
             return False  # a greedy S-step made it worse: keep the previous iterate
         history = [*best.history, loss] if best is not None else [loss]
         best = Decomposition(sparse, lowrank_u, lowrank_v, history=history, iterations=len(history))
+        best.value_scales, best.lowrank_u_scales, best.lowrank_v_scales = scales
         return True
+
+    def rounded_s(sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if value_quant is None:
+            return sparse, None
+        with record_function("hassle/quantize"):
+            return quantize_on_support(sparse, metric, value_quant)
+
+    def l_step(sparse: torch.Tensor):
+        """U, V for the (rounded) S, rounded themselves when asked, and their scales."""
+        with record_function("hassle/l_step"):
+            lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
+        if lowrank_quant is None or lowrank_u is None:
+            return lowrank_u, lowrank_v, None, None
+        with record_function("hassle/quantize"):
+            return quantize_factors(target - sparse, lowrank_u, lowrank_v, metric, lowrank_quant)
 
     def minus_low_rank(lowrank_u: torch.Tensor | None, lowrank_v: torch.Tensor | None) -> torch.Tensor:
         return target if lowrank_u is None else torch.addmm(target, lowrank_u, lowrank_v, alpha=-1)
@@ -309,10 +378,10 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
         with record_function("hassle/refit"):
             sparse = refit_on_support(goal, start, metric.hessian(), refit_steps)
         del goal, start
-        with record_function("hassle/l_step"):
-            lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
+        sparse, value_scales = rounded_s(sparse)
+        lowrank_u, lowrank_v, u_scales, v_scales = l_step(sparse)
         with record_function("hassle/objective"):
-            accept(sparse, lowrank_u, lowrank_v)
+            accept(sparse, lowrank_u, lowrank_v, (value_scales, u_scales, v_scales))
     for _ in range(iterations):
         with record_function("hassle/s_step"):
             inverse_factor = metric.inverse_factor()  # its two-matrix transient before `goal` exists
@@ -322,10 +391,10 @@ def _alternate(weight, hessian, rank, pattern, iterations, warm_start, refit_ste
         with record_function("hassle/refit"):
             sparse = refit_on_support(goal, sparse, metric.hessian(), refit_steps)
         del goal
-        with record_function("hassle/l_step"):
-            lowrank_u, lowrank_v = weighted_low_rank(target - sparse, metric, rank)
+        sparse, value_scales = rounded_s(sparse)
+        lowrank_u, lowrank_v, u_scales, v_scales = l_step(sparse)
         with record_function("hassle/objective"):
-            accepted = accept(sparse, lowrank_u, lowrank_v)
+            accepted = accept(sparse, lowrank_u, lowrank_v, (value_scales, u_scales, v_scales))
         if not accepted:
             break
     if best.lowrank_v is not None:
@@ -369,9 +438,11 @@ def run_hassle(
 ) -> Decomposition:
     """OATS at the same budget as the first iterate, then S/L alternation in the full Hessian metric."""
     warm = run_oats(weight, stats, budget, settings) if budget.rank > 0 else None
-    return hessian_sparse_low_rank(
+    return quantized_hessian_sparse_low_rank(
         weight,
         hessian_metric(stats[HESSIAN], shrinkage=_shrinkage(weight, budget, settings)),
+        budget.values,
+        budget.factors,
         rank=budget.rank,
         sparsity=None if budget.nm is not None else budget.layer_sparsity(weight.shape[1]),
         nm=budget.nm,
@@ -395,4 +466,5 @@ HASSLE = Algorithm(
     uses_low_rank=True,
     run=run_hassle,
     settings=HassleSettings,
+    quantizes_jointly=True,
 )

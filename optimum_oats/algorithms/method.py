@@ -47,6 +47,9 @@ class Algorithm:
             as OATS and Wanda; SparseGPT's and magnitude's references choose per block or per layer). Loading checks
             it on checkpoints that predate the integrity records (`integrations/checkpoint.py`).
         settings: the dataclass of its own settings (`OATSConfig.method_settings`).
+        quantizes_jointly: whether `run` rounds the values itself while placing them (`budget.values`,
+            `budget.factors`), compensating each rounding error (SparseGPT's and hassle's OBS passes); otherwise
+            the registry's [`compress_layer`] rounds its result to nearest.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Algorithm:
     run: Run | None = None
     rows_balanced: bool = False
     settings: type = NoSettings
+    quantizes_jointly: bool = False
 
     @property
     def one_shot(self) -> bool:

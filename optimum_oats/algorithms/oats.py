@@ -38,7 +38,9 @@ FAST_MAX_STEPS = 4
 class Decomposition:
     """`W ≈ sparse + lowrank_u @ lowrank_v`; `sparse` is dense with zeros where pruned.
 
-    `iterations` counts the alternating steps actually run: fewer than asked when stopped early.
+    `iterations` counts the alternating steps actually run: fewer than asked when stopped early. A quantized
+    decomposition (`algorithms/quantize.py`) holds on-grid values and the fp16-exact group scales of each quantized
+    part (`value_scales` of S, `lowrank_u_scales`, `lowrank_v_scales`); None where a part is not quantized.
     """
 
     sparse: torch.Tensor
@@ -46,6 +48,9 @@ class Decomposition:
     lowrank_v: torch.Tensor | None = None
     history: list[float] = field(default_factory=list)
     iterations: int = 0
+    value_scales: torch.Tensor | None = None
+    lowrank_u_scales: torch.Tensor | None = None
+    lowrank_v_scales: torch.Tensor | None = None
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

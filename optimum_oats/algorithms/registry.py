@@ -8,13 +8,62 @@ listed too, so that their checkpoints validate and their cards name them, but ha
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
+import torch
+
+from .budget import LayerBudget
 from .hessian_slr import HASSLE
 from .method import Algorithm
-from .oats import OATS
+from .oats import OATS, Decomposition
 from .pruning import MAGNITUDE, WANDA
+from .quantize import NOT_QUANTIZED, GroupSpec, quantize_rtn
 from .sparsegpt import SPARSEGPT
+
+
+class QuantizationSettings(Protocol):
+    """What the engine passes to [`compress_layer`]: `OATSConfig` has these, and this package need not import it."""
+
+    method_settings: Any
+    value_bits: int
+    group_size: int
+    lowrank_bits: int
+
+
+def value_spec(settings: QuantizationSettings) -> GroupSpec | None:
+    """The grid of S's kept values (zero-free: the mask carries the zeros), or None when they are not quantized."""
+    bits = getattr(settings, "value_bits", NOT_QUANTIZED)
+    return None if bits == NOT_QUANTIZED else GroupSpec(bits, settings.group_size)
+
+
+def lowrank_spec(settings: QuantizationSettings) -> GroupSpec | None:
+    """The grid of U and V (with a zero level: they are dense), or None when they are not quantized."""
+    bits = getattr(settings, "lowrank_bits", NOT_QUANTIZED)
+    return None if bits == NOT_QUANTIZED else GroupSpec(bits, settings.group_size, zero_level=True)
+
+
+def compress_layer(
+    algorithm: Algorithm,
+    weight: torch.Tensor,
+    statistics: dict[str, torch.Tensor],
+    budget: LayerBudget,
+    settings: QuantizationSettings,
+) -> Decomposition:
+    """Run `algorithm` on one layer with the configured grids in its budget; for a method that does not quantize
+    jointly, round what it returns to nearest (S's kept values and U, V each on its own grid), so every method's
+    result is on the configured grid."""
+    values, factors = value_spec(settings), lowrank_spec(settings)
+    budget = dataclasses.replace(budget, values=values, factors=factors)
+    decomposition = algorithm.run(weight, statistics, budget, settings.method_settings)
+    if algorithm.quantizes_jointly:
+        return decomposition
+    if values is not None:
+        decomposition.sparse, decomposition.value_scales = quantize_rtn(decomposition.sparse, values)
+    if factors is not None and decomposition.lowrank_u is not None:
+        decomposition.lowrank_u, decomposition.lowrank_u_scales = quantize_rtn(decomposition.lowrank_u, factors)
+        decomposition.lowrank_v, decomposition.lowrank_v_scales = quantize_rtn(decomposition.lowrank_v, factors)
+    return decomposition
+
 
 ALGORITHMS: dict[str, Algorithm] = {}
 # Methods whose checkpoints this format stores but that `compress()` cannot run.

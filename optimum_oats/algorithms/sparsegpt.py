@@ -19,6 +19,12 @@ Three mask rules, all scored by `w^2 / [H^-1]_jj^2` on the weights as already up
 
 Kept weights of dead inputs (`H_jj = 0`) are exactly zero, so with many dead inputs a row can hold fewer
 non-zeros than its mask keeps.
+
+Quantization (`quant=GroupSpec`, [`prune_and_quantize_with_factor`]): as the reference's joint mode, each column is
+rounded as it is pruned, `q = quantize(w)` on the kept entries, and the OBS update spreads `(w - q) / d` (pruning
+and rounding error together) over the columns not yet placed. A group's scale is taken, when the pass reaches the
+group's first column, from the group's kept values as updated so far (GPTQ's dynamic groups); the block is widened to
+the group when the group is wider than 128 columns, so a group never straddles two blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from .budget import LayerBudget
 from .method import HESSIAN, Algorithm, NoSettings
 from .oats import Decomposition
+from .quantize import GroupSpec, best_scale, round_to_grid
 
 SPARSEGPT_PRECISION = torch.float32
 
@@ -173,6 +180,26 @@ def sparsegpt_prune(
         )
 
 
+def sparsegpt_prune_quantized(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quant: GroupSpec,
+    *,
+    sparsity: float,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`sparsegpt_prune`]'s joint rule with every kept weight rounded inside the pass (the reference's joint
+    pruning + quantization); returns the on-grid weight and its scales (see [`prune_and_quantize_with_factor`])."""
+    d_out, d_in = weight.shape
+    if hessian.shape != (d_in, d_in):
+        raise ValueError(f"`hessian` must have shape ({d_in}, {d_in}), got {tuple(hessian.shape)}.")
+    _check_arguments(d_in, None, sparsity, None, blocksize, percdamp)
+    with no_tf32():
+        Hinv, dead = inverse_hessian_factor(hessian.to(weight.device), percdamp)
+        return prune_and_quantize_with_factor(weight, Hinv, dead, quant, sparsity=sparsity, blocksize=blocksize)
+
+
 @contextmanager
 def no_tf32():
     """The reference sets `torch.backends.cuda.matmul.allow_tf32 = False`: OBS updates need full fp32 products."""
@@ -196,9 +223,45 @@ def prune_with_factor(
 ) -> torch.Tensor:
     """[`sparsegpt_prune`] with the factor of [`inverse_hessian_factor`] given, for callers that prune several
     matrices under one Hessian (the alternating sparse + low-rank method); arguments are not re-checked."""
-    d_in = weight.shape[1]
+    return _obs_pass(weight, Hinv, dead, keep_per_row, sparsity, nm, blocksize, None, None)[0]
+
+
+def prune_and_quantize_with_factor(
+    weight: torch.Tensor,
+    Hinv: torch.Tensor,
+    dead: torch.Tensor,
+    quant: GroupSpec,
+    *,
+    sparsity: float | None = None,
+    support: torch.Tensor | None = None,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One OBS pass that prunes and rounds jointly (see the module docstring): returns the on-grid weight
+    `(d_out, d_in)` float32, zeros where pruned, and its fp16-exact scales `(d_out, ceil(d_in / group_size))`.
+
+    Args:
+        sparsity: the reference's joint mask per block, chosen as the pass goes (as [`sparsegpt_prune`]).
+        support: instead of `sparsity`, a fixed bool mask `(d_out, d_in)` of the entries kept (GPTQ on a given
+            support: the pass only rounds and compensates, e.g. after a refit of the kept values).
+    """
+    if (sparsity is None) == (support is None):
+        raise ValueError(f"Give exactly one of `sparsity` or `support`, got sparsity={sparsity}, support={support}.")
+    if quant.group_size % blocksize == 0:
+        blocksize = quant.group_size
+    elif blocksize % quant.group_size:
+        raise ValueError(
+            f"`group_size` ({quant.group_size}) must divide `blocksize` ({blocksize}) or be a multiple of it."
+        )
+    W, scales = _obs_pass(weight, Hinv, dead, None, sparsity, None, blocksize, quant, support)
+    return W, scales
+
+
+def _obs_pass(weight, Hinv, dead, keep_per_row, sparsity, nm, blocksize, quant, support):
+    d_out, d_in = weight.shape
     W = weight.detach().to(SPARSEGPT_PRECISION, copy=True)
     W[:, dead] = 0
+    scales = None if quant is None else W.new_zeros(d_out, quant.num_groups(d_in))
+    scale = None
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
         count = i2 - i1
@@ -208,7 +271,9 @@ def prune_with_factor(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
 
-        if nm is not None:
+        if support is not None:
+            mask1 = ~support[:, i1:i2]
+        elif nm is not None:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)  # filled group by group below
         elif sparsity is not None:
             # `int(numel * sparsity)` as the reference (no epsilon: its index is what users compare against)
@@ -225,6 +290,12 @@ def prune_with_factor(
                 mask1[:, i : i + m].scatter_(1, scores.topk(n, dim=1, sorted=False).indices, False)
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0)
+            if quant is not None:
+                if (i1 + i) % quant.group_size == 0:  # the group's mask is fixed, its values updated so far
+                    group = slice(i, i + quant.group_size)
+                    scale = best_scale(W1[:, group].masked_fill(mask1[:, group], 0), quant).squeeze(1)
+                    scales[:, (i1 + i) // quant.group_size] = scale
+                q = round_to_grid(q, scale, quant)
             Q1[:, i] = q
             err1 = (w - q) / d[i]
             W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -232,16 +303,24 @@ def prune_with_factor(
 
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return W
+    return W, scales
 
 
 def run_sparsegpt(
     weight: torch.Tensor, stats: dict[str, torch.Tensor], budget: LayerBudget, settings: NoSettings
 ) -> Decomposition:
-    """The reference's joint mask per 128-column block (IST-DASLab/sparsegpt `fasterprune`); N:M per row."""
+    """The reference's joint mask per 128-column block (IST-DASLab/sparsegpt `fasterprune`); N:M per row.
+
+    With a value grid (`budget.values`) the column loop rounds as it prunes, as the reference's quantizer does."""
     if budget.nm is not None:
         return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], nm=budget.nm))
-    return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], sparsity=budget.layer_sparsity(weight.shape[1])))
+    sparsity = budget.layer_sparsity(weight.shape[1])
+    if budget.values is not None:
+        sparse, scales = sparsegpt_prune_quantized(weight, stats[HESSIAN], budget.values, sparsity=sparsity)
+        return Decomposition(sparse, value_scales=scales)
+    return Decomposition(sparsegpt_prune(weight, stats[HESSIAN], sparsity=sparsity))
 
 
-SPARSEGPT = Algorithm("sparsegpt", "SparseGPT pruning", (HESSIAN,), uses_low_rank=False, run=run_sparsegpt)
+SPARSEGPT = Algorithm(
+    "sparsegpt", "SparseGPT pruning", (HESSIAN,), uses_low_rank=False, run=run_sparsegpt, quantizes_jointly=True
+)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms import ALGORITHMS, INPUT_NORMS, layer_budget
+from ..algorithms import ALGORITHMS, INPUT_NORMS, compress_layer, layer_budget
 from ..config import OATSConfig
 from ..nn import LinearSparseLowRank
 from .distributed import assign_layers, share_layers, world
@@ -40,15 +40,38 @@ def compress_linear(
     rate = config.compression_rate if compression_rate is None else compression_rate
     d_out, d_in = linear.weight.shape
     budget = layer_budget(d_out, d_in, rate, config.effective_rank_ratio, config.nm)
-    decomposition = algorithm.run(linear.weight, statistics, budget, config.method_settings)
+    decomposition = compress_layer(algorithm, linear.weight, statistics, budget, config)
     layer = LinearSparseLowRank.from_linear(
-        linear, decomposition.sparse, decomposition.lowrank_u, decomposition.lowrank_v
+        linear,
+        decomposition.sparse,
+        decomposition.lowrank_u,
+        decomposition.lowrank_v,
+        scales=(decomposition.value_scales, decomposition.lowrank_u_scales, decomposition.lowrank_v_scales),
+        **storage_settings(config),
     )
     error = relative_error(linear.weight, layer.to_dense(), statistics.get(INPUT_NORMS))
-    entry: LayerEntry = {"rank": layer.rank, "nnz": layer.sparse_nnz, "relative_error": round(error, 6)}
+    entry: LayerEntry = {"rank": layer.rank, "nnz": layer.sparse_nnz, **layer_storage(layer)}
+    entry["relative_error"] = round(error, 6)
     if config.nm is None:
         entry["compression_rate"] = round(rate, 6)
     return layer, entry
+
+
+def storage_settings(config: OATSConfig) -> dict[str, int]:
+    """The layer constructor's storage arguments for `config` (empty when nothing is quantized)."""
+    if not config.quantized:
+        return {}
+    return {"value_bits": config.value_bits, "lowrank_bits": config.lowrank_bits, "group_size": config.group_size}
+
+
+def layer_storage(layer: LinearSparseLowRank) -> dict[str, int]:
+    """What a quantized layer's `layer_map` entry records beyond its shape, so its skeleton can be rebuilt (and
+    `in_features`, which `oats verify` otherwise reads from `lowrank_v`, not stored when quantized); empty for a
+    layer stored as floats (its entry stays as before quantization existed)."""
+    if layer.value_spec is None and layer.lowrank_spec is None:
+        return {}
+    storage = {"value_bits": layer.value_bits, "lowrank_bits": layer.lowrank_bits, "group_size": layer.group_size}
+    return {**storage, "in_features": layer.in_features}
 
 
 def compress_block(

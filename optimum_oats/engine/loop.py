@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 # The keys of a layer entry that reloading needs (config.json's `layer_map`); the rest go to oats_report.json.
 SHAPE_KEYS = ("rank", "nnz")
+# ... and, for a quantized layer only, how it is stored (absent: floats).
+SKELETON_KEYS = ("value_bits", "lowrank_bits", "group_size")  # the layer constructor's storage arguments
+STORAGE_KEYS = (*SKELETON_KEYS, "in_features")
+LAYER_MAP_KEYS = SHAPE_KEYS + STORAGE_KEYS
 
 
 @dataclass
@@ -48,8 +52,8 @@ class CompressionOutcome:
     @classmethod
     def from_entries(cls, entries: dict[str, LayerEntry], dataset: Any = None) -> CompressionOutcome:
         return cls(
-            layer_map={name: {k: int(e[k]) for k in SHAPE_KEYS} for name, e in entries.items()},
-            layer_stats={name: {k: v for k, v in e.items() if k not in SHAPE_KEYS} for name, e in entries.items()},
+            layer_map={name: {k: int(e[k]) for k in LAYER_MAP_KEYS if k in e} for name, e in entries.items()},
+            layer_stats={name: {k: v for k, v in e.items() if k not in LAYER_MAP_KEYS} for name, e in entries.items()},
             dataset=dataset,
         )
 
@@ -227,7 +231,8 @@ def _restore_block(onloaded, prefix: str, linears: dict[str, nn.Linear], resume,
             raise ResumeMismatchError(
                 f"The resume folder {resume.directory} has no saved layer `{prefix}.{name}`; delete it to start over."
             )
-        layer = LinearSparseLowRank.skeleton_of(linear, entry["rank"], entry["nnz"])
+        storage = {k: entry[k] for k in SKELETON_KEYS if k in entry}
+        layer = LinearSparseLowRank.skeleton_of(linear, entry["rank"], entry["nnz"], **storage)
         layer.load_state_dict({key[len(name) + 1 :]: t for key, t in tensors.items() if key.startswith(name + ".")})
         onloaded.replace(name, layer)
         entries[f"{prefix}.{name}"] = entry

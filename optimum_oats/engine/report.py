@@ -42,6 +42,7 @@ class LayerReport:
     compression_rate: float | None = None
     owl_outlier_ratio: float | None = None
     kept_rows: int | None = None
+    stored_bits: int | None = None  # values, mask, scales and factors as stored (bias excluded)
 
     @property
     def num_parameters(self) -> int:
@@ -72,6 +73,13 @@ class CompressionReport:
         return self.kept_parameters / max(1, self.dense_parameters)
 
     @property
+    def bits_per_weight(self) -> float | None:
+        """All stored bits of the compressed layers (values, mask, scales, factors) over their dense weight count."""
+        if not self.layers or any(layer.stored_bits is None for layer in self.layers):
+            return None
+        return sum(layer.stored_bits for layer in self.layers) / max(1, self.dense_parameters)
+
+    @property
     def mean_relative_error(self) -> float | None:
         errors = [layer.relative_error for layer in self.layers if layer.relative_error is not None]
         return sum(errors) / len(errors) if errors else None
@@ -93,6 +101,7 @@ class CompressionReport:
                 "dense_parameters": self.dense_parameters,
                 "kept_parameters": self.kept_parameters,
                 "kept_fraction": self.kept_fraction,
+                "bits_per_weight": self.bits_per_weight,
                 "mean_relative_error": self.mean_relative_error,
             },
             "layers": [asdict(layer) for layer in self.layers],
@@ -124,6 +133,7 @@ class CompressionReport:
                         rank=module.rank,
                         nnz=module.sparse_nnz,
                         kept_fraction=module.num_parameters / (module.in_features * module.out_features),
+                        stored_bits=module.stored_bits,
                         **{key: entry.get(key) for key in STAT_FIELDS},
                     )
                 )

@@ -141,7 +141,20 @@ def _summary(report: CompressionReport) -> dict[str, str]:
         "kept_parameters": f"{report.kept_parameters:,}",
         "kept_fraction": f"{report.kept_fraction:.1%}",
         "mean_relative_error": "n/a" if error is None else f"{error:.4f}",
+        "bits_per_weight": "n/a" if report.bits_per_weight is None else f"{report.bits_per_weight:.3f}",
+        "storage": _storage(report.config),
     }
+
+
+def _storage(config: dict[str, Any]) -> str:
+    """How values and factors are stored, in words (the bits `layer_map` records per layer)."""
+    values, factors = config.get("value_bits", 16), config.get("lowrank_bits", 16)
+    if values >= 16 and factors >= 16:
+        return "values and factors in the checkpoint's float dtype; 1-bit mask"
+    group = config.get("group_size")
+    parts = [f"{values}-bit values" if values < 16 else "float values", "1-bit mask"]
+    parts.append(f"{factors}-bit U, V" if factors < 16 else "float U, V")
+    return ", ".join(parts) + f"; one fp16 scale per {group} input columns of each row"
 
 
 def _layer_row(layer) -> dict[str, str]:

@@ -10,8 +10,21 @@ Per compressed module `<name>` the safetensors files hold:
 | `<name>.lowrank_v`    | model float    | `(rank, in_features)`          |
 | `<name>.bias`         | model float    | `(out_features,)` when present |
 
-`config.json`'s `quantization_config.layer_map` records `rank` and `nnz` per module, so the skeleton is built
-with the right shapes before loading. Each file's safetensors metadata holds its integrity record (`integrity.py`).
+A quantized module (`value_bits` / `lowrank_bits` below 16 in its `layer_map` entry) stores codes and scales instead
+of the float tensors it quantizes (`utils/quantization.py`, `nn/sparse_lowrank.py`):
+
+| key                         | dtype | shape                                                  |
+|-----------------------------|-------|--------------------------------------------------------|
+| `<name>.weight_codes`       | uint8 | `(ceil(nnz · value_bits / 8),)` packed codes, row-major |
+| `<name>.weight_scales`      | int16 | `(out_features, ceil(in_features / group_size))` fp16 bits |
+| `<name>.lowrank_u_codes`    | uint8 | `(ceil(out_features · rank · lowrank_bits / 8),)`      |
+| `<name>.lowrank_u_scales`   | int16 | `(out_features, ceil(rank / group_size))`              |
+| `<name>.lowrank_v_codes`    | uint8 | `(ceil(rank · in_features · lowrank_bits / 8),)`       |
+| `<name>.lowrank_v_scales`   | int16 | `(rank, ceil(in_features / group_size))`               |
+
+`config.json`'s `quantization_config.layer_map` records `rank` and `nnz` per module (and `value_bits`,
+`lowrank_bits`, `group_size` for a quantized one), so the skeleton is built with the right shapes before loading.
+Each file's safetensors metadata holds its integrity record (`integrity.py`).
 Checkpoints are read through safetensors only; nothing is unpickled.
 """
 
@@ -31,6 +44,7 @@ import torch
 from ..algorithms.registry import method_info
 from ..nn import LinearSparseLowRank
 from ..nn.packing import group_counts, packed_columns, padding_bits, row_counts
+from ..utils.quantization import packed_bytes
 
 _HEADER_LENGTH_BYTES = 8
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -101,13 +115,27 @@ _DTYPE_BITS = {
 }  # fmt: skip
 
 
-def expected_shapes(name: str, in_features: int, out_features: int, rank: int, nnz: int) -> dict[str, tuple]:
-    return {
-        f"{name}.weight": (nnz,),
-        f"{name}.weight_mask": (out_features, packed_columns(in_features)),
-        f"{name}.lowrank_u": (out_features, rank),
-        f"{name}.lowrank_v": (rank, in_features),
-    }
+def expected_shapes(
+    name: str,
+    in_features: int,
+    out_features: int,
+    rank: int,
+    nnz: int,
+    value_bits: int = 16,
+    lowrank_bits: int = 16,
+    group_size: int = 128,
+) -> dict[str, tuple]:
+    shapes = {f"{name}.weight_mask": (out_features, packed_columns(in_features))}
+    parts = {"weight": ((nnz,), (out_features, in_features), value_bits)}
+    parts["lowrank_u"] = ((out_features, rank), (out_features, rank), lowrank_bits if rank else 16)
+    parts["lowrank_v"] = ((rank, in_features), (rank, in_features), lowrank_bits if rank else 16)
+    for part, (shape, (rows, cols), bits) in parts.items():
+        if bits >= 16:
+            shapes[f"{name}.{part}"] = shape
+        else:
+            shapes[f"{name}.{part}_codes"] = (packed_bytes(math.prod(shape), bits),)
+            shapes[f"{name}.{part}_scales"] = (rows, -(-cols // group_size))
+    return shapes
 
 
 def validate_checkpoint(
@@ -141,7 +169,8 @@ def validate_checkpoint(
                 stored[rename(key) if rename else key] = entry["dtype"]
     for name, entry in layer_map.items():
         in_features, out_features = layer_shapes[name]
-        shapes = expected_shapes(name, in_features, out_features, int(entry["rank"]), int(entry["nnz"]))
+        storage = {key: int(entry[key]) for key in ("value_bits", "lowrank_bits", "group_size") if key in entry}
+        shapes = expected_shapes(name, in_features, out_features, int(entry["rank"]), int(entry["nnz"]), **storage)
         for key, shape in shapes.items():
             if key not in found:
                 raise CheckpointError(
@@ -153,7 +182,8 @@ def validate_checkpoint(
                     f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but config.json's "
                     f"`layer_map` implies {list(shape)}. The checkpoint and its config disagree."
                 )
-    return {name: stored[f"{name}.weight"] for name in layer_map}
+    # quantized values have no float tensor on disk: nothing of theirs is converted on load
+    return {name: stored[f"{name}.weight"] for name in layer_map if f"{name}.weight" in stored}
 
 
 # safetensors' dtype names, for the values of compressed layers.

@@ -35,7 +35,8 @@ def replace_with_skeletons(model: PreTrainedModel, config: OATSConfig) -> dict[s
                 f"{type(model).__name__} (found {type(linear).__name__ if linear is not None else 'nothing'}). "
                 "The checkpoint and its config.json disagree."
             )
-        skeleton = LinearSparseLowRank.skeleton_of(linear, entry["rank"], entry["nnz"])
+        storage = {key: entry[key] for key in ("value_bits", "lowrank_bits", "group_size") if key in entry}
+        skeleton = LinearSparseLowRank.skeleton_of(linear, entry["rank"], entry["nnz"], **storage)
         set_module(model, name, skeleton)
         shapes[name] = (linear.in_features, linear.out_features)
     return shapes

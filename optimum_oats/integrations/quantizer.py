@@ -10,9 +10,10 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import OATSConfig
 from ..data.inputs import CalibrationData
-from ..engine.loop import SHAPE_KEYS, CompressionOutcome, calibrate_and_compress
+from ..engine.loop import LAYER_MAP_KEYS, CompressionOutcome, calibrate_and_compress
 from ..engine.preflight import check_plan
 from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
+from ..nn import decode_quantized_layers
 from .checkpoint import check_loaded_masks, mask_rules, release_checkpoint_mapping, validate_checkpoint
 from .integrity import MASK_SUFFIX, CheckpointIntegrityError, recorded_row_counts, start_verification
 from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
@@ -66,6 +67,7 @@ class OATSHfQuantizer(HfQuantizer):
             getattr(self, "_join_verification", lambda: None)()  # damaged bytes are named before structure
             check_loaded_masks(model, getattr(self, "_mask_rules", None))
             release_checkpoint_mapping(model, getattr(self, "_stored_dtypes", {}))
+            decode_quantized_layers(model)
             return
         data = CalibrationData.from_config(self.quantization_config)
         outcome = calibrate_and_compress(model, self.quantization_config, data)
@@ -96,8 +98,8 @@ def split_legacy_layer_map(config: OATSConfig) -> dict[str, dict]:
     them out, so the loaded config holds shapes only; returns them as layer stats."""
     stats = {}
     for name, entry in (config.layer_map or {}).items():
-        extra = {k: v for k, v in entry.items() if k not in SHAPE_KEYS}
+        extra = {k: v for k, v in entry.items() if k not in LAYER_MAP_KEYS}
         if extra:
             stats[name] = extra
-            config.layer_map[name] = {k: entry[k] for k in SHAPE_KEYS}
+            config.layer_map[name] = {k: entry[k] for k in LAYER_MAP_KEYS if k in entry}
     return stats

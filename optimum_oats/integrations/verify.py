@@ -79,10 +79,13 @@ def _check_masks(config: OATSConfig, entries: dict[str, tuple[Path, dict]], prob
     shapes, missing = {}, []
     for name in layer_map:
         mask, factor = entries.get(f"{name}{MASK_SUFFIX}"), entries.get(f"{name}.lowrank_v")
-        if mask is None or factor is None or len(mask[1]["shape"]) != 2 or len(factor[1]["shape"]) != 2:
+        in_features = layer_map[name].get("in_features")  # quantized layers: no float `lowrank_v` on disk
+        if factor is not None and len(factor[1]["shape"]) == 2:
+            in_features = factor[1]["shape"][1]
+        if mask is None or in_features is None or len(mask[1]["shape"]) != 2:
             missing.append(name)
             continue
-        shapes[name] = (factor[1]["shape"][1], mask[1]["shape"][0])
+        shapes[name] = (int(in_features), mask[1]["shape"][0])
     problems += [f"Tensors of `{name}` (in config.json's `layer_map`) are missing or malformed." for name in missing]
     recorded = _recorded_rows(entries)
     kept = {name: entry for name, entry in layer_map.items() if name in shapes}

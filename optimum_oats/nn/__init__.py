@@ -3,12 +3,13 @@
 from .execution import EXECUTION_MODES, register_execution_mode
 from .kernel_execution import choose_mode
 from .packing import pack_bitmask, unpack_bitmask
-from .sparse_lowrank import LinearSparseLowRank, set_execution_mode
+from .sparse_lowrank import LinearSparseLowRank, decode_quantized_layers, set_execution_mode
 
 __all__ = [
     "EXECUTION_MODES",
     "LinearSparseLowRank",
     "choose_mode",
+    "decode_quantized_layers",
     "pack_bitmask",
     "register_execution_mode",
     "set_execution_mode",

@@ -7,6 +7,17 @@ from torch import nn
 
 from ..kernels.operands import PackedWeights, row_offsets
 from ..utils.counting import counted_parameters
+from ..utils.quantization import (
+    NOT_QUANTIZED,
+    SCALE_DTYPE,
+    GroupSpec,
+    dequantize_codes,
+    expand_scales,
+    pack_codes,
+    packed_bytes,
+    quantize_codes,
+    unpack_codes,
+)
 
 # Importing kernel_execution registers every mode ("auto", "sparse_kernel", "workspace") before the layer exists.
 from .execution import EXECUTION_MODES
@@ -29,11 +40,21 @@ class LinearSparseLowRank(nn.Module):
     It is deliberately not an `nn.Linear` subclass: PEFT and other tools treat any `nn.Linear` as dense and
     would merge adapters into the wrong tensor. `in_features`/`out_features` are exposed for them.
 
+    Quantized (`value_bits` or `lowrank_bits` below 16): the checkpoint holds `b`-bit codes instead of floats, packed
+    into a little-endian bit stream (`weight_codes` `(ceil(nnz · b / 8),)` uint8, the kept values in the same
+    row-major order), and their fp16 group scales (`weight_scales` `(out_features, ceil(in_features / group_size))`,
+    stored as int16 bit patterns so that casting the model to another float dtype never touches them); U and V
+    likewise (`lowrank_u_codes`, `lowrank_u_scales`, ...). `weight`, `lowrank_u` and `lowrank_v` are then
+    non-persistent buffers holding the decoded values ([`decode_`], run after every load), so every execution path
+    works unchanged on them; the decoded copy is memory the on-the-fly kernels will save.
+
     Args:
         in_features (`int`), out_features (`int`): the shape of the replaced linear layer.
         rank (`int`): columns of U / rows of V.
         nnz (`int`): number of kept entries of S.
         bias (`bool`): whether the layer has a bias.
+        value_bits (`int`), lowrank_bits (`int`), group_size (`int`): the storage of the values and of U, V (16: the
+            model's float dtype); see `optimum_oats.algorithms.quantize`.
     """
 
     def __init__(
@@ -45,6 +66,9 @@ class LinearSparseLowRank(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        value_bits: int = NOT_QUANTIZED,
+        lowrank_bits: int = NOT_QUANTIZED,
+        group_size: int = 128,
     ) -> None:
         super().__init__()
         if not 0 <= nnz <= in_features * out_features:
@@ -54,17 +78,76 @@ class LinearSparseLowRank(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.zeros(nnz, **factory))
+        self.value_bits = value_bits
+        self.lowrank_bits = lowrank_bits if rank else NOT_QUANTIZED
+        self.group_size = group_size
+        self._add_tensor("weight", (nnz,), self.value_spec, factory)
         self.register_buffer(
             "weight_mask", torch.zeros(out_features, packed_columns(in_features), dtype=torch.uint8, device=device)
         )
-        self.lowrank_u = nn.Parameter(torch.zeros(out_features, rank, **factory))
-        self.lowrank_v = nn.Parameter(torch.zeros(rank, in_features, **factory))
+        self._add_tensor("lowrank_u", (out_features, rank), self.lowrank_spec, factory)
+        self._add_tensor("lowrank_v", (rank, in_features), self.lowrank_spec, factory)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        if self.value_spec or self.lowrank_spec:  # codes loaded by `load_state_dict` are decoded at once
+            self.register_load_state_dict_post_hook(_decode_after_load)
         self.execution_mode = "auto"  # see nn/kernel_execution.py: kernel for decode, workspace GEMM for prefill
         # Derived from the storage for speed, owned here and dropped by `release_caches`: the dense `S + U V` of the
         # opt-in "merged" mode. The kernels' offset tables live with the mask (optimum_oats/kernels/operands.py).
         self._merged_cache: torch.Tensor | None = None
+
+    def _add_tensor(self, name: str, shape: tuple[int, int], spec: GroupSpec | None, factory: dict) -> None:
+        """A float parameter, or (quantized) packed codes + scales and a non-persistent buffer of decoded values."""
+        if spec is None:
+            setattr(self, name, nn.Parameter(torch.zeros(shape, **factory)))
+            return
+        count = shape[0] if len(shape) == 1 else shape[0] * shape[1]
+        rows, cols = (self.out_features, self.in_features) if len(shape) == 1 else shape
+        device = factory["device"]
+        self.register_buffer(name, torch.zeros(shape, **factory), persistent=False)
+        codes = torch.zeros(packed_bytes(count, spec.bits), dtype=torch.uint8, device=device)
+        self.register_buffer(f"{name}_codes", codes)
+        self.register_buffer(
+            f"{name}_scales", torch.zeros(rows, spec.num_groups(cols), dtype=torch.int16, device=device)
+        )
+
+    @property
+    def value_spec(self) -> GroupSpec | None:
+        """The grid of the kept values (zero-free), or None when they are stored as floats."""
+        return None if self.value_bits >= NOT_QUANTIZED else GroupSpec(self.value_bits, self.group_size)
+
+    @property
+    def lowrank_spec(self) -> GroupSpec | None:
+        """The grid of U and V (with a zero level), or None when they are stored as floats."""
+        if self.lowrank_bits >= NOT_QUANTIZED:
+            return None
+        return GroupSpec(self.lowrank_bits, self.group_size, zero_level=True)
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits of everything the checkpoint stores for this layer except the bias: values (codes or floats), mask,
+        scales and factors. Over `in_features * out_features` it is the layer's bits per weight."""
+        state = self.state_dict()
+        return sum(tensor.numel() * tensor.element_size() * 8 for key, tensor in state.items() if key != "bias")
+
+    @torch.no_grad()
+    def decode_(self) -> None:
+        """Rebuild the float `weight` (and `lowrank_u`, `lowrank_v`) from the stored codes and scales; a no-op for
+        parts stored as floats. The one decode formula (`utils.quantization.dequantize_codes`, in float32, then the
+        layer's dtype) is the algorithms' own, so a reloaded layer holds bit for bit the values compression chose."""
+        spec = self.value_spec
+        if spec is not None:
+            codes = unpack_codes(self.weight_codes, spec.bits, self.sparse_nnz)
+            rows, cols = self.dense_mask().nonzero(as_tuple=True)  # row-major: the order of the values
+            scales = self.weight_scales.view(SCALE_DTYPE).float()[rows, cols // spec.group_size]
+            self.weight = dequantize_codes(codes, scales, spec).to(self.weight.dtype)
+        spec = self.lowrank_spec
+        if spec is not None:
+            for name in ("lowrank_u", "lowrank_v"):
+                shape = getattr(self, name).shape
+                codes = unpack_codes(getattr(self, f"{name}_codes"), spec.bits, shape.numel()).view(shape)
+                scales = expand_scales(getattr(self, f"{name}_scales").view(SCALE_DTYPE).float(), shape[1], spec)
+                setattr(self, name, dequantize_codes(codes, scales, spec).to(getattr(self, name).dtype))
+        self._merged_cache = None
 
     @property
     def rank(self) -> int:
@@ -142,24 +225,48 @@ class LinearSparseLowRank(nn.Module):
 
     @torch.no_grad()
     def load_decomposition(
-        self, sparse: torch.Tensor, lowrank_u: torch.Tensor | None = None, lowrank_v: torch.Tensor | None = None
+        self,
+        sparse: torch.Tensor,
+        lowrank_u: torch.Tensor | None = None,
+        lowrank_v: torch.Tensor | None = None,
+        scales: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
     ) -> None:
-        """Fill the layer from a dense-with-zeros S and factors; the nnz and rank must match the layer's."""
+        """Fill the layer from a dense-with-zeros S and factors; the nnz and rank must match the layer's.
+
+        A quantized layer also needs the group `scales` of S, U and V that put them on the grid (as the algorithms
+        return them in `Decomposition.value_scales`, `lowrank_u_scales`, `lowrank_v_scales`): the codes are
+        recovered from the on-grid values and stored, then decoded back ([`decode_`])."""
         mask = sparse != 0
         if int(mask.sum()) != self.sparse_nnz:
             raise ValueError(f"S has {int(mask.sum())} non-zeros but the layer holds {self.sparse_nnz}.")
-        self.weight.copy_(sparse[mask])
         self.weight_mask.copy_(pack_bitmask(mask))
+        parts = [("weight", sparse, self.value_spec, scales[0])]
         if self.rank:
-            self.lowrank_u.copy_(lowrank_u)
-            self.lowrank_v.copy_(lowrank_v)
-        self._merged_cache = None
+            parts += [
+                (name, value, self.lowrank_spec, scale)
+                for name, value, scale in (
+                    ("lowrank_u", lowrank_u, scales[1]),
+                    ("lowrank_v", lowrank_v, scales[2]),
+                )
+            ]
+        for name, value, spec, scale in parts:
+            if spec is None:
+                getattr(self, name).copy_(value[mask] if name == "weight" else value)
+                continue
+            if scale is None:
+                raise ValueError(f"The layer stores `{name}` at {spec.bits} bits: its group scales are needed.")
+            scale = scale.float().to(value.device)
+            codes = quantize_codes(value.float(), expand_scales(scale, value.shape[1], spec), spec)
+            getattr(self, f"{name}_codes").copy_(pack_codes(codes[mask] if name == "weight" else codes, spec.bits))
+            getattr(self, f"{name}_scales").copy_(scale.to(SCALE_DTYPE).view(torch.int16))
+        self.decode_()
 
     @classmethod
-    def skeleton_of(cls, linear: nn.Linear, rank: int, nnz: int) -> LinearSparseLowRank:
-        """An unfilled layer shaped like `linear` (same device, dtype, bias) for a `layer_map` entry's rank and nnz.
+    def skeleton_of(cls, linear: nn.Linear, rank: int, nnz: int, **storage: int) -> LinearSparseLowRank:
+        """An unfilled layer shaped like `linear` (same device, dtype, bias) for a `layer_map` entry's rank and nnz
+        (and its `value_bits`, `lowrank_bits`, `group_size` when quantized).
 
-        Loading and resuming build these first, then fill them from a state dict.
+        Loading and resuming build these first, then fill them from a state dict (and [`decode_`] them).
         """
         return cls(
             linear.in_features,
@@ -169,6 +276,7 @@ class LinearSparseLowRank(nn.Module):
             bias=linear.bias is not None,
             device=linear.weight.device,
             dtype=linear.weight.dtype,
+            **{key: int(value) for key, value in storage.items()},
         )
 
     @classmethod
@@ -178,6 +286,9 @@ class LinearSparseLowRank(nn.Module):
         sparse: torch.Tensor,
         lowrank_u: torch.Tensor | None = None,
         lowrank_v: torch.Tensor | None = None,
+        *,
+        scales: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
+        **storage: int,
     ) -> LinearSparseLowRank:
         """Build the replacement of `linear` from a decomposition; bias, dtype and device come from `linear`.
 
@@ -186,11 +297,14 @@ class LinearSparseLowRank(nn.Module):
             sparse (`torch.Tensor`): S, `(out_features, in_features)`, zeros where pruned.
             lowrank_u (`torch.Tensor`, *optional*): `(out_features, rank)`.
             lowrank_v (`torch.Tensor`, *optional*): `(rank, in_features)`.
+            scales (`tuple`, *optional*): the group scales of S, U, V when quantized (see [`load_decomposition`]).
+            storage: `value_bits`, `lowrank_bits`, `group_size` of a quantized layer.
         """
         if sparse.shape != linear.weight.shape:
             raise ValueError(f"S has shape {tuple(sparse.shape)}, expected {tuple(linear.weight.shape)}.")
         dtype, device = linear.weight.dtype, linear.weight.device
-        sparse = sparse.to(device=device, dtype=dtype)
+        # quantized values keep float32 until encoded: a cast to bf16 first would move them off the grid
+        sparse = sparse.to(device=device, dtype=dtype if storage.get("value_bits", NOT_QUANTIZED) >= 16 else None)
         rank = 0 if lowrank_u is None else lowrank_u.shape[1]
         layer = cls(
             linear.in_features,
@@ -200,10 +314,13 @@ class LinearSparseLowRank(nn.Module):
             bias=linear.bias is not None,
             device=device,
             dtype=dtype,
+            **storage,
         )
         if rank:
-            lowrank_u, lowrank_v = lowrank_u.to(device=device, dtype=dtype), lowrank_v.to(device=device, dtype=dtype)
-        layer.load_decomposition(sparse, lowrank_u, lowrank_v)
+            lowrank_u, lowrank_v = lowrank_u.to(device=device), lowrank_v.to(device=device)
+            if layer.lowrank_spec is None:
+                lowrank_u, lowrank_v = lowrank_u.to(dtype), lowrank_v.to(dtype)
+        layer.load_decomposition(sparse, lowrank_u, lowrank_v, scales)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -227,9 +344,13 @@ class LinearSparseLowRank(nn.Module):
     def extra_repr(self) -> str:
         density = self.sparse_nnz / max(1, self.in_features * self.out_features)
         kept = self.num_parameters / max(1, self.in_features * self.out_features)
+        quantized = ""
+        if self.value_spec or self.lowrank_spec:
+            quantized = f", value_bits={self.value_bits}, lowrank_bits={self.lowrank_bits}, group={self.group_size}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"sparse_density={density:.3f}, kept={kept:.3f}, bias={self.bias is not None}, mode={self.execution_mode}"
+            f"sparse_density={density:.3f}, kept={kept:.3f}{quantized}, bias={self.bias is not None}, "
+            f"mode={self.execution_mode}"
         )
 
 
@@ -244,5 +365,19 @@ def set_execution_mode(model: nn.Module, mode: str) -> int:
     for module in model.modules():
         if isinstance(module, LinearSparseLowRank):
             module.set_execution_mode(mode)
+            count += 1
+    return count
+
+
+def _decode_after_load(module: LinearSparseLowRank, incompatible_keys) -> None:
+    module.decode_()
+
+
+def decode_quantized_layers(model: nn.Module) -> int:
+    """[`LinearSparseLowRank.decode_`] every quantized layer (after its codes were loaded); returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LinearSparseLowRank) and (module.value_spec or module.lowrank_spec):
+            module.decode_()
             count += 1
     return count

@@ -181,6 +181,20 @@ def test_compress_in_process(compressed):
     assert (config.num_samples, config.seqlen, config.method_settings.num_iterations) == (2, 32, 4)
 
 
+def test_compress_quantized_prints_bits_per_weight(dense_dir, calibration_file, tmp_path):
+    output = tmp_path / "quantized"
+    argv = ["compress", str(dense_dir), "--output", str(output), "--dataset", str(calibration_file), *FAST_COMPRESS]
+    code, lines = run_cli([*argv, "--value-bits", "4", "--lowrank-bits", "8", "--group-size", "32"])
+    assert code == 0
+    summary = last_json(lines)
+    config = AutoModelForCausalLM.from_pretrained(output).config.quantization_config
+    assert (config.value_bits, config.lowrank_bits, config.group_size) == (4, 8, 32)
+    # 4-bit values + mask + scales + 8-bit factors at rho 0.5: far below the ~17 bits of fp32 values alone
+    assert 2 < summary["bits_per_weight"] < 5
+    plain = last_json(run_cli([*argv[:3], str(tmp_path / "plain"), *argv[4:]])[1])
+    assert plain["bits_per_weight"] > 15  # fp32 values and factors, 1-bit mask
+
+
 def test_compress_bad_option_ends_with_a_json_error(dense_dir, tmp_path):
     output = tmp_path / "out"
     code, lines = run_cli(["compress", str(dense_dir), "--output", str(output), "--compression-rate", "1.5"])

@@ -145,6 +145,20 @@ def test_resume_folder_of_a_finished_job_restores_everything(tmp_path, tiny_conf
     assert list(first.config.quantization_config.layer_map) == list(second.config.quantization_config.layer_map)
 
 
+def test_resume_restores_quantized_layers_bit_exactly(tmp_path, tiny_configs, tokenizer, calibration_texts):
+    """A finished block of a quantized job is saved as codes + scales and restored (decoded) to the same layer."""
+    cfg = _cfg(calibration_texts, method="hassle", hessian_iterations=1, value_bits=4, lowrank_bits=8, group_size=32)
+    first = build_tiny_model(tiny_configs["llama"])
+    compress(first, cfg, tokenizer, progress=False, checkpoint_dir=tmp_path)
+    second = build_tiny_model(tiny_configs["llama"])
+    compress(second, cfg, tokenizer, progress=False, checkpoint_dir=tmp_path)
+    a, b = _state(first), _state(second)
+    assert any(k.endswith("weight_codes") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[1, 5, 99, 300, 7]])
+    assert torch.equal(first(ids).logits, second(ids).logits)
+    assert first.config.quantization_config.layer_map == second.config.quantization_config.layer_map
+
+
 def test_resume_folder_of_another_job_is_refused(tmp_path, tiny_configs, tokenizer, calibration_texts):
     compress(
         build_tiny_model(tiny_configs["llama"]),
