@@ -131,7 +131,7 @@ def load_project(folder: Path, rows: dict[str, Setting]) -> float | None:
         label = f"{match['method']}{layerwise} {match['rate']}" + (f" ({rest})" if rest else "")
         if value_bits is not None and value_bits != VALUE_BITS_UNQUANTIZED:
             label += f" q{value_bits:g}"
-        if data.get("lowrank_bits", VALUE_BITS_UNQUANTIZED) != VALUE_BITS_UNQUANTIZED:
+        if data.get("lowrank_bits") not in (None, VALUE_BITS_UNQUANTIZED):  # None: a method without U, V
             label += f" uv{data['lowrank_bits']:g}"
         row = Setting(label, "project", float(match["rate"]), value_bits, bits)
         _add(rows, row, seed, data["perplexity"])
