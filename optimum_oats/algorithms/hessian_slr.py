@@ -419,8 +419,8 @@ class HassleSettings(OATSSettings):
     hessian_iterations: int = setting(DEFAULT_HESSIAN_ITERATIONS, "SparseGPT / weighted-SVD alternations", "N")
     hessian_shrinkage: float | None = setting(
         None,
-        f"Metric (1 - LAMBDA) H + LAMBDA diag(H); unset: {AUTO_SHRINKAGE} below rate {AUTO_SHRINKAGE_BELOW_RATE}, "
-        "else 0",
+        "How far hassle's error metric leans from the full Hessian (0) to OATS's diagonal (1); unset: "
+        f"{AUTO_SHRINKAGE} for layers compressed below {AUTO_SHRINKAGE_BELOW_RATE}, 0 above",
         "LAMBDA",
     )
 
