@@ -16,7 +16,7 @@ export OATS_DATA_DIR="${OATS_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 OUT="${OUT:-smollm2-oats}"
 if [ "$QUICK" = 1 ]; then
     CALIBRATION=(--num-samples 8 --seqlen 512)
-    EVALUATION=(--seqlen 1024 --max-windows 4)
+    EVALUATION=(--seqlen 1024 --max-windows 4 --tasks none)
     GENERATIONS=1
 else
     CALIBRATION=(--num-samples 16 --seqlen 1024)
