@@ -92,11 +92,13 @@ def share_layers(
         if owner == rank:
             layer = results[name][0]
         else:
-            layer = LinearSparseLowRank.skeleton_of(linear, layer_rank, nnz)
+            storage = {key: entry[key] for key in LinearSparseLowRank.STORAGE_ARGS if key in entry}
+            layer = LinearSparseLowRank.skeleton_of(linear, layer_rank, nnz, **storage)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
-        for tensor in (layer.weight, layer.weight_mask, layer.lowrank_u, layer.lowrank_v):
-            if tensor.numel():
+        for key, tensor in layer.state_dict().items():  # what a checkpoint holds: values or codes + scales, mask, U V
+            if key != "bias" and tensor.numel():
                 dist.broadcast(tensor.data, src=owner)
+        layer.decode_()
         shared[name] = (layer, entry)
     return shared

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 # The keys of a layer entry that reloading needs (config.json's `layer_map`); the rest go to oats_report.json.
 SHAPE_KEYS = ("rank", "nnz")
 # ... and, for a quantized layer only, how it is stored (absent: floats).
-SKELETON_KEYS = ("value_bits", "lowrank_bits", "group_size")  # the layer constructor's storage arguments
+SKELETON_KEYS = LinearSparseLowRank.STORAGE_ARGS  # the layer constructor's storage arguments
 STORAGE_KEYS = (*SKELETON_KEYS, "in_features")
 LAYER_MAP_KEYS = SHAPE_KEYS + STORAGE_KEYS
 

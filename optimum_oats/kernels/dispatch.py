@@ -32,12 +32,14 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from ..utils.quantization import dequantize_codes, expand_scales, unpack_codes
 from . import load_kernel
-from .operands import PackedWeights, is_two_four, row_offsets
+from .operands import PackedWeights, is_two_four
 from .packing import unpack_bitmask
 from .workspaces import release_workspaces, workspace
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernel takes
+KERNEL_VALUE_BITS = (3, 4, 6, 8)  # the code widths the C++ kernel decodes on the fly
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the Triton kernels take
 # Largest number of tokens (rows of x) for which "auto" uses the CPU kernel, per dtype; above it "workspace" is as
 # fast or faster on the measured CPU (benchmarks/speed.py --section layers).
@@ -63,6 +65,11 @@ def needs_grad(w: PackedWeights, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (
         x.requires_grad or w.values.requires_grad or w.lowrank_u.requires_grad or w.lowrank_v.requires_grad
     )
+
+
+def kernel_takes(w: PackedWeights) -> bool:
+    """Whether the C++ kernel reads this storage: float values, or codes whose groups hold whole mask bytes."""
+    return not w.quantized or (w.value_bits in KERNEL_VALUE_BITS and w.group_size % 8 == 0)
 
 
 _GRAD_WARNED: set[str] = set()
@@ -97,7 +104,7 @@ def _vector_isa(kernel: ModuleType) -> bool:
 def cpu_kernel(w: PackedWeights, x: torch.Tensor, *, vector_only: bool = False) -> ModuleType | None:
     """The C++ extension when it can compute this call (CPU, fp32/bf16 input in the layer's dtype, built), else None;
     with `vector_only`, also None for the portable build."""
-    if not (x.is_cpu and x.dtype in KERNEL_DTYPES and x.dtype == w.values.dtype):
+    if not (x.is_cpu and x.dtype in KERNEL_DTYPES and x.dtype == w.dtype and kernel_takes(w)):
         return None
     kernel = load_kernel()
     if kernel is None or (vector_only and not _vector_isa(kernel)):
@@ -168,11 +175,11 @@ def gpu_module(w: PackedWeights, x: torch.Tensor) -> ModuleType | None:
     from . import gpu  # lazy: only CUDA calls load the GPU module (it imports Triton only when usable)
 
     grad = needs_grad(w, x)
-    same = x.dtype == w.values.dtype
+    same = x.dtype == w.dtype
     ready = (
-        not grad and same and x.dtype in GPU_DTYPES and gpu.triton_ready()
+        not grad and same and x.dtype in GPU_DTYPES and gpu.takes(w) and gpu.triton_ready()
     )  # Triton is looked up only for a call that could use it
-    return gpu if gpu_eligible(x.device.type, x.dtype, w.values.dtype, grad, ready) else None
+    return gpu if gpu_eligible(x.device.type, x.dtype, w.dtype, grad, ready) else None
 
 
 # ------------------------------------------------------------------------------------------------ the choice
@@ -203,10 +210,27 @@ def choose_path(w: PackedWeights, x: torch.Tensor, mode: str = "auto") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the paths
+def kept_values(w: PackedWeights) -> torch.Tensor:
+    """The kept values of S, 1-D row-major: `values`, or decoded from quantized codes (float32, by the one decode
+    formula `dequantize_codes`, so every path agrees with what compression chose)."""
+    if not w.quantized:
+        return w.values
+    spec = w.value_spec
+    rows, cols = unpack_bitmask(w.mask, w.in_features).nonzero(as_tuple=True)  # row-major: the values' order
+    codes = unpack_codes(w.values, spec.bits, rows.numel())
+    return dequantize_codes(codes, w.scales_float()[rows, cols // spec.group_size], spec)
+
+
 def dense_sparse(w: PackedWeights) -> torch.Tensor:
-    """S as a dense tensor, by PyTorch ops (differentiable with respect to `values`)."""
-    dense = w.values.new_zeros(w.out_features, w.in_features)
-    return dense.masked_scatter(unpack_bitmask(w.mask, w.in_features), w.values)
+    """S as a dense tensor in the layer's dtype, by PyTorch ops (differentiable with respect to float `values`)."""
+    mask = unpack_bitmask(w.mask, w.in_features)
+    if w.quantized:
+        spec = w.value_spec
+        codes = torch.zeros(mask.shape, dtype=torch.uint8, device=mask.device)
+        codes.masked_scatter_(mask, unpack_codes(w.values, spec.bits, int(mask.sum())))
+        dense = dequantize_codes(codes, expand_scales(w.scales_float(), w.in_features, spec), spec)
+        return dense.masked_fill_(~mask, 0.0).to(w.dtype)
+    return w.values.new_zeros(w.out_features, w.in_features).masked_scatter(mask, w.values)
 
 
 def add_low_rank(w: PackedWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -231,12 +255,25 @@ def fold_low_rank(w: PackedWeights, tokens: int) -> bool:
 
 def workspace_linear(w: PackedWeights, x: torch.Tensor) -> torch.Tensor:
     """The CPU (or PyTorch) `"workspace"` path: decompress S into the shared buffer, then one dense GEMM."""
-    buffer = workspace(w.out_features, w.in_features, w.values.dtype, w.values.device)
+    buffer = workspace(w.out_features, w.in_features, w.dtype, w.values.device)
     kernel = cpu_kernel(w, x)
     fold = fold_low_rank(w, tokens_of(w, x))
     with torch.no_grad():
-        if kernel is not None:
-            kernel.sparse_decompress(w.values, w.mask, row_offsets(w.mask, w.values.numel()), buffer)
+        if kernel is not None and w.quantized:
+            kernel.sparse_decompress_quantized(
+                w.values,
+                w.value_scales,
+                w.value_bits,
+                w.group_size,
+                w.value_spec.offset,
+                w.mask,
+                w.value_offsets(),
+                buffer,
+            )
+        elif kernel is not None:
+            kernel.sparse_decompress(w.values, w.mask, w.value_offsets(), buffer)
+        elif w.quantized:
+            buffer.copy_(dense_sparse(w))
         else:
             buffer.zero_().masked_scatter_(unpack_bitmask(w.mask, w.in_features), w.values)
         if fold:
@@ -247,8 +284,13 @@ def workspace_linear(w: PackedWeights, x: torch.Tensor) -> torch.Tensor:
 
 def cpu_kernel_linear(w: PackedWeights, x: torch.Tensor, kernel: ModuleType | None = None) -> torch.Tensor:
     """The `"cpu_kernel"` path. Tensors go in as stored: the C++ side checks contiguity and reshapes `x`."""
-    offsets = row_offsets(w.mask, w.values.numel())
+    offsets = w.value_offsets()
     kernel = load_kernel() if kernel is None else kernel
+    if w.quantized:
+        return kernel.sparse_lowrank_forward_quantized(
+            x, w.values, w.value_scales, w.value_bits, w.group_size, w.value_spec.offset, w.mask, offsets,
+            w.lowrank_u, w.lowrank_v, w.bias,
+        )  # fmt: skip
     return kernel.sparse_lowrank_forward(x, w.values, w.mask, offsets, w.lowrank_u, w.lowrank_v, w.bias)
 
 
@@ -272,6 +314,9 @@ __all__ = [
     "GPU_DTYPES",
     "GPU_MAX_DECODE_TOKENS",
     "KERNEL_DTYPES",
+    "KERNEL_VALUE_BITS",
+    "dense_sparse",
+    "kept_values",
     "choose_gpu_path",
     "choose_path",
     "gpu_eligible",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels_disabled
-from .operands import PackedWeights, chunk_offsets, row_offsets
+from .operands import PackedWeights, chunk_offsets
 from .workspaces import workspace
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ def _kernels():
     return module
 
 
+def takes(w: PackedWeights) -> bool:
+    """Whether the Triton kernels read this storage (float values; quantized codes go to the PyTorch paths)."""
+    return not w.quantized
+
+
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """`torch.cuda.device(device)` for a CUDA device (Triton launches on the current one), else nothing."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -82,7 +87,7 @@ def _tables(w: PackedWeights) -> tuple[torch.Tensor, torch.Tensor]:
         )
     if not (w.values.is_contiguous() and w.mask.is_contiguous()):
         raise ValueError("`values` and `bitmask` must be contiguous (they are as stored by the layer).")
-    return row_offsets(w.mask, w.values.numel()), chunk_offsets(w.mask)
+    return w.value_offsets(), chunk_offsets(w.mask)
 
 
 def triton_forward(x: torch.Tensor, w: PackedWeights, *, split_k: int | None = None) -> torch.Tensor:

@@ -5,8 +5,10 @@ its mask (cached with the mask, so every path and the `torch.library` op find th
 the kernels' entry points from the mask itself ([`row_offsets`], [`chunk_offsets`]): they are keyed by the mask
 tensor's identity, storage address and version counter, so an in-place change of the mask (loading a checkpoint)
 rebuilds them, and they are freed with the mask (a weak reference's callback). A lookup is one dict access and a
-few attribute reads: it runs on every decode call of every layer. New storage (quantized values and their scales)
-is a new field of [`PackedWeights`].
+few attribute reads: it runs on every decode call of every layer.
+
+Quantized values are read as stored too: `values` then holds their packed `b`-bit codes (uint8 bit stream) and
+`value_scales` their fp16 group scales, and every path decodes them where it reads them (no float copy is kept).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..utils.quantization import NOT_QUANTIZED, SCALE_DTYPE, GroupSpec, packed_bytes
 from .packing import row_counts
 
 # Columns per entry of [`chunk_offsets`]: every column block of the Triton decode kernel is a multiple of it.
@@ -27,11 +30,16 @@ class PackedWeights(NamedTuple):
     """A `LinearSparseLowRank`'s storage as the kernels read it: `y = x (S + U V)ᵀ + b`.
 
     Fields:
-        values: the kept values of S, 1-D, row-major (`layer.weight`).
+        values: the kept values of S, 1-D, row-major (`layer.weight`); quantized: their packed codes, uint8
+            `(ceil(nnz * value_bits / 8),)` (`layer.weight_codes`, see `utils.quantization.pack_codes`).
         mask: packed bitmask of S, uint8 `(out_features, ceil(in_features / 8))`, little-endian in a byte.
         lowrank_u: `(out_features, rank)`; rank may be 0.
         lowrank_v: `(rank, in_features)`.
         bias: `(out_features,)` or None.
+        value_scales: quantized only: the fp16 scale of each `group_size` columns of a row, stored as int16 bit
+            patterns `(out_features, ceil(in_features / group_size))`; None for float values.
+        value_bits: bits per code (16: float values).
+        group_size: columns per scale (quantized only).
     """
 
     values: torch.Tensor
@@ -39,6 +47,32 @@ class PackedWeights(NamedTuple):
     lowrank_u: torch.Tensor
     lowrank_v: torch.Tensor
     bias: torch.Tensor | None
+    value_scales: torch.Tensor | None = None
+    value_bits: int = NOT_QUANTIZED
+    group_size: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.value_scales is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The layer's compute dtype (of the float values, else of the factors, which are floats in memory)."""
+        return self.lowrank_u.dtype if self.quantized else self.values.dtype
+
+    @property
+    def value_spec(self) -> GroupSpec | None:
+        return GroupSpec(self.value_bits, self.group_size) if self.quantized else None
+
+    def value_offsets(self) -> torch.Tensor:
+        """[`row_offsets`] of this storage: start of each row's kept values (in values, or in codes)."""
+        if self.quantized:
+            return row_offsets(self.mask, self.values.numel(), self.value_bits)
+        return row_offsets(self.mask, self.values.numel())
+
+    def scales_float(self) -> torch.Tensor:
+        """The value scales as float32 `(out_features, groups)` (quantized only)."""
+        return self.value_scales.view(SCALE_DTYPE).float()
 
     @property
     def in_features(self) -> int:
@@ -85,22 +119,31 @@ def _kept_per_byte(mask: torch.Tensor) -> torch.Tensor:
     return _BYTE_POPCOUNT.to(mask.device)[mask.long()]
 
 
-def row_offsets(mask: torch.Tensor, nnz: int) -> torch.Tensor:
+def row_offsets(mask: torch.Tensor, stored: int, bits: int | None = None) -> torch.Tensor:
     """Start of each row's kept values, int64 `(out_features + 1,)`; cached until the mask changes.
 
+    `stored` is the number of stored values, or with `bits` the bytes of their packed `bits`-bit codes.
+
     Raises:
-        ValueError: the mask marks another number of kept weights than `nnz` (the stored values).
+        ValueError: the mask marks another number of kept weights than the storage holds.
     """
-    return _cached(_ROW_OFFSETS, mask, nnz, lambda: _build_row_offsets(mask, nnz))
+    return _cached(_ROW_OFFSETS, mask, (stored, bits), lambda: _build_row_offsets(mask, stored, bits))
 
 
-def _build_row_offsets(mask: torch.Tensor, nnz: int) -> torch.Tensor:
+def _build_row_offsets(mask: torch.Tensor, stored: int, bits: int | None) -> torch.Tensor:
     counts = row_counts(mask)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    if int(offsets[-1]) != nnz:
+    kept = int(offsets[-1])
+    if bits is None and kept != stored:
         raise ValueError(
-            f"`weight_mask` marks {int(offsets[-1])} kept weights but `weight` holds {nnz}: the layer's storage is "
+            f"`weight_mask` marks {kept} kept weights but `weight` holds {stored}: the layer's storage is "
             "inconsistent (a corrupted or mismatched checkpoint)."
+        )
+    if bits is not None and packed_bytes(kept, bits) != stored:
+        raise ValueError(
+            f"`weight_mask` marks {kept} kept weights ({packed_bytes(kept, bits)} bytes of {bits}-bit codes) but "
+            f"`weight_codes` holds {stored} bytes: the layer's storage is inconsistent (a corrupted or mismatched "
+            "checkpoint)."
         )
     return offsets
 

@@ -1,8 +1,9 @@
 """The compressed layer's forward as one `torch.library` custom op, so `torch.compile` traces it whole.
 
-`torch.ops.optimum_oats.sparse_lowrank_linear(x, values, mask, lowrank_u, lowrank_v, bias, mode)` computes
-`x Sᵀ + (x Vᵀ) Uᵀ + b` from the stored values and packed bitmask ([`PackedWeights`] spread out), in execution mode
-`mode` ("auto", "sparse_kernel" or "workspace"). Its implementations:
+`torch.ops.optimum_oats.sparse_lowrank_linear(x, values, mask, lowrank_u, lowrank_v, bias, value_scales, value_bits,
+group_size, mode)` computes `x Sᵀ + (x Vᵀ) Uᵀ + b` from the stored values (or quantized codes) and packed bitmask
+([`PackedWeights`] spread out), in execution mode `mode` ("auto", "sparse_kernel" or "workspace"). Its
+implementations:
 
 - CPU: the path `dispatch.plan` picks (the C++ kernel, the shared workspace, or PyTorch);
 - CUDA: likewise, the Triton paths (decode, workspace, 2:4) where eligible;
@@ -33,14 +34,18 @@ def sparse_lowrank_linear(
     lowrank_u: torch.Tensor,
     lowrank_v: torch.Tensor,
     bias: torch.Tensor | None,
+    value_scales: torch.Tensor | None,
+    value_bits: int,
+    group_size: int,
     mode: str,
 ) -> torch.Tensor:
     """The default implementation (devices without their own): decompress + matmul in PyTorch."""
-    return dispatch.decompress_linear(PackedWeights(values, mask, lowrank_u, lowrank_v, bias), x)
+    w = PackedWeights(values, mask, lowrank_u, lowrank_v, bias, value_scales, value_bits, group_size)
+    return dispatch.decompress_linear(w, x)
 
 
-def _dispatched(x, values, mask, lowrank_u, lowrank_v, bias, mode):
-    w = PackedWeights(values, mask, lowrank_u, lowrank_v, bias)
+def _dispatched(x, values, mask, lowrank_u, lowrank_v, bias, value_scales, value_bits, group_size, mode):
+    w = PackedWeights(values, mask, lowrank_u, lowrank_v, bias, value_scales, value_bits, group_size)
     path, kernel = dispatch.plan(w, x, mode)
     return dispatch.run_path(path, w, x, kernel)
 
@@ -50,7 +55,7 @@ sparse_lowrank_linear.register_kernel("cuda")(_dispatched)
 
 
 @sparse_lowrank_linear.register_fake
-def _(x, values, mask, lowrank_u, lowrank_v, bias, mode):
+def _(x, values, mask, lowrank_u, lowrank_v, bias, value_scales, value_bits, group_size, mode):
     return x.new_empty((*x.shape[:-1], mask.shape[0]))
 
 

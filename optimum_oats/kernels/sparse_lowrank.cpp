@@ -33,6 +33,16 @@
 #define OATS_AVX512 0
 #define OATS_AVX2 0
 #endif
+// The 256-bit helpers (permute-table expansion): the AVX2 build's tiles, and the quantized-value tiles of both vector
+// builds (an AVX-512 CPU runs them too; see "Quantized values" below).
+#if defined(__AVX2__) && defined(__FMA__)
+#define OATS_VEC256 1
+#else
+#define OATS_VEC256 0
+#endif
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -260,7 +270,7 @@ inline float dot_bf16_f32(const uint16_t* a, const float* b, int64_t n) {
 
 #endif  // OATS_AVX512
 
-#if OATS_AVX2
+#if OATS_VEC256
 
 // For a mask byte b: the permute index of each lane (the rank of its bit among b's set bits) and an all-ones lane
 // mask where b's bit is set; `prefix[n]` has its first n lanes set (masked loads of the last values of a row).
@@ -318,13 +328,14 @@ __attribute__((always_inline)) inline __m256 expand8(const scalar_t* p, unsigned
 }
 
 // out[r][t] = row_r . x_t over all columns (row_r of S, expanded from values + bitmask, or a dense row), fp32.
-template <int R, int T, bool MASKED, typename scalar_t>
-inline void tile_avx2(const scalar_t* const* w, const uint8_t* const* mask, int64_t in_features, const scalar_t* x,
+// Weights and tokens may differ in type (fp32 decoded quantized values against bf16 tokens).
+template <int R, int T, bool MASKED, typename w_t, typename x_t>
+inline void tile_avx2(const w_t* const* w, const uint8_t* const* mask, int64_t in_features, const x_t* x,
                       int64_t ldx, bool safe, Prefetch& pf, float out[kRows][kTokens]) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  const scalar_t* wp[R];
+  const w_t* wp[R];
   for (int r = 0; r < R; ++r) wp[r] = w[r];
   int64_t c = 0;
   for (; c + 8 <= in_features; c += 8) {
@@ -362,6 +373,10 @@ inline void tile_avx2(const scalar_t* const* w, const uint8_t* const* mask, int6
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) out[r][t] = hsum8(acc[r][t]);
 }
+
+#endif  // OATS_VEC256
+
+#if OATS_AVX2
 
 // Decode one row of S to a dense row in `dst` (zeros where pruned): fp32 by the permute table, 8 columns a step.
 inline void expand_row(const float* w, const uint8_t* mask, int64_t in_features, bool safe, float* dst) {
@@ -413,12 +428,12 @@ inline float load_value(const scalar_t* p) {
   }
 }
 
-template <typename scalar_t, bool MASKED>
-void tile_portable(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_t in_features,
-                   const scalar_t* x, int64_t ldx, int tokens, float out[kRows][kTokens], std::vector<float>& scratch) {
+template <typename w_t, typename x_t, bool MASKED>
+void tile_portable(const w_t* const* w, const uint8_t* const* mask, int rows, int64_t in_features, const x_t* x,
+                   int64_t ldx, int tokens, float out[kRows][kTokens], std::vector<float>& scratch) {
   scratch.resize(in_features);
   for (int r = 0; r < rows; ++r) {
-    const scalar_t* wp = w[r];
+    const w_t* wp = w[r];
     for (int64_t c = 0; c < in_features; ++c) {
       if (MASKED) {
         scratch[c] = (mask[r][c >> 3] >> (c & 7)) & 1 ? load_value(wp++) : 0.0f;
@@ -427,7 +442,7 @@ void tile_portable(const scalar_t* const* w, const uint8_t* const* mask, int row
       }
     }
     for (int t = 0; t < tokens; ++t) {
-      const scalar_t* xt = x + t * ldx;
+      const x_t* xt = x + t * ldx;
       float s = 0.0f;
       for (int64_t c = 0; c < in_features; ++c) s += scratch[c] * load_value(xt + c);
       out[r][t] = s;
@@ -464,7 +479,7 @@ void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_
 #elif OATS_AVX2
 #define OATS_DISPATCH(R, T)                                                            \
   if (rows == R && tokens == T) {                                                      \
-    tile_avx2<R, T, MASKED, scalar_t>(w, mask, in_features, x, ldx, safe, pf, out);        \
+    tile_avx2<R, T, MASKED, scalar_t, scalar_t>(w, mask, in_features, x, ldx, safe, pf, out); \
     return;                                                                            \
   }
   OATS_DISPATCH(4, 1)
@@ -482,7 +497,7 @@ void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_
   }
 #else
   pf.drain();
-  tile_portable<scalar_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
+  tile_portable<scalar_t, scalar_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
 #endif
 }
 
@@ -510,6 +525,20 @@ inline scalar_t store_value(float v) {
     return float_to_bf16(v);
   } else {
     return v;
+  }
+}
+
+// The output stage's store of one tile: y[n + k][row + r] = out[r][k] + U[row + r] . t_(n + k) + bias[row + r].
+template <typename scalar_t>
+inline void store_tile(const float out[kRows][kTokens], int rows, int tk, int64_t row, int64_t n, const scalar_t* u,
+                       const float* t, int64_t rank, const scalar_t* bias, scalar_t* y, int64_t ld_out) {
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < tk; ++k) {
+      float v = out[r][k];
+      if (rank > 0) v += lowrank_dot(u + (row + r) * rank, t + (n + k) * rank, rank);
+      if (bias != nullptr) v += load_value(bias + row + r);
+      y[(n + k) * ld_out + row + r] = store_value<scalar_t>(v);
+    }
   }
 }
 
@@ -576,20 +605,190 @@ void rows_times_tokens(const scalar_t* weight, const uint8_t* mask, const int64_
       } else {
         tile<scalar_t, MASKED>(w, m, rows, in_features, x + n * in_features, in_features, tk, safe, pf, out, scratch);
       }
-      for (int r = 0; r < rows; ++r) {
-        for (int k = 0; k < tk; ++k) {
-          float v = out[r][k];
-          if (FINAL) {
-            if (rank > 0) v += lowrank_dot(u + (row + r) * rank, t + (n + k) * rank, rank);
-            if (bias != nullptr) v += load_value(bias + row + r);
-            y[(n + k) * ld_out + row + r] = store_value<scalar_t>(v);
-          } else {
-            raw[(n + k) * ld_out + row + r] = v;
-          }
-        }
+      if (FINAL) {
+        store_tile<scalar_t>(out, rows, tk, row, n, u, t, rank, bias, y, ld_out);
+      } else {
+        for (int r = 0; r < rows; ++r)
+          for (int k = 0; k < tk; ++k) raw[(n + k) * ld_out + row + r] = out[r][k];
       }
     }
   }
+}
+
+
+// ------------------------------------------------------------------------------------------------ quantized values
+// Quantized S stores its kept values as b-bit codes (2 <= b <= 8) in one little-endian bit stream, row-major like the
+// float values, and an fp16 scale per `group` columns of a row (a multiple of 8, so a mask byte lies in one group):
+// value = (code - offset) * scale, offset = (2^b - 1) / 2 on the values' zero-free grid. Nothing is decoded ahead:
+// each row tile's codes are decoded into a small fp32 scratch (the row's kept values, in order: stage 1), which the
+// float tiles above then expand with the mask bits and multiply with the tokens (stage 2). Stage 1 runs over kept
+// values only and stays in L1, so the bytes read from memory are the codes, ~4x fewer than bf16 values at 4 bits.
+// The vector decode is 256-bit (AVX2) in both vector builds: an AVX-512 CPU runs the same instructions.
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float f = static_cast<float>(mantissa) * 5.9604644775390625e-08f;
+    return sign ? -f : f;
+  }
+  bits = exponent == 31 ? (sign | 0x7f800000u | (mantissa << 13)) : (sign | ((exponent + 112) << 23) | (mantissa << 13));
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
+
+// The 64 stream bits from bit `bit` on (zeros past the stream's end): at least 8 codes of up to 8 bits, since a code
+// of 8 bits always starts on a byte.
+inline uint64_t code_word(const uint8_t* codes, int64_t nbytes, int64_t bit) {
+  const int64_t byte = bit >> 3;
+  uint64_t word = 0;
+  if (byte + 8 <= nbytes) {
+    std::memcpy(&word, codes + byte, 8);
+  } else if (byte < nbytes) {
+    std::memcpy(&word, codes + byte, static_cast<size_t>(nbytes - byte));
+  }
+  return word >> (bit & 7);
+}
+
+struct CodeStream {
+  const uint8_t* codes;
+  int64_t nbytes;
+  int bits;
+  float offset;
+};
+
+// dst[i] = (code[first + i] - offset) * scale for i < count; vector builds may write up to 7 values more.
+inline void decode_codes(const CodeStream& s, int64_t first, int64_t count, float scale, float* dst) {
+  const uint32_t low = (1u << s.bits) - 1u;
+#if OATS_VEC256
+  const __m256i shifts = _mm256_setr_epi32(0, s.bits, 2 * s.bits, 3 * s.bits, 0, s.bits, 2 * s.bits, 3 * s.bits);
+  const __m256i lows = _mm256_set1_epi32(static_cast<int>(low));
+  const __m256 offset = _mm256_set1_ps(s.offset), scales = _mm256_set1_ps(scale);
+  for (int64_t i = 0; i < count; i += 8) {
+    const uint64_t word = code_word(s.codes, s.nbytes, (first + i) * s.bits);
+    const __m128i lo = _mm_set1_epi32(static_cast<int>(static_cast<uint32_t>(word)));
+    const __m128i hi = _mm_set1_epi32(static_cast<int>(static_cast<uint32_t>(word >> (4 * s.bits))));
+    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set_m128i(hi, lo), shifts), lows);
+    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), offset), scales));
+  }
+#else
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t q = static_cast<uint32_t>(code_word(s.codes, s.nbytes, (first + i) * s.bits)) & low;
+    dst[i] = (static_cast<float>(q) - s.offset) * scale;
+  }
+#endif
+}
+
+// Stage 1 for one row: its kept values as fp32 into `dst` (room for its kept count + 16: the vector loads read past it), group by group.
+inline void decode_row(const CodeStream& s, int64_t first, const uint8_t* mask, const uint16_t* scales, int64_t group,
+                       int64_t in_features, float* dst) {
+  const int64_t bytes = (in_features + 7) / 8, group_bytes = group / 8;
+  for (int64_t g = 0, b = 0; b < bytes; ++g, b += group_bytes) {
+    int64_t kept = 0;
+    for (int64_t i = b; i < std::min(b + group_bytes, bytes); ++i) kept += __builtin_popcount(mask[i]);
+    if (kept == 0) continue;
+    decode_codes(s, first, kept, half_to_float(scales[g]), dst);
+    first += kept;
+    dst += kept;
+  }
+}
+
+// Stage 2: the float tiles on decoded fp32 rows, against tokens of type x_t (fp32 or bf16).
+template <typename x_t, bool MASKED>
+void tile_decoded(const float* const* w, const uint8_t* const* mask, int rows, int64_t in_features, const x_t* x,
+                  int64_t ldx, int tokens, Prefetch& pf, float out[kRows][kTokens], std::vector<float>& scratch) {
+#if OATS_VEC256
+#define OATS_DISPATCH(R, T)                                                                 \
+  if (rows == R && tokens == T) {                                                           \
+    tile_avx2<R, T, MASKED, float, x_t>(w, mask, in_features, x, ldx, true, pf, out);       \
+    return;                                                                                 \
+  }
+  OATS_DISPATCH(4, 1)
+  OATS_DISPATCH(4, 2)
+  OATS_DISPATCH(4, 3)
+  OATS_DISPATCH(4, 4)
+  OATS_DISPATCH(1, 1)
+  OATS_DISPATCH(1, 2)
+  OATS_DISPATCH(1, 3)
+  OATS_DISPATCH(1, 4)
+#undef OATS_DISPATCH
+  (void)scratch;
+  for (int r = 0; r < rows; ++r) {
+    tile_decoded<x_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, pf, out + r, scratch);
+  }
+#else
+  pf.drain();
+  tile_portable<float, x_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
+#endif
+}
+
+// The output stage on quantized values: rows [row_begin, row_end) times every token, plus U t and the bias.
+template <typename scalar_t>
+void quantized_rows_times_tokens(const CodeStream& s, const uint16_t* scales, int64_t groups, int64_t group,
+                                 const uint8_t* mask, const int64_t* offsets, int64_t mask_stride, int64_t row_begin,
+                                 int64_t row_end, int64_t in_features, const scalar_t* x, int64_t tokens,
+                                 const scalar_t* u, const float* t, int64_t rank, const scalar_t* bias, scalar_t* y,
+                                 int64_t ld_out) {
+  std::vector<float> values, dense_rows, scratch;
+  float out[kRows][kTokens];
+  const bool many = tokens > kTokens;  // decode each row tile once to dense rows, then the dense tile per 4 tokens
+  for (int64_t row = row_begin; row < row_end; row += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - row));
+    const float* w[kRows];
+    const uint8_t* m[kRows];
+    int64_t width = 0;
+    for (int r = 0; r < rows; ++r) width = std::max(width, offsets[row + r + 1] - offsets[row + r] + 16);
+    values.resize(static_cast<size_t>(kRows * width));
+    for (int r = 0; r < rows; ++r) {
+      m[r] = mask + (row + r) * mask_stride;
+      decode_row(s, offsets[row + r], m[r], scales + (row + r) * groups, group, in_features, values.data() + r * width);
+      w[r] = values.data() + r * width;
+    }
+    // The next tile's codes, spread over this tile's column steps (its decode reads them next).
+    Prefetch pf;
+    const int64_t ahead = std::min<int64_t>(row + kRows, row_end), ahead_end = std::min<int64_t>(ahead + kRows, row_end);
+    pf.next = reinterpret_cast<const char*>(s.codes + offsets[ahead] * s.bits / 8);
+    pf.end = reinterpret_cast<const char*>(s.codes + (offsets[ahead_end] * s.bits + 7) / 8);
+    const int64_t lines = (pf.end - pf.next + 63) / 64, steps = (in_features + 7) / 8;
+    pf.per_step = static_cast<int>(std::max<int64_t>(1, (lines + steps - 1) / steps));
+    if (many) {
+      dense_rows.resize(static_cast<size_t>(kRows * in_features));
+      pf.drain();
+      for (int r = 0; r < rows; ++r) {
+        expand_row(w[r], m[r], in_features, true, dense_rows.data() + r * in_features);
+        w[r] = dense_rows.data() + r * in_features;
+      }
+    }
+    for (int64_t n = 0; n < tokens; n += kTokens) {
+      const int tk = static_cast<int>(std::min<int64_t>(kTokens, tokens - n));
+      if (many) {
+        tile_decoded<scalar_t, false>(w, m, rows, in_features, x + n * in_features, in_features, tk, pf, out, scratch);
+      } else {
+        tile_decoded<scalar_t, true>(w, m, rows, in_features, x + n * in_features, in_features, tk, pf, out, scratch);
+      }
+      store_tile<scalar_t>(out, rows, tk, row, n, u, t, rank, bias, y, ld_out);
+    }
+  }
+}
+
+// t = x V^T, fp32 (tokens, rank): the first stage of the low-rank term. Grains of 16 rows: small enough to split a
+// 192-row layer across threads, large enough to amortise dispatch.
+template <typename scalar_t>
+std::vector<float> lowrank_stage(const scalar_t* xp, const scalar_t* vp, int64_t tokens, int64_t in_features,
+                                 int64_t rank) {
+  std::vector<float> t(static_cast<size_t>(tokens * rank));
+  if (rank > 0) {
+    at::parallel_for(0, rank, 16, [&](int64_t begin, int64_t end) {
+      rows_times_tokens<scalar_t, false, false>(vp, nullptr, nullptr, 0, begin, end, in_features, xp, tokens, nullptr,
+                                                nullptr, 0, nullptr, nullptr, t.data(), rank);
+    });
+  }
+  return t;
 }
 
 template <typename scalar_t>
@@ -602,14 +801,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   const auto* sp = reinterpret_cast<const scalar_t*>(values.data_ptr());
   const auto* bp = bias.has_value() ? reinterpret_cast<const scalar_t*>(bias->data_ptr()) : nullptr;
   auto* yp = reinterpret_cast<scalar_t*>(y.data_ptr());
-  std::vector<float> t(static_cast<size_t>(tokens * rank));
-  // Grains of 16 rows: small enough to split a 192-row layer across threads, large enough to amortise dispatch.
-  if (rank > 0) {
-    at::parallel_for(0, rank, 16, [&](int64_t begin, int64_t end) {
-      rows_times_tokens<scalar_t, false, false>(vp, nullptr, nullptr, 0, begin, end, in_features, xp, tokens, nullptr,
-                                                nullptr, 0, nullptr, nullptr, t.data(), rank);
-    });
-  }
+  const std::vector<float> t = lowrank_stage<scalar_t>(xp, vp, tokens, in_features, rank);
   const int64_t tiles = (out_features + kRows - 1) / kRows;  // split by whole row tiles
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     rows_times_tokens<scalar_t, true, true>(sp, mask.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), mask.size(1),
@@ -685,6 +877,109 @@ void sparse_decompress(const at::Tensor& values, const at::Tensor& mask, const a
   }
 }
 
+namespace {
+
+template <typename scalar_t>
+void forward_quantized_impl(const at::Tensor& x, const CodeStream& s, const at::Tensor& scales, int64_t group,
+                            const at::Tensor& mask, const at::Tensor& offsets, const at::Tensor& u,
+                            const at::Tensor& v, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t tokens = x.size(0), in_features = x.size(1), out_features = mask.size(0), rank = v.size(0);
+  const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
+  const auto* up = reinterpret_cast<const scalar_t*>(u.data_ptr());
+  const auto* bp = bias.has_value() ? reinterpret_cast<const scalar_t*>(bias->data_ptr()) : nullptr;
+  auto* yp = reinterpret_cast<scalar_t*>(y.data_ptr());
+  const std::vector<float> t =
+      lowrank_stage<scalar_t>(xp, reinterpret_cast<const scalar_t*>(v.data_ptr()), tokens, in_features, rank);
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const int64_t tiles = (out_features + kRows - 1) / kRows;
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    quantized_rows_times_tokens<scalar_t>(s, sp, scales.size(1), group, mask.data_ptr<uint8_t>(),
+                                          offsets.data_ptr<int64_t>(), mask.size(1), begin * kRows,
+                                          std::min(end * kRows, out_features), in_features, xp, tokens, up, t.data(),
+                                          rank, bp, yp, out_features);
+  });
+}
+
+// Checks shared by the quantized entry points; returns the code stream.
+CodeStream check_codes(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t group_size,
+                       double offset, const at::Tensor& mask, const at::Tensor& offsets, int64_t in_features) {
+  const int64_t out_features = mask.size(0);
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8], got ", bits);
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8, got ", group_size);
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.size(1) == (in_features + 7) / 8,
+              "mask must be contiguous uint8 (out, ceil(in / 8))");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.numel() == out_features + 1, "offsets: (out + 1,) int64");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
+  const int64_t nnz = offsets.data_ptr<int64_t>()[out_features];
+  TORCH_CHECK(codes.numel() == (nnz * bits + 7) / 8, "codes hold ", codes.numel(), " bytes, the mask's ", nnz,
+              " kept values need ", (nnz * bits + 7) / 8);
+  TORCH_CHECK(scales.scalar_type() == at::kShort && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == out_features && scales.size(1) == (in_features + group_size - 1) / group_size,
+              "scales: contiguous int16 (fp16 bits) of shape (out, ceil(in / group_size))");
+  return CodeStream{codes.data_ptr<uint8_t>(), codes.numel(), static_cast<int>(bits), static_cast<float>(offset)};
+}
+
+}  // namespace
+
+// As sparse_lowrank_forward, with S's kept values as `bits`-bit codes (`codes`, a bit stream) and fp16 group scales
+// (`scales`, int16 bit patterns (out, ceil(in / group_size))): value = (code - offset) * scale.
+at::Tensor sparse_lowrank_forward_quantized(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales,
+                                            int64_t bits, int64_t group_size, double offset, const at::Tensor& mask,
+                                            const at::Tensor& offsets, const at::Tensor& u, const at::Tensor& v,
+                                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.device().is_cpu(), "x must be a CPU tensor");
+  const int64_t in_features = x_in.size(-1), out_features = mask.size(0);
+  const at::Tensor x = x_in.contiguous().view({-1, in_features});
+  const CodeStream s = check_codes(codes, scales, bits, group_size, offset, mask, offsets, in_features);
+  TORCH_CHECK(v.dim() == 2 && v.size(1) == in_features && u.size(0) == out_features && u.size(1) == v.size(0),
+              "low-rank factor shapes do not match");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16, got ", dtype);
+  for (const at::Tensor* t : {&u, &v}) {
+    TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), "u and v must be contiguous and of x's dtype");
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == out_features,
+                "bias: (out,) of x's dtype");
+  }
+  std::vector<int64_t> sizes(x_in.sizes().begin(), x_in.sizes().end());
+  sizes.back() = out_features;
+  auto y = at::empty(sizes, x.options());
+  if (dtype == at::kFloat) {
+    forward_quantized_impl<float>(x, s, scales, group_size, mask, offsets, u, v, bias, y);
+  } else {
+    forward_quantized_impl<uint16_t>(x, s, scales, group_size, mask, offsets, u, v, bias, y);
+  }
+  return y;
+}
+
+// S as a dense (out, in) matrix (fp32 or bf16 `out`) from quantized values: the prefill workspace's decompression.
+void sparse_decompress_quantized(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t group_size,
+                                 double offset, const at::Tensor& mask, const at::Tensor& offsets, at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous 2-D CPU tensor");
+  const int64_t rows = out.size(0), in_features = out.size(1);
+  TORCH_CHECK(mask.size(0) == rows, "mask does not match out's shape");
+  const CodeStream s = check_codes(codes, scales, bits, group_size, offset, mask, offsets, in_features);
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16, "out: float32 or bfloat16");
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const int64_t stride = mask.size(1), groups = scales.size(1);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> values(static_cast<size_t>(in_features + 16)), dense(static_cast<size_t>(in_features));
+    for (int64_t r = begin; r < end; ++r) {
+      decode_row(s, off[r], mp + r * stride, sp + r * groups, group_size, in_features, values.data());
+      float* dst = bf16 ? dense.data() : out.data_ptr<float>() + r * in_features;
+      expand_row(values.data(), mp + r * stride, in_features, true, dst);
+      if (bf16) {
+        auto* o = reinterpret_cast<uint16_t*>(out.data_ptr()) + r * in_features;
+        for (int64_t c = 0; c < in_features; ++c) o[c] = float_to_bf16(dense[c]);
+      }
+    }
+  });
+}
+
 bool uses_avx512() { return OATS_AVX512 != 0; }
 
 // Which decode path this build runs: "avx512", "avx2" or "portable" (the last is correct but far slower than dense).
@@ -700,6 +995,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uses_avx512", &uses_avx512, "whether the AVX-512 path was compiled in");
   m.def("isa", &isa, "the decode path compiled in: avx512, avx2 or portable");
   m.def("sparse_decompress", &sparse_decompress, "S as a dense matrix written into out (prefill workspace)");
+  m.def("sparse_lowrank_forward_quantized", &sparse_lowrank_forward_quantized,
+        "sparse_lowrank_forward with S's values as b-bit codes and fp16 group scales, decoded on the fly");
+  m.def("sparse_decompress_quantized", &sparse_decompress_quantized,
+        "S as a dense matrix from b-bit codes and fp16 group scales (prefill workspace)");
   m.def("oats_threshold_step", &oats_threshold_step,
         "fast-OATS thresholding: sparse, mask, W_s - S and both squared norms in one pass");
 }

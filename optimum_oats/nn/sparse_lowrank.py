@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.operands import PackedWeights, row_offsets
+from ..kernels.dispatch import dense_sparse, kept_values
+from ..kernels.operands import PackedWeights
 from ..utils.counting import counted_parameters
 from ..utils.quantization import (
     NOT_QUANTIZED,
@@ -44,9 +45,10 @@ class LinearSparseLowRank(nn.Module):
     into a little-endian bit stream (`weight_codes` `(ceil(nnz · b / 8),)` uint8, the kept values in the same
     row-major order), and their fp16 group scales (`weight_scales` `(out_features, ceil(in_features / group_size))`,
     stored as int16 bit patterns so that casting the model to another float dtype never touches them); U and V
-    likewise (`lowrank_u_codes`, `lowrank_u_scales`, ...). `weight`, `lowrank_u` and `lowrank_v` are then
-    non-persistent buffers holding the decoded values ([`decode_`], run after every load), so every execution path
-    works unchanged on them; the decoded copy is memory the on-the-fly kernels will save.
+    likewise (`lowrank_u_codes`, `lowrank_u_scales`, ...). The kernels read the value codes as stored and decode
+    them on the fly, so no float copy of the values exists: `weight` is then an empty buffer that only carries the
+    layer's dtype and device (for tools that read `module.weight.dtype`), and [`kept_values`] decodes them on demand.
+    `lowrank_u`, `lowrank_v` are non-persistent buffers of the decoded (small) factors ([`decode_`], after each load).
 
     Args:
         in_features (`int`), out_features (`int`): the shape of the replaced linear layer.
@@ -56,6 +58,9 @@ class LinearSparseLowRank(nn.Module):
         value_bits (`int`), lowrank_bits (`int`), group_size (`int`): the storage of the values and of U, V (16: the
             model's float dtype); see `optimum_oats.algorithms.quantize`.
     """
+
+    # The constructor's storage arguments, which a `layer_map` entry of a quantized layer records.
+    STORAGE_ARGS = ("value_bits", "lowrank_bits", "group_size")
 
     def __init__(
         self,
@@ -81,6 +86,7 @@ class LinearSparseLowRank(nn.Module):
         self.value_bits = value_bits
         self.lowrank_bits = lowrank_bits if rank else NOT_QUANTIZED
         self.group_size = group_size
+        self._nnz = nnz
         self._add_tensor("weight", (nnz,), self.value_spec, factory)
         self.register_buffer(
             "weight_mask", torch.zeros(out_features, packed_columns(in_features), dtype=torch.uint8, device=device)
@@ -103,7 +109,8 @@ class LinearSparseLowRank(nn.Module):
         count = shape[0] if len(shape) == 1 else shape[0] * shape[1]
         rows, cols = (self.out_features, self.in_features) if len(shape) == 1 else shape
         device = factory["device"]
-        self.register_buffer(name, torch.zeros(shape, **factory), persistent=False)
+        placeholder = name == "weight"  # quantized values are decoded where they are read, never kept as floats
+        self.register_buffer(name, torch.zeros((0,) if placeholder else shape, **factory), persistent=False)
         codes = torch.zeros(packed_bytes(count, spec.bits), dtype=torch.uint8, device=device)
         self.register_buffer(f"{name}_codes", codes)
         self.register_buffer(
@@ -131,15 +138,10 @@ class LinearSparseLowRank(nn.Module):
 
     @torch.no_grad()
     def decode_(self) -> None:
-        """Rebuild the float `weight` (and `lowrank_u`, `lowrank_v`) from the stored codes and scales; a no-op for
-        parts stored as floats. The one decode formula (`utils.quantization.dequantize_codes`, in float32, then the
-        layer's dtype) is the algorithms' own, so a reloaded layer holds bit for bit the values compression chose."""
-        spec = self.value_spec
-        if spec is not None:
-            codes = unpack_codes(self.weight_codes, spec.bits, self.sparse_nnz)
-            rows, cols = self.dense_mask().nonzero(as_tuple=True)  # row-major: the order of the values
-            scales = self.weight_scales.view(SCALE_DTYPE).float()[rows, cols // spec.group_size]
-            self.weight = dequantize_codes(codes, scales, spec).to(self.weight.dtype)
+        """Rebuild the float `lowrank_u`, `lowrank_v` from their stored codes and scales (a no-op when stored as
+        floats). The one decode formula (`utils.quantization.dequantize_codes`, in float32, then the layer's dtype) is
+        the algorithms' own, so a reloaded layer holds bit for bit the factors compression chose. Quantized values
+        are not decoded here: every path decodes them where it reads them ([`kept_values`])."""
         spec = self.lowrank_spec
         if spec is not None:
             for name in ("lowrank_u", "lowrank_v"):
@@ -155,7 +157,14 @@ class LinearSparseLowRank(nn.Module):
 
     @property
     def sparse_nnz(self) -> int:
-        return self.weight.numel()
+        return self._nnz if self.value_spec is not None else self.weight.numel()
+
+    def kept_values(self) -> torch.Tensor:
+        """The kept values of S, 1-D in row-major order, in the layer's dtype: `weight` itself, or decoded from the
+        codes of a quantized layer (float32 `(q - z) s`, then the layer's dtype)."""
+        if self.value_spec is None:
+            return self.weight
+        return kept_values(self.packed()).to(self.weight_dtype)
 
     @property
     def num_parameters(self) -> int:
@@ -172,6 +181,8 @@ class LinearSparseLowRank(nn.Module):
 
     def sparse_weight(self) -> torch.Tensor:
         """S as a dense tensor (differentiable with respect to `weight`)."""
+        if self.value_spec is not None:
+            return dense_sparse(self.packed()).to(self.weight_dtype)
         dense = self.weight.new_zeros(self.out_features, self.in_features)
         return dense.masked_scatter(self.dense_mask(), self.weight)
 
@@ -206,19 +217,25 @@ class LinearSparseLowRank(nn.Module):
         With `kernels.operands.chunk_offsets`, the only derived inference data of the kernels (8 bytes per output
         row, 4 per 64 columns), cached with the mask: they read the stored values and packed bitmask as they are.
         """
-        return row_offsets(self._buffers["weight_mask"], self.sparse_nnz)
+        return self.packed().value_offsets()
 
     def packed(self) -> PackedWeights:
         """The storage as the kernels take it, read from the module's dicts: `Module.__getattr__` costs ~1.4 us per
         tensor, a few % of a decode step over 200 layers. Falls back to attributes if a wrapper moved them."""
         params, buffers = self._parameters, self._buffers
+        quantized = self.value_bits < NOT_QUANTIZED
         try:
             bias = params["bias"] if "bias" in params else self.bias
-            return PackedWeights(
-                params["weight"], buffers["weight_mask"], params["lowrank_u"], params["lowrank_v"], bias
-            )
+            factors = params if "lowrank_u" in params else buffers
+            u, v, mask = factors["lowrank_u"], factors["lowrank_v"], buffers["weight_mask"]
+            values = buffers["weight_codes"] if quantized else params["weight"]
+            scales = buffers["weight_scales"] if quantized else None
         except KeyError:
-            return PackedWeights(self.weight, self.weight_mask, self.lowrank_u, self.lowrank_v, self.bias)
+            bias, u, v, mask = self.bias, self.lowrank_u, self.lowrank_v, self.weight_mask
+            values, scales = (self.weight_codes, self.weight_scales) if quantized else (self.weight, None)
+        if quantized:
+            return PackedWeights(values, mask, u, v, bias, scales, self.value_bits, self.group_size)
+        return PackedWeights(values, mask, u, v, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return EXECUTION_MODES[self.execution_mode](self, x)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from optimum_oats.algorithms.quantize import quantize_rtn
 from optimum_oats.nn import LinearSparseLowRank
+from optimum_oats.utils.quantization import NOT_QUANTIZED, GroupSpec
 
 
 def compress_randomly(model: nn.Module, rank: int = 4, seed: int = 0) -> int:
@@ -23,6 +25,36 @@ def compress_randomly(model: nn.Module, rank: int = 4, seed: int = 0) -> int:
         v = torch.randn(rank, d_in, generator=generator) * 0.05
         model.set_submodule(name, LinearSparseLowRank.from_linear(linear, sparse, u, v))
     return len(names)
+
+
+def quantized_layer(
+    out_features: int,
+    in_features: int,
+    *,
+    value_bits: int = 4,
+    group_size: int = 128,
+    rank: int = 3,
+    lowrank_bits: int = 8,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> LinearSparseLowRank:
+    """A quantized layer as compression writes it: uneven random rows (empty to full), values rounded to nearest on
+    their grid (`quantize_rtn`), U V too unless `lowrank_bits` is 16."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+    density = torch.rand(out_features, 1, generator=generator)
+    keep = torch.rand(out_features, in_features, generator=generator) < density
+    sparse, value_scales = quantize_rtn(linear.weight.detach() * keep, GroupSpec(value_bits, group_size))
+    u = torch.randn(out_features, rank, generator=generator) * 0.1 if rank else None
+    v = torch.randn(rank, in_features, generator=generator) * 0.1 if rank else None
+    scales = [value_scales, None, None]
+    if rank and lowrank_bits < NOT_QUANTIZED:
+        spec = GroupSpec(lowrank_bits, group_size, zero_level=True)
+        (u, scales[1]), (v, scales[2]) = quantize_rtn(u, spec), quantize_rtn(v, spec)
+    storage = {"value_bits": value_bits, "lowrank_bits": lowrank_bits, "group_size": group_size}
+    return LinearSparseLowRank.from_linear(linear.to(dtype), sparse, u, v, scales=tuple(scales), **storage).eval()
 
 
 def tiny_compressed_llama(

@@ -12,6 +12,7 @@ import torch
 
 from optimum_oats.kernels import build_kernels, build_location, load_kernel
 from optimum_oats.nn import LinearSparseLowRank
+from tests.helpers.compressed import quantized_layer
 
 
 def _layer(rank: int = 3) -> LinearSparseLowRank:
@@ -24,8 +25,8 @@ def _layer(rank: int = 3) -> LinearSparseLowRank:
 
 def _op_args(layer, x, mode="sparse_kernel"):
     """The op's inputs, detached: it is an inference kernel (autograd goes through the PyTorch path)."""
-    tensors = (x, layer.weight, layer.weight_mask, layer.lowrank_u, layer.lowrank_v, layer.bias)
-    return (*(t.detach() for t in tensors), mode)
+    storage = (t.detach() if isinstance(t, torch.Tensor) else t for t in layer.packed())
+    return (x.detach(), *storage, mode)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,9 @@ def kernel():
 
 @pytest.mark.parametrize("mode", ["sparse_kernel", "workspace", "auto"])
 @pytest.mark.parametrize("rank", [0, 3])
-def test_custom_op_matches_the_dense_product_and_passes_opcheck(kernel, rank, mode):
-    layer = _layer(rank)
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4-bit"])
+def test_custom_op_matches_the_dense_product_and_passes_opcheck(kernel, rank, mode, quantized):
+    layer = quantized_layer(21, 37, value_bits=4, group_size=8, rank=rank) if quantized else _layer(rank)
     x = torch.randn(2, 37)
     with torch.no_grad():
         y = torch.ops.optimum_oats.sparse_lowrank_linear(*_op_args(layer, x, mode))

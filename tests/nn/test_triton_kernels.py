@@ -76,7 +76,7 @@ def _layer(out_features, in_features, rank, *, bias, dtype, seed):
 
 def _packed(layer):
     """The layer's storage, detached (the kernels are inference-only)."""
-    return PackedWeights(*(None if t is None else t.detach() for t in layer.packed()))
+    return PackedWeights(*(t.detach() if isinstance(t, torch.Tensor) else t for t in layer.packed()))
 
 
 def _reference(layer, x):
