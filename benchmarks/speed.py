@@ -23,6 +23,7 @@ memory do not depend on compression quality), saved once to `--checkpoint` and r
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -189,9 +190,12 @@ def _estimate(fn: Callable[[], None]) -> float:
 # ---------------------------------------------------------------- generate / memory
 
 
-def compressed_checkpoint(args: argparse.Namespace) -> Path:
-    """A compressed SmolLM2 saved once (fast OATS solver, tiny calibration: speed does not depend on quality)."""
-    folder = args.checkpoint
+def compressed_checkpoint(args: argparse.Namespace, value_bits: int = 16) -> Path:
+    """A compressed SmolLM2 saved once (fast OATS solver, tiny calibration: speed does not depend on quality); with
+    `value_bits` below 16, its values quantized to that many bits and U, V to 8 (the ≈ 4-bit checkpoint's storage)."""
+    folder = (
+        args.checkpoint if value_bits >= 16 else args.checkpoint.with_name(f"{args.checkpoint.name}-v{value_bits}")
+    )
     if (folder / "config.json").exists():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -210,6 +214,7 @@ def compressed_checkpoint(args: argparse.Namespace) -> Path:
         num_samples=4,
         seqlen=256,
         dataset=str(data_dir / "c4" / "c4_sample.jsonl"),
+        **({"value_bits": value_bits, "lowrank_bits": 8} if value_bits < 16 else {}),
     )
     start = time.perf_counter()
     compress(model, config, tokenizer)
@@ -244,7 +249,7 @@ def _prompt(tokenizer, tokens: int | None):
 def section_generate(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    checkpoint = compressed_checkpoint(args)
+    checkpoints = {bits: compressed_checkpoint(args, bits) for bits in args.value_bits}
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt = _prompt(tokenizer, args.prompt_tokens)
     print(
@@ -260,7 +265,8 @@ def section_generate(args: argparse.Namespace) -> None:
         dtype = DTYPES[dtype_name]
         models = {"dense": _load(args.model, dtype, None)}
         for mode in args.generate_modes:
-            models[f"compressed ({mode})"] = _load(checkpoint, dtype, mode)
+            for bits, checkpoint in checkpoints.items():
+                models[f"{_label(bits)} ({mode})"] = _load(checkpoint, dtype, mode)
 
         def runner(model, new_tokens: int):
             def run() -> None:
@@ -301,15 +307,20 @@ def _measure_memory(path: str, dtype_name: str, mode: str, new_tokens: int, prom
     from transformers import AutoTokenizer
 
     torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    prompt = _prompt(tokenizer, prompt_tokens)  # before `base`: reading WikiText-2 is not the model's memory
+    gc.collect()
     base = psutil.Process().memory_info().rss
     model = _load(Path(path), DTYPES[dtype_name], None if mode == "none" else mode)
     loaded = psutil.Process().memory_info().rss
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    prompt = _prompt(tokenizer, prompt_tokens)
+    gc.collect()
+    serving = _reset_peak()  # from here the peak is serving's own, not the load's transient (a float32 file cast)
     with torch.no_grad():
         model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     status = _proc_status()
+    if serving:
+        peak = status.get("VmHWM", peak)
     print(
         json.dumps(
             {
@@ -324,6 +335,15 @@ def _measure_memory(path: str, dtype_name: str, mode: str, new_tokens: int, prom
     )
 
 
+def _reset_peak() -> bool:
+    """Reset this process's peak resident size (Linux >= 4.0: `5` into `/proc/self/clear_refs`); False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def _proc_status() -> dict[str, int]:
     """Resident anonymous / file-backed bytes (Linux): mmap'd checkpoint pages count in RSS but are reclaimable."""
     try:
@@ -333,20 +353,26 @@ def _proc_status() -> dict[str, int]:
     return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines) if v.strip().endswith("kB")}
 
 
+def _label(value_bits: int) -> str:
+    return "compressed" if value_bits >= 16 else f"compressed, {value_bits}-bit values"
+
+
 def section_memory(args: argparse.Namespace) -> None:
-    checkpoint = compressed_checkpoint(args)
+    checkpoints = {bits: compressed_checkpoint(args, bits) for bits in args.value_bits}
     print(
         f"\n### Resident memory (MB) while generating {args.new_tokens} tokens after a prompt of "
         f"{args.prompt_tokens or 5} tokens, one fresh process per row\n"
     )
     print(
         "| dtype | model | after import | after load | after generate | of which anonymous | of which file-backed "
-        "(mmap'd checkpoint) | peak (ru_maxrss) | peak - import |"
+        "(mmap'd checkpoint) | peak while generating | peak - import |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         rows = [("dense", str(args.model), "none")] + [
-            (f"compressed ({mode})", str(checkpoint), mode) for mode in args.generate_modes
+            (f"{_label(bits)} ({mode})", str(checkpoint), mode)
+            for mode in args.generate_modes
+            for bits, checkpoint in checkpoints.items()
         ]
         for name, path, mode in rows:
             code = (
@@ -409,6 +435,9 @@ def main() -> None:
     )
     parser.add_argument("--reps-generate", type=int, default=3)
     parser.add_argument("--generate-modes", nargs="+", choices=MODES, default=["auto"])
+    parser.add_argument(
+        "--value-bits", type=int, nargs="+", default=[16], help="compressed checkpoints to compare (16: float values)"
+    )
     args = parser.parse_args()
     args.model = Path(args.model or default_model_path())
     torch.set_num_threads(args.threads)

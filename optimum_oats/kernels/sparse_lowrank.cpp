@@ -328,14 +328,13 @@ __attribute__((always_inline)) inline __m256 expand8(const scalar_t* p, unsigned
 }
 
 // out[r][t] = row_r . x_t over all columns (row_r of S, expanded from values + bitmask, or a dense row), fp32.
-// Weights and tokens may differ in type (fp32 decoded quantized values against bf16 tokens).
-template <int R, int T, bool MASKED, typename w_t, typename x_t>
-inline void tile_avx2(const w_t* const* w, const uint8_t* const* mask, int64_t in_features, const x_t* x,
+template <int R, int T, bool MASKED, typename scalar_t>
+inline void tile_avx2(const scalar_t* const* w, const uint8_t* const* mask, int64_t in_features, const scalar_t* x,
                       int64_t ldx, bool safe, Prefetch& pf, float out[kRows][kTokens]) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  const w_t* wp[R];
+  const scalar_t* wp[R];
   for (int r = 0; r < R; ++r) wp[r] = w[r];
   int64_t c = 0;
   for (; c + 8 <= in_features; c += 8) {
@@ -428,12 +427,12 @@ inline float load_value(const scalar_t* p) {
   }
 }
 
-template <typename w_t, typename x_t, bool MASKED>
-void tile_portable(const w_t* const* w, const uint8_t* const* mask, int rows, int64_t in_features, const x_t* x,
-                   int64_t ldx, int tokens, float out[kRows][kTokens], std::vector<float>& scratch) {
+template <typename scalar_t, bool MASKED>
+void tile_portable(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_t in_features,
+                   const scalar_t* x, int64_t ldx, int tokens, float out[kRows][kTokens], std::vector<float>& scratch) {
   scratch.resize(in_features);
   for (int r = 0; r < rows; ++r) {
-    const w_t* wp = w[r];
+    const scalar_t* wp = w[r];
     for (int64_t c = 0; c < in_features; ++c) {
       if (MASKED) {
         scratch[c] = (mask[r][c >> 3] >> (c & 7)) & 1 ? load_value(wp++) : 0.0f;
@@ -442,7 +441,7 @@ void tile_portable(const w_t* const* w, const uint8_t* const* mask, int rows, in
       }
     }
     for (int t = 0; t < tokens; ++t) {
-      const x_t* xt = x + t * ldx;
+      const scalar_t* xt = x + t * ldx;
       float s = 0.0f;
       for (int64_t c = 0; c < in_features; ++c) s += scratch[c] * load_value(xt + c);
       out[r][t] = s;
@@ -479,7 +478,7 @@ void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_
 #elif OATS_AVX2
 #define OATS_DISPATCH(R, T)                                                            \
   if (rows == R && tokens == T) {                                                      \
-    tile_avx2<R, T, MASKED, scalar_t, scalar_t>(w, mask, in_features, x, ldx, safe, pf, out); \
+    tile_avx2<R, T, MASKED, scalar_t>(w, mask, in_features, x, ldx, safe, pf, out);        \
     return;                                                                            \
   }
   OATS_DISPATCH(4, 1)
@@ -497,7 +496,7 @@ void tile(const scalar_t* const* w, const uint8_t* const* mask, int rows, int64_
   }
 #else
   pf.drain();
-  tile_portable<scalar_t, scalar_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
+  tile_portable<scalar_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
 #endif
 }
 
@@ -619,40 +618,28 @@ void rows_times_tokens(const scalar_t* weight, const uint8_t* mask, const int64_
 // ------------------------------------------------------------------------------------------------ quantized values
 // Quantized S stores its kept values as b-bit codes (2 <= b <= 8) in one little-endian bit stream, row-major like the
 // float values, and an fp16 scale per `group` columns of a row (a multiple of 8, so a mask byte lies in one group):
-// value = (code - offset) * scale, offset = (2^b - 1) / 2 on the values' zero-free grid. Nothing is decoded ahead:
-// each row tile's codes are decoded into a small fp32 scratch (the row's kept values, in order: stage 1), which the
-// float tiles above then expand with the mask bits and multiply with the tokens (stage 2). Stage 1 runs over kept
-// values only and stays in L1, so the bytes read from memory are the codes, ~4x fewer than bf16 values at 4 bits.
-// The vector decode is 256-bit (AVX2) in both vector builds: an AVX-512 CPU runs the same instructions.
+// value = (code - offset) * scale in fp32, offset = (2^b - 1) / 2 on the values' zero-free grid, then the layer's
+// dtype (round to nearest even for bf16, as PyTorch's decode does). Nothing is decoded ahead: each row tile's codes
+// are decoded into a small scratch in the layer's dtype (the row's kept values in order, stage 1, L1-resident), which
+// the float tiles above then read exactly as they read stored values (stage 2). Stage 1 runs over kept values only,
+// so the bytes read from memory are the codes: ~4x fewer than bf16 values at 4 bits. Its vector code is 256-bit in
+// both vector builds (an AVX-512 CPU runs the same instructions; the bf16 rounding there is one VCVTNEPS2BF16).
 
 inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
   return _cvtsh_ss(h);
 #else
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-  uint32_t bits;
   if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
     const float f = static_cast<float>(mantissa) * 5.9604644775390625e-08f;
     return sign ? -f : f;
   }
-  bits = exponent == 31 ? (sign | 0x7f800000u | (mantissa << 13)) : (sign | ((exponent + 112) << 23) | (mantissa << 13));
+  const uint32_t bits =
+      exponent == 31 ? (sign | 0x7f800000u | (mantissa << 13)) : (sign | ((exponent + 112) << 23) | (mantissa << 13));
   float out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 #endif
-}
-
-// The 64 stream bits from bit `bit` on (zeros past the stream's end): at least 8 codes of up to 8 bits, since a code
-// of 8 bits always starts on a byte.
-inline uint64_t code_word(const uint8_t* codes, int64_t nbytes, int64_t bit) {
-  const int64_t byte = bit >> 3;
-  uint64_t word = 0;
-  if (byte + 8 <= nbytes) {
-    std::memcpy(&word, codes + byte, 8);
-  } else if (byte < nbytes) {
-    std::memcpy(&word, codes + byte, static_cast<size_t>(nbytes - byte));
-  }
-  return word >> (bit & 7);
 }
 
 struct CodeStream {
@@ -662,69 +649,114 @@ struct CodeStream {
   float offset;
 };
 
-// dst[i] = (code[first + i] - offset) * scale for i < count; vector builds may write up to 7 values more.
-inline void decode_codes(const CodeStream& s, int64_t first, int64_t count, float scale, float* dst) {
-  const uint32_t low = (1u << s.bits) - 1u;
+// Stage 1a: `count` codes from code index `first` as one byte each into dst[0..count) (dst may be written up to 32
+// bytes past the end, and 1 byte before its start: the scratch reserves both).
+inline void unpack_codes(const CodeStream& s, int64_t first, int64_t count, uint8_t* dst) {
+  if (s.bits == 8) {
+    std::memcpy(dst, s.codes + first, static_cast<size_t>(count));
+    return;
+  }
 #if OATS_VEC256
-  const __m256i shifts = _mm256_setr_epi32(0, s.bits, 2 * s.bits, 3 * s.bits, 0, s.bits, 2 * s.bits, 3 * s.bits);
-  const __m256i lows = _mm256_set1_epi32(static_cast<int>(low));
+  if (s.bits == 4) {  // two codes a byte, low nibble first: 32 codes from each 16 bytes
+    const int64_t lead = first & 1, begin = first >> 1, bytes = (lead + count + 1) / 2;
+    const __m128i low = _mm_set1_epi8(0x0f);
+    uint8_t* out = dst - lead;
+    for (int64_t i = 0; i < bytes; i += 16) {
+      __m128i v;
+      if (begin + i + 16 <= s.nbytes) {
+        v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.codes + begin + i));
+      } else {
+        alignas(16) uint8_t tail[16] = {0};
+        std::memcpy(tail, s.codes + begin + i, static_cast<size_t>(s.nbytes - begin - i));
+        v = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+      }
+      const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i), _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+    return;
+  }
+#endif
+  const uint64_t low = (1u << s.bits) - 1u;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t bit = (first + i) * s.bits;
+    const int64_t byte = bit >> 3;
+    uint32_t word = s.codes[byte];
+    if (byte + 1 < s.nbytes) word |= static_cast<uint32_t>(s.codes[byte + 1]) << 8;
+    dst[i] = static_cast<uint8_t>((word >> (bit & 7)) & low);
+  }
+}
+
+#if OATS_VEC256
+// 8 fp32 lanes to bf16, round to nearest even like float_to_bf16 (finite values).
+inline __m128i bf16x8(__m256 v) {
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+}
+#endif
+
+// Stage 1b: dst[i] = (q[i] - offset) * scale in the layer's dtype, for i < count (may write up to 31 values more).
+template <typename scalar_t>
+inline void codes_to_values(const uint8_t* q, int64_t count, const CodeStream& s, float scale, scalar_t* dst) {
+#if OATS_VEC256
   const __m256 offset = _mm256_set1_ps(s.offset), scales = _mm256_set1_ps(scale);
+  if constexpr (std::is_same_v<scalar_t, uint16_t>) {
+    if (s.bits <= 4) {  // a 16-entry table per group: each code's bf16 split into two byte lookups (PSHUFB)
+      const __m256 k0 = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), k1 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+      const __m128i words0 = bf16x8(_mm256_mul_ps(_mm256_sub_ps(k0, offset), scales));
+      const __m128i words1 = bf16x8(_mm256_mul_ps(_mm256_sub_ps(k1, offset), scales));
+      const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+      const __m128i a = _mm_shuffle_epi8(words0, split), b = _mm_shuffle_epi8(words1, split);
+      const __m128i lows = _mm_unpacklo_epi64(a, b), highs = _mm_unpackhi_epi64(a, b);
+      for (int64_t i = 0; i < count; i += 16) {
+        const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
+        const __m128i lo = _mm_shuffle_epi8(lows, codes), hi = _mm_shuffle_epi8(highs, codes);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_unpacklo_epi8(lo, hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i + 8), _mm_unpackhi_epi8(lo, hi));
+      }
+      return;
+    }
+  }
   for (int64_t i = 0; i < count; i += 8) {
-    const uint64_t word = code_word(s.codes, s.nbytes, (first + i) * s.bits);
-    const __m128i lo = _mm_set1_epi32(static_cast<int>(static_cast<uint32_t>(word)));
-    const __m128i hi = _mm_set1_epi32(static_cast<int>(static_cast<uint32_t>(word >> (4 * s.bits))));
-    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set_m128i(hi, lo), shifts), lows);
-    _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), offset), scales));
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
+    const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), offset), scales);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_storeu_ps(dst + i, v);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), bf16x8(v));
+    }
   }
 #else
-  for (int64_t i = 0; i < count; ++i) {
-    const uint32_t q = static_cast<uint32_t>(code_word(s.codes, s.nbytes, (first + i) * s.bits)) & low;
-    dst[i] = (static_cast<float>(q) - s.offset) * scale;
-  }
+  for (int64_t i = 0; i < count; ++i) dst[i] = store_value<scalar_t>((static_cast<float>(q[i]) - s.offset) * scale);
 #endif
 }
 
-// Stage 1 for one row: its kept values as fp32 into `dst` (room for its kept count + 16: the vector loads read past it), group by group.
+// Stage 1 for one row: its kept values into `dst` (room for its kept count + 32: the vector loads read past it),
+// through the row's codes as bytes in `codes` (room for the kept count + 33).
+template <typename scalar_t>
 inline void decode_row(const CodeStream& s, int64_t first, const uint8_t* mask, const uint16_t* scales, int64_t group,
-                       int64_t in_features, float* dst) {
+                       int64_t in_features, uint8_t* codes, scalar_t* dst) {
   const int64_t bytes = (in_features + 7) / 8, group_bytes = group / 8;
+  int64_t total = 0;
+  for (int64_t i = 0; i < bytes; ++i) total += __builtin_popcount(mask[i]);
+  unpack_codes(s, first, total, codes + 1);
+  const uint8_t* q = codes + 1;
   for (int64_t g = 0, b = 0; b < bytes; ++g, b += group_bytes) {
-    int64_t kept = 0;
-    for (int64_t i = b; i < std::min(b + group_bytes, bytes); ++i) kept += __builtin_popcount(mask[i]);
+    const int64_t e = std::min(b + group_bytes, bytes);
+    int64_t kept = 0, i = b;
+    for (; i + 8 <= e; i += 8) {
+      uint64_t word;
+      std::memcpy(&word, mask + i, 8);
+      kept += __builtin_popcountll(word);
+    }
+    for (; i < e; ++i) kept += __builtin_popcount(mask[i]);
     if (kept == 0) continue;
-    decode_codes(s, first, kept, half_to_float(scales[g]), dst);
-    first += kept;
+    codes_to_values<scalar_t>(q, kept, s, half_to_float(scales[g]), dst);
+    q += kept;
     dst += kept;
   }
-}
-
-// Stage 2: the float tiles on decoded fp32 rows, against tokens of type x_t (fp32 or bf16).
-template <typename x_t, bool MASKED>
-void tile_decoded(const float* const* w, const uint8_t* const* mask, int rows, int64_t in_features, const x_t* x,
-                  int64_t ldx, int tokens, Prefetch& pf, float out[kRows][kTokens], std::vector<float>& scratch) {
-#if OATS_VEC256
-#define OATS_DISPATCH(R, T)                                                                 \
-  if (rows == R && tokens == T) {                                                           \
-    tile_avx2<R, T, MASKED, float, x_t>(w, mask, in_features, x, ldx, true, pf, out);       \
-    return;                                                                                 \
-  }
-  OATS_DISPATCH(4, 1)
-  OATS_DISPATCH(4, 2)
-  OATS_DISPATCH(4, 3)
-  OATS_DISPATCH(4, 4)
-  OATS_DISPATCH(1, 1)
-  OATS_DISPATCH(1, 2)
-  OATS_DISPATCH(1, 3)
-  OATS_DISPATCH(1, 4)
-#undef OATS_DISPATCH
-  (void)scratch;
-  for (int r = 0; r < rows; ++r) {
-    tile_decoded<x_t, MASKED>(w + r, mask + r, 1, in_features, x, ldx, tokens, pf, out + r, scratch);
-  }
-#else
-  pf.drain();
-  tile_portable<float, x_t, MASKED>(w, mask, rows, in_features, x, ldx, tokens, out, scratch);
-#endif
 }
 
 // The output stage on quantized values: rows [row_begin, row_end) times every token, plus U t and the bias.
@@ -734,22 +766,26 @@ void quantized_rows_times_tokens(const CodeStream& s, const uint16_t* scales, in
                                  int64_t row_end, int64_t in_features, const scalar_t* x, int64_t tokens,
                                  const scalar_t* u, const float* t, int64_t rank, const scalar_t* bias, scalar_t* y,
                                  int64_t ld_out) {
-  std::vector<float> values, dense_rows, scratch;
+  std::vector<scalar_t> values, dense_rows;
+  std::vector<uint8_t> codes;
+  std::vector<float> scratch;
   float out[kRows][kTokens];
   const bool many = tokens > kTokens;  // decode each row tile once to dense rows, then the dense tile per 4 tokens
   for (int64_t row = row_begin; row < row_end; row += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - row));
-    const float* w[kRows];
+    const scalar_t* w[kRows];
     const uint8_t* m[kRows];
     int64_t width = 0;
-    for (int r = 0; r < rows; ++r) width = std::max(width, offsets[row + r + 1] - offsets[row + r] + 16);
+    for (int r = 0; r < rows; ++r) width = std::max(width, offsets[row + r + 1] - offsets[row + r] + 32);
     values.resize(static_cast<size_t>(kRows * width));
+    codes.resize(static_cast<size_t>(width + 2));
     for (int r = 0; r < rows; ++r) {
       m[r] = mask + (row + r) * mask_stride;
-      decode_row(s, offsets[row + r], m[r], scales + (row + r) * groups, group, in_features, values.data() + r * width);
       w[r] = values.data() + r * width;
+      decode_row(s, offsets[row + r], m[r], scales + (row + r) * groups, group, in_features, codes.data(),
+                 values.data() + r * width);
     }
-    // The next tile's codes, spread over this tile's column steps (its decode reads them next).
+    // The next tile's codes, spread over this tile's column steps (its stage 1 reads them next).
     Prefetch pf;
     const int64_t ahead = std::min<int64_t>(row + kRows, row_end), ahead_end = std::min<int64_t>(ahead + kRows, row_end);
     pf.next = reinterpret_cast<const char*>(s.codes + offsets[ahead] * s.bits / 8);
@@ -766,10 +802,11 @@ void quantized_rows_times_tokens(const CodeStream& s, const uint16_t* scales, in
     }
     for (int64_t n = 0; n < tokens; n += kTokens) {
       const int tk = static_cast<int>(std::min<int64_t>(kTokens, tokens - n));
+      const scalar_t* xn = x + n * in_features;
       if (many) {
-        tile_decoded<scalar_t, false>(w, m, rows, in_features, x + n * in_features, in_features, tk, pf, out, scratch);
+        tile<scalar_t, false>(w, m, rows, in_features, xn, in_features, tk, true, pf, out, scratch);
       } else {
-        tile_decoded<scalar_t, true>(w, m, rows, in_features, x + n * in_features, in_features, tk, pf, out, scratch);
+        tile<scalar_t, true>(w, m, rows, in_features, xn, in_features, tk, true, pf, out, scratch);
       }
       store_tile<scalar_t>(out, rows, tk, row, n, u, t, rank, bias, y, ld_out);
     }
@@ -961,23 +998,26 @@ void sparse_decompress_quantized(const at::Tensor& codes, const at::Tensor& scal
   TORCH_CHECK(mask.size(0) == rows, "mask does not match out's shape");
   const CodeStream s = check_codes(codes, scales, bits, group_size, offset, mask, offsets, in_features);
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16, "out: float32 or bfloat16");
-  const bool bf16 = out.scalar_type() == at::kBFloat16;
   const int64_t* off = offsets.data_ptr<int64_t>();
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const int64_t stride = mask.size(1), groups = scales.size(1);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> values(static_cast<size_t>(in_features + 16)), dense(static_cast<size_t>(in_features));
-    for (int64_t r = begin; r < end; ++r) {
-      decode_row(s, off[r], mp + r * stride, sp + r * groups, group_size, in_features, values.data());
-      float* dst = bf16 ? dense.data() : out.data_ptr<float>() + r * in_features;
-      expand_row(values.data(), mp + r * stride, in_features, true, dst);
-      if (bf16) {
-        auto* o = reinterpret_cast<uint16_t*>(out.data_ptr()) + r * in_features;
-        for (int64_t c = 0; c < in_features; ++c) o[c] = float_to_bf16(dense[c]);
+  auto run = [&](auto* op) {
+    using scalar_t = std::remove_pointer_t<decltype(op)>;
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> values(static_cast<size_t>(in_features + 32));
+      std::vector<uint8_t> codes(static_cast<size_t>(in_features + 34));
+      for (int64_t r = begin; r < end; ++r) {
+        decode_row(s, off[r], mp + r * stride, sp + r * groups, group_size, in_features, codes.data(), values.data());
+        expand_row(values.data(), mp + r * stride, in_features, true, op + r * in_features);
       }
-    }
-  });
+    });
+  };
+  if (out.scalar_type() == at::kFloat) {
+    run(out.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<uint16_t*>(out.data_ptr()));
+  }
 }
 
 bool uses_avx512() { return OATS_AVX512 != 0; }
