@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 
 import torch
-from quality import checked_device  # benchmarks/quality.py: the same --device check and message
+from toolkit.models import checked_device
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

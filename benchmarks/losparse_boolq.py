@@ -36,9 +36,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from encoders import minilm_path  # benchmarks/encoders.py: the MiniLM wheel's folder
-from glue_tasks import BOOLQ_FIELDS, accuracy, encode, read_boolq, seeded_subset
-from quality import run_one  # benchmarks/quality.py: resumable, atomically stored results
+from toolkit.cells import resume_cell
+from toolkit.glue import BOOLQ_FIELDS, accuracy, encode, read_boolq, seeded_subset
+from toolkit.models import minilm_path
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 import optimum_oats  # noqa: F401  (registers the OATS format)
@@ -215,7 +215,7 @@ def main() -> None:
             record = run_cell(method, kept, seed, args, path, tokenizer, train_rows, test_rows, output)
             return {**record, "protocol": settings, "date": date.today().isoformat(), "torch": torch.__version__}
 
-        record = run_one(output / f"{name}.json", run)
+        record = resume_cell(output / f"{name}.json", run)
         if record["protocol"] != settings:
             raise SystemExit(
                 f"{name}.json was produced with other settings ({record['protocol']}); use another --output."

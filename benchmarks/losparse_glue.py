@@ -51,9 +51,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from encoders import minilm_path  # benchmarks/encoders.py: the MiniLM wheel's folder
-from glue_tasks import SST2_FIELDS, binomial_se, encode, predictions, read_sst2, seeded_subset
-from quality import run_one  # benchmarks/quality.py: resumable, atomically stored results
+from toolkit.cells import resume_cell
+from toolkit.glue import SST2_FIELDS, binomial_se, encode, predictions, read_sst2, seeded_subset
+from toolkit.models import minilm_path
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
                 when = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 return {**record, "protocol": settings, "date": when, "machine": machine()}
 
-            record = run_one(file, run)
+            record = resume_cell(file, run)
             if record["protocol"] != settings:
                 raise SystemExit(
                     f"{file} was produced with other settings ({record['protocol']}); use another --output."
