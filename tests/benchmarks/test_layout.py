@@ -81,3 +81,31 @@ def test_every_script_answers_help():
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.rstrip().endswith("FAILED []"), done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("usage:") == len(SCRIPTS)
+
+
+@pytest.mark.slow
+def test_the_peer_script_stores_cells_without_the_package_init(tmp_path):
+    """peer_llmcompressor.py runs where peft / optimum are missing: its toolkit imports and its atomic cell writes
+    must not run `optimum_oats/__init__.py` (the script imports the package's modules through a bare stub)."""
+    code = (
+        "import importlib.abc, runpy, sys\n"
+        "class Missing(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('peft', 'optimum'):\n"
+        "            raise ImportError(f'{name} is not installed in the peer environment')\n"
+        "sys.meta_path.insert(0, Missing())\n"
+        f"sys.path.insert(0, {str(FOLDER)!r})\n"
+        f"peer = runpy.run_path({str(FOLDER / 'peer_llmcompressor.py')!r}, run_name='peer')\n"
+        "peer['project_module']('data.text')\n"
+        "from toolkit.cells import read_cell, write_cell\n"
+        "from toolkit.provenance import Provenance\n"
+        f"write_cell({str(tmp_path / 'cell.json')!r}, {{'perplexity': 33.67}})\n"
+        f"assert read_cell({str(tmp_path / 'cell.json')!r}) == {{'perplexity': 33.67}}\n"
+        "assert Provenance.start('llmcompressor').record()['versions']['llmcompressor']\n"
+        "import optimum_oats\n"
+        "assert not hasattr(optimum_oats, 'OATSConfig'), 'the package __init__ ran'\n"
+        "print('OK')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(FOLDER.parent)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.stdout.strip() == "OK", done.stdout[-2000:] + done.stderr[-3000:]
