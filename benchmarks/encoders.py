@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 from toolkit.cells import resume_cell
+from toolkit.data import data_root
 from toolkit.models import MINILM_WHEEL, minilm_path
+from toolkit.provenance import Provenance
 from transformers import AutoModel, AutoTokenizer
 
 from optimum_oats import OATSConfig, compress, compression_report
-from optimum_oats.data.paths import data_dir
 
 METHODS = ("magnitude", "wanda", "oats")
 
@@ -83,10 +82,9 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_leng
 
 def main() -> None:
     args = parse_args()
+    provenance = Provenance.start()
     torch.manual_seed(0)
-    root = data_dir()
-    if root is None:
-        raise SystemExit("Set OATS_DATA_DIR to the shared data folder (C4 sample, RTE and BoolQ validation).")
+    root = data_root(export=True)  # compress() calibrates on C4 from there
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     premises, hypotheses, questions = held_out_sentences(root, args.boolq)
@@ -143,9 +141,9 @@ def main() -> None:
             )
 
     print(
-        f"\nall-MiniLM-L6-v2 ({MINILM_WHEEL}), {date.today()}, {platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s)\ncalibration: {args.num_samples} C4 documents (<= {args.seqlen} "
-        f"tokens each), seed 0; OATS kappa={args.rank_ratio}, {args.iterations} iterations, svd={args.svd}\n"
+        f"\nall-MiniLM-L6-v2 ({MINILM_WHEEL})\n{provenance.line()}\n"
+        f"calibration: {args.num_samples} C4 documents (<= {args.seqlen} tokens each), seed 0; "
+        f"OATS kappa={args.rank_ratio}, {args.iterations} iterations, svd={args.svd}\n"
         f"held out: {2 * n} RTE validation sentences, {len(questions)} BoolQ validation questions\n"
     )
     print(
