@@ -13,26 +13,21 @@ from __future__ import annotations
 
 import argparse
 
+from toolkit.models import llama_block_shapes, smollm2_path
+from toolkit.provenance import Provenance
 from transformers import AutoConfig
 
 from optimum_oats.algorithms import layer_budget
-from optimum_oats.integrations.default_model import default_model_path
 from optimum_oats.utils.counting import storage_bits
+
+# How many layers of each shape one Llama-style block holds (q, o; k, v; gate, up; down).
+COPIES = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
 
 
 def block_shapes(config) -> list[tuple[int, int]]:
     """`(out_features, in_features)` of one Llama-style block's seven projections."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
-    return [
-        (hidden, hidden),
-        (kv, hidden),
-        (kv, hidden),
-        (hidden, hidden),
-        (inter, hidden),
-        (inter, hidden),
-        (hidden, inter),
-    ]
+    shapes = llama_block_shapes(config.to_dict())
+    return [shapes[name] for name, copies in COPIES.items() for _ in range(copies)]
 
 
 def bits_per_weight(shapes, rate: float, rank_ratio: float, value_bits: int, lowrank_bits: int, group: int) -> float:
@@ -60,7 +55,8 @@ def main() -> None:
     parser.add_argument("--lowrank-bits", type=int, nargs="+", default=[8])
     parser.add_argument("--group-size", type=int, default=128)
     args = parser.parse_args()
-    shapes = block_shapes(AutoConfig.from_pretrained(default_model_path()))
+    provenance = Provenance.start()
+    shapes = block_shapes(AutoConfig.from_pretrained(smollm2_path()))
     print(f"SmolLM2-135M block layers, kappa={args.rank_ratio}, group {args.group_size} columns (bits per weight)")
     columns = [(v, u) for v in args.value_bits for u in args.lowrank_bits]
     print("| rho | " + " | ".join(f"values {v} / U,V {u}" for v, u in columns) + " |")
@@ -68,6 +64,7 @@ def main() -> None:
     for rate in args.rates:
         cells = [bits_per_weight(shapes, rate, args.rank_ratio, v, u, args.group_size) for v, u in columns]
         print(f"| {rate} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    print(f"\n{provenance.line()}")
 
 
 if __name__ == "__main__":

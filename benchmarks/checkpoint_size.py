@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from toolkit.data import data_root
+from toolkit.models import load_causal_lm, load_tokenizer, safetensors_bytes, smollm2_path
+from toolkit.provenance import Provenance
 
 from optimum_oats import OATSConfig, compress
-from optimum_oats.integrations.default_model import default_model_path
 
 SUFFIXES = ("weight", "weight_mask", "lowrank_u", "lowrank_v")
 
@@ -37,25 +37,22 @@ def layer_bytes(folder: Path) -> tuple[int, int]:
     return compressed, dense
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.5])
     parser.add_argument("--rank-ratio", type=float, default=0.25)
     args = parser.parse_args()
-    data_dir = Path(os.environ.get("OATS_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    model_path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    provenance = Provenance.start()
+    data_dir = data_root()
+    model_path = smollm2_path()
+    tokenizer = load_tokenizer(model_path)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in (torch.float32, torch.bfloat16):
             dense_dir = Path(tmp) / f"dense-{dtype}"
-            AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).save_pretrained(dense_dir)
+            load_causal_lm(model_path, dtype=dtype).save_pretrained(dense_dir)
             for rate in args.rates:
-                model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+                model = load_causal_lm(model_path, dtype=dtype)
                 cfg = OATSConfig(
                     compression_rate=rate,
                     rank_ratio=args.rank_ratio,
@@ -69,7 +66,9 @@ def main() -> None:
                 model.save_pretrained(out)
                 compressed, dense = layer_bytes(out)
                 dtype_name = str(dtype).split(".")[1]
-                rows.append((dtype_name, rate, compressed, dense, folder_bytes(out), folder_bytes(dense_dir)))
+                rows.append(
+                    (dtype_name, rate, compressed, dense, safetensors_bytes(out), safetensors_bytes(dense_dir))
+                )
     print(f"\nrank_ratio={args.rank_ratio}; compressed layers: values + 1-bit mask + U + V (bias none in SmolLM2)\n")
     print(
         "| dtype | rho | compressed layers (MB) | same layers dense (MB) | ratio "
@@ -81,6 +80,7 @@ def main() -> None:
             f"| {dtype} | {rate} | {compressed / 1e6:.1f} | {dense / 1e6:.1f} | {compressed / dense:.3f} | "
             f"{total / 1e6:.1f} | {dense_total / 1e6:.1f} |"
         )
+    print(f"\n{provenance.line()}")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from datetime import date
+
+from toolkit.data import data_root
+from toolkit.provenance import Provenance
 
 CONFIGS = {
     "wanda": {"method": "wanda"},
@@ -47,12 +48,12 @@ def parse_args() -> argparse.Namespace:
 def worker(args: argparse.Namespace) -> None:
     """Compress the truncated model once with one configuration; print a JSON line with the measurements."""
     import torch
+    from toolkit.models import smollm2_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_oats import OATSConfig, compress, compression_report
-    from optimum_oats.integrations.default_model import default_model_path
 
-    path = default_model_path()
+    path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path)
     model.model.layers = torch.nn.ModuleList(model.model.layers[: args.blocks])
     model.config.num_hidden_layers = args.blocks
@@ -87,6 +88,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    provenance = Provenance.start()
+    data_root(export=True)  # the workers calibrate on C4 from there
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     for repeat in range(args.repeats):
         order = args.configs if repeat % 2 == 0 else list(reversed(args.configs))
@@ -97,8 +100,8 @@ def main() -> None:
     median = {name: statistics.median(r["seconds"] for r in results) for name, results in runs.items()}
     floor = median.get("wanda", 0.0)
     print(
-        f"\n## Compression time: SmolLM2-135M-Instruct, first {args.blocks} of 30 blocks, {date.today()}, "
-        f"{platform.machine()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+        f"\n## Compression time: SmolLM2-135M-Instruct, first {args.blocks} of 30 blocks, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n{provenance.line()}"
     )
     print(
         f"rho={args.rate}, calibration {args.num_samples} x {args.seqlen} C4 tokens, {args.iterations} iterations, "

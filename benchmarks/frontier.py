@@ -32,11 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import fmean, stdev
+from statistics import fmean
+
+from toolkit.cells import write_figure
+from toolkit.intervals import geometric_interval
 
 DENSE_BITS = 16.0  # the bf16 checkpoint of the dense model
 MASK_BITS = 1.0
@@ -140,21 +142,14 @@ def load_project(folder: Path, rows: dict[str, Setting]) -> float | None:
 
 def interval(row: Setting, reference: Setting | None) -> str:
     """Paired ratio interval against the reference where they share >= 2 seeds, else the plain interval."""
-    from scipy.stats import t as student_t
-
     if reference is not None and reference is not row:
         shared = sorted(set(row.perplexity) & set(reference.perplexity))
         if len(shared) >= 2:
-            logs = [math.log(row.perplexity[s] / reference.perplexity[s]) for s in shared]
-            half = student_t.ppf(0.975, len(logs) - 1) * stdev(logs) / math.sqrt(len(logs))
-            return (
-                f"ratio {math.exp(fmean(logs)):.3f} [{math.exp(fmean(logs) - half):.3f}, "
-                f"{math.exp(fmean(logs) + half):.3f}] paired, {len(shared)} seeds"
-            )
+            mean, (low, high) = geometric_interval([row.perplexity[s] / reference.perplexity[s] for s in shared])
+            return f"ratio {mean:.3f} [{low:.3f}, {high:.3f}] paired, {len(shared)} seeds"
     if len(row.perplexity) >= 2:
-        logs = [math.log(p) for p in row.perplexity.values()]
-        half = student_t.ppf(0.975, len(logs) - 1) * stdev(logs) / math.sqrt(len(logs))
-        return f"ppl [{math.exp(fmean(logs) - half):.2f}, {math.exp(fmean(logs) + half):.2f}]"
+        _, (low, high) = geometric_interval(list(row.perplexity.values()))
+        return f"ppl [{low:.2f}, {high:.2f}]"
     return "-"
 
 
@@ -231,11 +226,7 @@ def plot(rows: list[Setting], path: Path, title: str) -> Path:
     ax.set_ylabel("WikiText-2 token perplexity (log)")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_figure(fig, path)
 
 
 def collect(peer: list[Path], project: list[Path]) -> list[Setting]:

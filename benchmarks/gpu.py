@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py                       # one H100/H200: Llama-3-8B shapes, bf16, rho 0.5 (<= 5 min)
     python benchmarks/gpu.py --quick               # fewer repetitions, tokens and blocks
-    TRITON_INTERPRET=1 python benchmarks/gpu.py --device cpu --tiny   # CPU rehearsal (tests/nn/test_gpu_benchmark.py)
+    TRITON_INTERPRET=1 python benchmarks/gpu.py --device cpu --tiny   # CPU rehearsal (tests/benchmarks/test_gpu.py)
 
 Nothing is downloaded: models are built from a `LlamaConfig` with random weights, which is fine for speed and
 memory. Compressed layers for the speed parts are built directly at the budget of rho = 0.5 and the default
@@ -49,6 +49,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from toolkit.cells import write_cell
+from toolkit.models import llama_block_shapes
+from toolkit.provenance import Provenance
 from torch import nn
 
 from optimum_oats.algorithms import OATSSettings
@@ -109,12 +112,6 @@ def random_dense(d_out: int, d_in: int, dtype: torch.dtype, device: torch.device
     with torch.no_grad():
         linear.weight.normal_(0.0, 0.02, generator=torch.Generator(device=device).manual_seed(seed))
     return linear.requires_grad_(False)
-
-
-def layer_shapes(dims: dict) -> dict[str, tuple[int, int]]:
-    hidden, inter = dims["hidden_size"], dims["intermediate_size"]
-    kv = dims["num_key_value_heads"] * hidden // dims["num_attention_heads"]
-    return {"q/o": (hidden, hidden), "k/v": (kv, hidden), "gate/up": (inter, hidden), "down": (hidden, inter)}
 
 
 def build_model(dims: dict, layers: int, dtype: torch.dtype, device: torch.device, seed: int):
@@ -716,9 +713,7 @@ def environment(device: torch.device) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_cell(path, data)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -735,7 +730,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cold-bytes", type=float, default=256e6, help="bytes walked per timed pass (> 2x L2)")
     args = parser.parse_args(argv)
     args.dims = TINY if args.tiny else LLAMA3_8B
-    args.shapes = layer_shapes(args.dims)
+    args.shapes = llama_block_shapes(args.dims)
     args.tokens = [1, 4, 16, 32, 64] if args.tiny else ([1, 16, 64, 512] if args.quick else TOKENS)
     args.prefill = [t for t in args.tokens if t > 16][-2:]  # 2:4 + low rank is timed at these
     args.max_forced_decode = 64 if args.tiny else 512  # the forced Triton decode path is timed up to here
@@ -755,6 +750,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    provenance = Provenance.start("triton")
     args.start = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -783,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     summary_path = args.out.with_suffix(".summary.md")
     summary_path.write_text(text)
     print(f"\ntotal {results['total_seconds']:.0f} s; JSON: {args.out}; summary: {summary_path}")
+    print(provenance.line())
     print(text)  # last: what the device tool returns
     return 1 if results["errors"] or not results.get("check", {}).get("all_ok", True) else 0
 

@@ -19,24 +19,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
-import os
-import platform
 import time
 from collections import defaultdict
 
 import torch
-from quality import checked_device  # benchmarks/quality.py: the same --device check and message
+from toolkit.calibration import c4_token_windows, layer_statistics
+from toolkit.data import data_root
+from toolkit.models import PROJECTIONS, block_layer_names, checked_device, load_causal_lm, load_tokenizer
+from toolkit.provenance import Provenance
 from torch.profiler import ProfilerActivity, profile, record_function
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_oats.algorithms import hessian_sparse_low_rank, layer_budget, oats_decompose, sparsegpt_prune
+from optimum_oats.algorithms import HESSIAN, hessian_sparse_low_rank, layer_budget, oats_decompose, sparsegpt_prune
 from optimum_oats.algorithms.hessian_slr import hessian_metric, hessian_objective
-from optimum_oats.data.paths import resolve_data_dir
-from optimum_oats.engine.statistics import HessianAccumulator
-from optimum_oats.integrations.default_model import default_model_path
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,47 +75,18 @@ def print_profile(prof, device: torch.device) -> None:
     print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=40))
 
 
-def hessians(model, tokenizer, names: list[str], sequences: int, seqlen: int) -> dict[str, torch.Tensor]:
-    """`H` of every named linear layer from `sequences` consecutive C4 windows through the dense model."""
-    path = resolve_data_dir() / "c4" / "c4_sample.jsonl"
-    texts, chars = [], 0
-    with path.open() as handle:
-        for line in handle:
-            texts.append(json.loads(line)["text"])
-            chars += len(texts[-1])
-            if chars > 8 * sequences * seqlen:
-                break
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    modules = dict(model.named_modules())
-    accumulators = {name: HessianAccumulator(modules[name].in_features, torch.device("cpu")) for name in names}
-    handles = [
-        modules[name].register_forward_hook(lambda _m, args, _o, name=name: accumulators[name].update(args[0]))
-        for name in names
-    ]
-    with torch.no_grad():
-        for i in range(sequences):
-            model(ids[i * seqlen : (i + 1) * seqlen][None])
-    for handle in handles:
-        handle.remove()
-    return {name: acc.finalize() for name, acc in accumulators.items()}
-
-
 def main() -> None:
     args = parse_args()
+    provenance = Provenance.start()
     torch.manual_seed(0)
-    folder = args.model or default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    names = [
-        f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
-        for i in args.layers
-        for p in args.projections
-    ]
+    model = load_causal_lm(args.model, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(args.model)
+    names = block_layer_names(args.layers, args.projections)
     start = time.perf_counter()
-    stats = hessians(model, tokenizer, names, args.num_sequences, args.seqlen)
+    windows = c4_token_windows(tokenizer, args.num_sequences, args.seqlen, data_root())
+    stats = layer_statistics(model, names, windows, HESSIAN)
     print(
-        f"# {platform.node()} torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.2f}; Hessians of {len(names)} layers "
+        f"# Hessians of {len(names)} layers "
         f"in {time.perf_counter() - start:.0f} s "
         f"({args.num_sequences} x {args.seqlen} C4 tokens, dense model)"
     )
@@ -132,6 +97,7 @@ def main() -> None:
         decompose_all(args, modules, names, stats)
     if args.profile:
         print_profile(prof, device)
+    print(f"\n{provenance.line()}")
 
 
 def decompose_all(args, modules, names, stats) -> None:

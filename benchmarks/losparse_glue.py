@@ -43,37 +43,38 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shutil
-import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from encoders import minilm_path  # benchmarks/encoders.py: the MiniLM wheel's folder
-from glue_tasks import SST2_FIELDS, binomial_se, encode, predictions, read_sst2, seeded_subset
-from quality import run_one  # benchmarks/quality.py: resumable, atomically stored results
+from toolkit.cells import resume_cell, write_figure
+from toolkit.data import data_root
+from toolkit.glue import (
+    SST2_FIELDS,
+    encode,
+    finetune_arguments,
+    lowrank_share,
+    predictions,
+    read_sst2,
+    seeded_subset,
+    summarize,
+)
+from toolkit.models import minilm_path, safetensors_bytes
+from toolkit.provenance import Provenance, machine, utc_now
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
     set_seed,
 )
 
 import optimum_oats  # noqa: F401  (registers the OATS format so the exported checkpoints reload)
 from optimum_oats import OATSConfig, compress, compression_report
-from optimum_oats.data.paths import data_dir
-from optimum_oats.training.losparse import (
-    LoSparseCallback,
-    LoSparseConfig,
-    apply_losparse,
-    export_losparse,
-    losparse_layers,
-)
+from optimum_oats.training.losparse import LoSparseCallback, LoSparseConfig, apply_losparse, export_losparse
 from optimum_oats.training.recovery import prepare_for_recovery
 
 METHODS = ("dense", "losparse", "structured", "oats", "hassle")
@@ -138,13 +139,6 @@ def parse_cell(cell: str) -> tuple[str, float | None]:
     return method, value
 
 
-def lowrank_share(model) -> float:
-    """The fraction of the LoSparse layers' dense parameters held by U V."""
-    layers = losparse_layers(model).values()
-    dense = sum(m.in_features * m.out_features for m in layers)
-    return sum(m.rank * (m.in_features + m.out_features) for m in layers) / dense
-
-
 def encoder_linears(model) -> dict[str, torch.nn.Linear]:
     """The linear layers of the repeated encoder blocks (the ones LoSparse and `compress` substitute)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n}
@@ -182,10 +176,6 @@ def kept_fraction_of_rows(masks: dict[str, torch.Tensor], model) -> float:
     linears = encoder_linears(model)
     total = sum(m.weight.numel() for m in linears.values())
     return sum(int(masks[n].sum()) * linears[n].in_features for n in masks) / total
-
-
-def checkpoint_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
 def run_cell(cell: str, seed: int, args, path: str, tokenizer, train_rows, test_rows, output: Path) -> dict:
@@ -227,22 +217,12 @@ def run_cell(cell: str, seed: int, args, path: str, tokenizer, train_rows, test_
         callbacks.append(RowMaskCallback(model, masks))
         record["kept_fraction"] = kept_fraction_of_rows(masks, model)
     run_dir = output / f"run-{cell}-seed{seed}"
-    training = TrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=args.batch_size,
-        max_steps=total_steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=max(1, total_steps // 10),
-        weight_decay=0.01,
-        logging_steps=max(1, total_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+    training = finetune_arguments(
+        run_dir,
+        args,
+        total_steps,
+        seed,
+        logs=10,
         train_sampling_strategy="group_by_length",  # batches of similar length: little padding, ~2x less compute
     )
     dataset = encode(tokenizer, train_rows, SST2_FIELDS, args.max_length)
@@ -281,7 +261,7 @@ def run_cell(cell: str, seed: int, args, path: str, tokenizer, train_rows, test_
     saved = output / f"model-{cell}-seed{seed}"
     shutil.rmtree(saved, ignore_errors=True)
     model.save_pretrained(saved)
-    record["checkpoint_bytes"] = checkpoint_bytes(saved)
+    record["checkpoint_bytes"] = safetensors_bytes(saved)
     reloaded = AutoModelForSequenceClassification.from_pretrained(saved)
     record["reloaded"] = type(reloaded).__name__
     reloaded_predictions = predictions(reloaded, tokenizer, test_rows, SST2_FIELDS, args.max_length)
@@ -303,26 +283,8 @@ def protocol(args, train_rows, test_rows) -> dict:
     return {**{k: getattr(args, k) for k in keys}, **fixed, "train": len(train_rows), "test": len(test_rows)}
 
 
-def machine() -> dict:
-    return {
-        "host": socket.gethostname(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-
-
 def cell_name(cell: str, seed: int) -> str:
     return f"{cell}-seed{seed}"
-
-
-def summarize(records: list[dict], n: int) -> tuple[float, float]:
-    """Mean accuracy over seeds and its standard error: the test-set binomial term plus the seed spread."""
-    accs = [r["test_accuracy"] for r in records]
-    mean = sum(accs) / len(accs)
-    spread = sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) if len(accs) > 1 else 0.0
-    return mean, math.sqrt(binomial_se(mean, n) ** 2 / len(accs) + spread / len(accs))
 
 
 def table(results: dict[str, list[dict]], n: int) -> list[str]:
@@ -384,18 +346,15 @@ def plot(results: dict[str, list[dict]], n: int, file: Path) -> None:
     ax.set_title("all-MiniLM-L6-v2 on SST-2 (mean ± s.e. over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = file.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_figure(fig, file, dpi=120)
     plt.close(fig)
-    os.replace(tmp, file)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    provenance = Provenance.start()
     torch.set_num_threads(1)
-    root = data_dir()
-    if root is None:
-        raise SystemExit("Set OATS_DATA_DIR to the shared data folder (it holds sst2/train.tsv and sst2/dev.tsv).")
+    root = data_root()
     path = args.model or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_rows = seeded_subset(read_sst2(root, "train"), args.train_size, args.split_seed)
@@ -413,10 +372,9 @@ def main(argv: list[str] | None = None) -> None:
             def run(cell=cell, seed=seed) -> dict:
                 print(f"== {cell} seed {seed} ({datetime.now(timezone.utc):%H:%M:%S} UTC)", flush=True)
                 record = run_cell(cell, seed, args, path, tokenizer, train_rows, test_rows, output)
-                when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                return {**record, "protocol": settings, "date": when, "machine": machine()}
+                return {**record, "protocol": settings, "date": utc_now(), "machine": machine()}
 
-            record = run_one(file, run)
+            record = resume_cell(file, run)
             if record["protocol"] != settings:
                 raise SystemExit(
                     f"{file} was produced with other settings ({record['protocol']}); use another --output."
@@ -437,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Trainer: {args.epochs} epoch(s), batch {args.batch_size}, dynamic padding, AdamW lr {args.lr}, linear "
         f"decay, 10% warm-up. LoSparse p = {args.low_rank_ratio}, ΔT = {args.delta_t}, t_i / t_f = 10% / 30% of the "
         f"steps, β1 = 0.85. OATS / hassle: {args.calibration} SST-2 train sentences, {args.oats_iterations} "
-        f"iterations. CPU, 1 thread, torch {torch.__version__}.\n"
+        f"iterations.\n{provenance.line()}\n"
     )
     if results:
         print("\n".join(table(results, n)))

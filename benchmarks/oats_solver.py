@@ -1,10 +1,11 @@
 """OATS solver benchmark: `svd="exact"` vs `svd="fast"` on real SmolLM2-135M weight matrices, per shape.
 
 Input norms `D` are real: a few C4 sequences from `$OATS_DATA_DIR/c4/c4_sample.jsonl` are run through the dense
-model with forward hooks (`D_j = ||X_j||_2`). Every selected matrix is decomposed by both solvers at the OATS
-budget for each rate; the error is the scaled relative error `||(W - S - L) D||_F / ||W D||_F`. Times are
-summed over the matrices of a shape; errors are averaged, `Δ` is the per-matrix relative error difference
-`fast / exact - 1` (mean and the worst, i.e. largest, over the matrices).
+model and collected by the library's statistics hooks (`D_j = ||X_j||_2`, summed in float64 as `compress()` does).
+Every selected matrix is decomposed by both solvers at the OATS budget for each rate; the error is the scaled
+relative error `||(W - S - L) D||_F / ||W D||_F`. Times are summed over the matrices of a shape; errors are
+averaged, `Δ` is the per-matrix relative error difference `fast / exact - 1` (mean and the worst, i.e. largest,
+over the matrices).
 
 With `--noise` the exact solver is also run on `W (1 + 1e-6 ε)`; the same `Δ` of that run (`noise Δ`) is the
 exact solver's own sensitivity (OATS's thresholding path is chaotic), the yardstick for the fast one's `Δ`.
@@ -18,20 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from toolkit.calibration import c4_token_windows, layer_statistics
+from toolkit.data import data_root
+from toolkit.models import PROJECTIONS, block_layer_names, load_causal_lm, load_tokenizer
+from toolkit.provenance import Provenance
 
-from optimum_oats.algorithms import layer_budget, oats_decompose
+from optimum_oats.algorithms import INPUT_NORMS, layer_budget, oats_decompose
 from optimum_oats.config import parse_nm
-from optimum_oats.integrations.default_model import default_model_path
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from optimum_oats.utils.files import atomic_write_json
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,36 +54,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def input_norms(model, tokenizer, names: list[str], data: Path, sequences: int, seqlen: int) -> dict:
-    """`D` of every named linear layer from `sequences` consecutive C4 windows through the dense model."""
-    texts = []
-    with data.open() as handle:
-        for line in handle:
-            texts.append(json.loads(line)["text"])
-            if sum(len(t) for t in texts) > 8 * sequences * seqlen:  # ~4 characters a token, with margin
-                break
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    if ids.numel() < sequences * seqlen:
-        raise SystemExit(f"{data} holds {ids.numel()} tokens, fewer than {sequences} x {seqlen}")
-    squares: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-
-    def hook(name: str):
-        def fn(_module, args, _output) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            squares[name] = squares.get(name, 0) + (x * x).sum(0)
-
-        return fn
-
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    with torch.no_grad():
-        for i in range(sequences):
-            model(ids[i * seqlen : (i + 1) * seqlen][None])
-    for handle in handles:
-        handle.remove()
-    return {name: value.sqrt() for name, value in squares.items()}
-
-
 def scaled_error(weight: torch.Tensor, out, norms: torch.Tensor) -> float:
     approx = out.sparse + out.lowrank_u @ out.lowrank_v
     return float(((weight - approx) * norms).norm() / (weight * norms).norm())
@@ -97,19 +68,12 @@ def timed(*args, **kwargs):
 
 def run(args: argparse.Namespace, nm: tuple[int, int] | None) -> list[dict]:
     """Decompose every selected matrix at every rate with both solvers; one result per (matrix, rate)."""
-    data_dir = Path(os.environ.get("OATS_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    path = args.model or default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    blocks = model.model.layers
-    names = {}
-    for layer in args.layers:
-        for proj in args.projections:
-            group = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            names[f"model.layers.{layer}.{group}.{proj}"] = getattr(getattr(blocks[layer], group), proj)
-    norms = input_norms(
-        model, tokenizer, list(names), data_dir / "c4" / "c4_sample.jsonl", args.num_sequences, args.seqlen
-    )
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    names = {name: modules[name] for name in block_layer_names(args.layers, args.projections)}
+    windows = c4_token_windows(tokenizer, args.num_sequences, args.seqlen, data_root())
+    norms = layer_statistics(model, list(names), windows, INPUT_NORMS)
 
     results = []
     for name, linear in names.items():
@@ -144,6 +108,7 @@ def run(args: argparse.Namespace, nm: tuple[int, int] | None) -> list[dict]:
 
 def main() -> None:
     args = parse_args()
+    provenance = Provenance.start()
     nm = parse_nm(args.sparsity_pattern)
     if nm is not None:  # N:M fixes the sparse part's density: the rate plays no role
         args.rates = args.rates[:1]
@@ -165,7 +130,7 @@ def main() -> None:
         }
         results = run(args, nm)
         if args.json:
-            Path(args.json).write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+            atomic_write_json(args.json, {"settings": settings, "results": results}, indent=1)
     rows: dict[tuple, list[dict]] = defaultdict(list)
     for result in results:
         rows[(*result["shape"], result["rate"])].append(result)
@@ -202,6 +167,7 @@ def main() -> None:
             drift = [r["noise_err"] / r["exact_err"] - 1 for r in group]
             line += f" {sum(drift) / len(drift):+.3%} | {max(drift):+.3%} |"
         print(line + f" {its} |")
+    print(f"\n{provenance.line()}")
 
 
 if __name__ == "__main__":

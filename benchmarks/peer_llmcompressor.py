@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
-import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 import types
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from toolkit.cells import read_cell, write_cell  # stdlib-only modules (tests/benchmarks/test_layout.py)
+from toolkit.provenance import Provenance, processor, utc_now, versions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +53,7 @@ IGNORE = ["lm_head"]  # tied to the embeddings; the project does not compress it
 # Bytes per element of the safetensors dtypes a compressed-tensors checkpoint holds.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 CHECKPOINT_DTYPE = torch.bfloat16
+PEER_STACK = ("llmcompressor", "compressed-tensors", "transformers", "torch", "accelerate")
 
 
 def project_module(name: str) -> types.ModuleType:
@@ -87,18 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"`--cells` {' '.join(unknown)}: unknown; allowed: {' '.join(CELLS)}")
     return args
-
-
-def versions() -> dict[str, str]:
-    """The peer's stack, as installed."""
-    names = ("llmcompressor", "compressed-tensors", "transformers", "torch", "accelerate")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def weight_scheme(bits: int, symmetric: bool):
@@ -196,15 +183,9 @@ def checkpoint_bytes(folder: Path, layers: dict[str, int]) -> dict:
     }
 
 
-def write_json(path: Path, result: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    provenance = Provenance.start(*PEER_STACK)
     if not os.environ.get("OATS_DATA_DIR"):
         raise SystemExit("Set OATS_DATA_DIR to the data folder (C4 sample and WikiText-2), e.g. /work/shared/data.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     def common(start: float, load_before: tuple) -> dict:
         return {
             "model": Path(model_path).name,
-            "versions": versions(),
+            "versions": versions(PEER_STACK),
             "protocol": {
                 "calibration": f"{args.num_samples} x {args.seqlen} C4 tokens, joined sampling",
                 "evaluation": f"WikiText-2 test, first {args.windows} windows of {args.eval_seqlen} tokens",
@@ -235,14 +216,14 @@ def main(argv: list[str] | None = None) -> None:
             "loadavg_before": list(load_before),
             "loadavg_after": list(os.getloadavg()),
             "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": processor(),
+            "date": utc_now(),
         }
 
-    if not args.skip_dense and not (out / "dense.json").is_file():
+    if not args.skip_dense and read_cell(out / "dense.json") is None:
         start, load = time.perf_counter(), os.getloadavg()
         ppl = evaluate(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
-        write_json(out / "dense.json", {"cell": "dense", "perplexity": ppl, **common(start, load)})
+        write_cell(out / "dense.json", {"cell": "dense", "perplexity": ppl, **common(start, load)})
         print(f"dense: perplexity {ppl:.2f}", flush=True)
 
     for seed in args.seed:
@@ -251,13 +232,15 @@ def main(argv: list[str] | None = None) -> None:
         )
         for name in args.cells:
             file = out / f"{name}-s{seed}.json"
-            if file.is_file():
-                print(f"{name} seed {seed}: stored, perplexity {json.loads(file.read_text())['perplexity']:.2f}")
+            stored = read_cell(file)
+            if stored is not None:
+                print(f"{name} seed {seed}: stored, perplexity {stored['perplexity']:.2f}")
                 continue
             result = run_cell(name, seed, windows, model_path, tokenizer, evaluate, out, args.keep_checkpoints)
             result.update(common(result.pop("_start"), result.pop("_load")))
-            write_json(file, result)
+            write_cell(file, result)
             print(f"{name} seed {seed}: perplexity {result['perplexity']:.2f}", flush=True)
+    print(provenance.line())
 
 
 def run_cell(name, seed, windows, model_path, tokenizer, evaluate, out: Path, keep: bool) -> dict:

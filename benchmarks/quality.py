@@ -32,18 +32,18 @@ mean with a 95% t interval, the yardstick for "the fast solver costs no accuracy
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import time
-from datetime import date
 from pathlib import Path
-from statistics import fmean, stdev
+from statistics import fmean
 from typing import NamedTuple
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from toolkit.cells import resume_cell, write_figure
+from toolkit.data import data_root
+from toolkit.intervals import geometric_interval
+from toolkit.models import checked_device, load_causal_lm, load_tokenizer, smollm2_path
+from toolkit.provenance import Provenance
 
 from optimum_oats import OATSConfig, compress, compression_report
 from optimum_oats.algorithms import ALGORITHMS
@@ -56,7 +56,6 @@ from optimum_oats.engine.refine import (
     default_refine_lr,
 )
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
-from optimum_oats.integrations.default_model import default_model_path
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "oats", "hassle")
 SWEEP_OWL = (5.0, 0.08)  # (M, lambda) of every OWL entry without an -M..-l.. suffix in its key
@@ -172,27 +171,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run_one(file: Path, fn) -> dict | None:
-    """Compute `fn()` once and store it atomically; later runs read the stored result (resume after a stop)."""
-    if file.is_file():
-        return json.loads(file.read_text())
-    result = fn()
-    if result is None:
-        return None
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, file)
-    return result
-
-
 def main() -> None:
     args = parse_args()
-    data_dir = Path(os.environ.get("OATS_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    os.environ["OATS_DATA_DIR"] = str(data_dir)
+    provenance = Provenance.start()
+    data_dir = data_root(export=True)  # exported: compress() finds its C4 calibration there
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_path = smollm2_path()
+    tokenizer = load_tokenizer(model_path)
     text = wikitext2_text(data_dir)
 
     def evaluate(model) -> float:
@@ -200,7 +186,7 @@ def main() -> None:
 
     def dense() -> dict:
         return {
-            "perplexity": evaluate(AutoModelForCausalLM.from_pretrained(model_path).to(args.device)),
+            "perplexity": evaluate(load_causal_lm(model_path).to(args.device)),
             "seconds": 0.0,
         }
 
@@ -208,7 +194,7 @@ def main() -> None:
 
     def compressed(entry: Entry):
         def fn() -> dict:
-            model = AutoModelForCausalLM.from_pretrained(model_path).to(args.device)
+            model = load_causal_lm(model_path).to(args.device)
             config = OATSConfig(
                 compression_rate=entry.rate,
                 rank_ratio=args.hassle_rank_ratio if entry.method == "hassle" else args.rank_ratio,
@@ -282,18 +268,15 @@ def main() -> None:
         for svd in (args.svd if m == "oats" else args.svd[:1])
     ]
     if not args.skip_dense:
-        dense_result = run_one(out / "dense.json", missing if args.table_only else dense)
+        dense_result = resume_cell(out / "dense.json", missing if args.table_only else dense)
     results = {}
     for entry in runs:
         compute = missing if args.table_only else compressed(entry)
-        results[entry] = run_one(out / f"{entry_key(entry, args)}.json", compute)
+        results[entry] = resume_cell(out / f"{entry_key(entry, args)}.json", compute)
     if args.skip_dense:
         return
 
-    print(
-        f"\n## Quality: SmolLM2-135M-Instruct, {date.today()}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}"
-    )
+    print(f"\n## Quality: SmolLM2-135M-Instruct, device {args.device}\n{provenance.line()}")
     print(
         f"calibration: {args.num_samples} x {args.seqlen} C4 tokens, seed {' '.join(map(str, args.seed))}; OATS "
         f"kappa={args.rank_ratio}, {args.iterations} iterations, {' / '.join(args.svd)} SVD; "
@@ -348,8 +331,6 @@ def print_solver_pairs(results: dict[Entry, dict | None]) -> None:
     A single pair is not evidence at high compression, where runs that differ only in fp rounding spread by tens
     of percent; pairing by calibration seed removes the data's share of the spread, the interval shows the rest.
     """
-    from scipy.stats import t as student_t  # scikit-learn's dependency, present with the lm-eval extra
-
     pairs: dict[tuple, list[tuple[int, float, float]]] = {}
     for entry, exact in results.items():
         fast = results.get(entry._replace(svd="fast"))
@@ -369,13 +350,12 @@ def print_solver_pairs(results: dict[Entry, dict | None]) -> None:
             f"| {rate} | {layerwise} | {pattern} | {' '.join(map(str, seeds))} | {' '.join(f'{e:.2f}' for e in exact)}"
             f" | {' '.join(f'{f:.2f}' for f in fast)} | {' '.join(f'{q:.3f}' for q in ratios)} |"
         )
-        logs = [math.log(q) for q in ratios]
-        summary = f"- rho {rate} {layerwise} {pattern}: geometric mean fast / exact {math.exp(fmean(logs)):.3f}"
-        if len(logs) > 1:
-            half = student_t.ppf(0.975, len(logs) - 1) * stdev(logs) / math.sqrt(len(logs))
+        mean, interval = geometric_interval(ratios)
+        summary = f"- rho {rate} {layerwise} {pattern}: geometric mean fast / exact {mean:.3f}"
+        if interval is not None:
             summary += (
-                f", 95% t interval [{math.exp(fmean(logs) - half):.3f}, {math.exp(fmean(logs) + half):.3f}] over "
-                f"{len(logs)} seeds; exact's own spread across seeds max / min {max(exact) / min(exact):.2f}"
+                f", 95% t interval [{interval[0]:.3f}, {interval[1]:.3f}] over "
+                f"{len(ratios)} seeds; exact's own spread across seeds max / min {max(exact) / min(exact):.2f}"
             )
         else:
             summary += " (one seed: no interval)"
@@ -386,8 +366,6 @@ def print_solver_pairs(results: dict[Entry, dict | None]) -> None:
 def print_paired_vs_baseline(results: dict[Entry, dict | None], args: argparse.Namespace, baseline: str) -> None:
     """Every method's perplexity over the baseline's at the same setting, paired by calibration seed: geometric
     mean and 95% t interval of the ratio (below 1: better than the baseline; an interval excluding 1: evidence)."""
-    from scipy.stats import t as student_t
-
     ratios: dict[tuple, list[float]] = {}
     for entry, result in results.items():
         base = results.get(entry._replace(method=baseline, svd=args.svd[0]))
@@ -409,14 +387,11 @@ def print_paired_vs_baseline(results: dict[Entry, dict | None], args: argparse.N
     print("| method | rho | layerwise | pattern | seeds | ratio per seed | geometric mean | 95% t interval |")
     print("|---|---|---|---|---|---|---|---|")
     for (method, rate, layerwise, pattern), values in ratios.items():
-        logs = [math.log(v) for v in values]
-        interval = "-"
-        if len(logs) > 1:
-            half = student_t.ppf(0.975, len(logs) - 1) * stdev(logs) / math.sqrt(len(logs))
-            interval = f"[{math.exp(fmean(logs) - half):.3f}, {math.exp(fmean(logs) + half):.3f}]"
+        mean, interval = geometric_interval(values)
+        shown = "-" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
         print(
             f"| {method} | {rate} | {layerwise} | {pattern} | {len(values)} | {' '.join(f'{v:.3f}' for v in values)}"
-            f" | {math.exp(fmean(logs)):.3f} | {interval} |"
+            f" | {mean:.3f} | {shown} |"
         )
 
 
@@ -424,17 +399,6 @@ def nm_rate(pattern: str) -> float:
     """The nominal rate of an N:M pattern (its sparse part's; OATS adds the low-rank term on top)."""
     n, m = parse_nm(pattern)
     return round(1 - n / m, 4)
-
-
-def checked_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
-    """`--device` as a `torch.device`, or the parser's error naming the fix before any model is loaded."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        parser.error(f"--device {name!r} is not a torch device; give e.g. cpu, cuda or cuda:1")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {device}: this machine has no CUDA device; run with --device cpu")
-    return device
 
 
 def entry_key(entry: Entry, args: argparse.Namespace) -> str:
@@ -510,11 +474,7 @@ def plot_sweep(results: dict[Entry, dict | None], dense_ppl: float, args: argpar
     ax.set_ylabel("WikiText-2 token perplexity (log)")
     ax.set_title(f"SmolLM2-135M: calib {args.num_samples}x{args.seqlen} C4, eval {args.windows}x{args.eval_seqlen}")
     ax.legend(fontsize=7, ncol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_figure(fig, path)
 
 
 if __name__ == "__main__":

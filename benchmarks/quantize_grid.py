@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoModelForCausalLM
+from toolkit.models import load_causal_lm
+from toolkit.provenance import Provenance
 
 from optimum_oats.algorithms.quantize import GroupSpec, expand_scales, group_scales, round_to_grid
-from optimum_oats.integrations.default_model import default_model_path
 
 
 def int_symmetric(values: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     args = parser.parse_args()
-    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    provenance = Provenance.start()
+    model = load_causal_lm(dtype=torch.float32)
     weights = [m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
     pruned = []
     for weight in weights:
@@ -87,6 +88,7 @@ def main() -> None:
             num = sum(float((fn(w, bits, args.group) - w).square().sum()) for w in pruned)
             den = sum(float(w.square().sum()) for w in pruned)
             print(f"| {name} | {bits} | {(num / den) ** 0.5:.4f} | {extra[name] / kept_per_group:.3f} |")
+    print(f"\n{provenance.line()}")
 
 
 if __name__ == "__main__":

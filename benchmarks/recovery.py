@@ -26,19 +26,20 @@ Perplexity protocol: WikiText-2 raw test joined with "\\n\\n", first `--windows`
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from toolkit.cells import read_cell, resume_cell
+from toolkit.data import data_root
+from toolkit.models import load_causal_lm, load_tokenizer
+from toolkit.provenance import Provenance, utc_now
+from toolkit.training import cpu_training_arguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from optimum_oats import OATSConfig, compress, compression_report
 from optimum_oats.evaluation import token_perplexity, wikitext2_text
-from optimum_oats.integrations.default_model import default_model_path
 from optimum_oats.training.recovery import TimeBudgetCallback, mask_fingerprint, prepare_for_recovery, token_windows
 
 STAGES = ("dense", "oneshot", "recovery", "losparse", "dense_ft")
@@ -76,23 +77,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def stage(name: str, output: Path, fn) -> dict:
     """Run `fn()` once; later runs read the stored result."""
-    file = output / f"{name}.json"
-    if file.is_file():
-        return json.loads(file.read_text())
-    print(f"== {name}", flush=True)
-    result = fn()
-    result["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_json(file, result)
-    return result
+
+    def run() -> dict:
+        print(f"== {name}", flush=True)
+        result = fn()
+        result["finished"] = utc_now()
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        return result
+
+    return resume_cell(output / f"{name}.json", run)
+
+
+def recovery_steps(args, output: Path) -> int:
+    """The optimizer steps the recovery run actually made (it may stop on time), else `--max-steps`."""
+    return (read_cell(output / "recovery.json") or {}).get("steps", args.max_steps)
 
 
 def perplexity(model, tokenizer, text: str, args) -> float:
@@ -103,20 +103,16 @@ def perplexity(model, tokenizer, text: str, args) -> float:
 
 
 def training_args(args, output: Path, lr: float, steps: int) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(output),
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=lr,
-        max_steps=steps,
-        lr_scheduler_type="cosine",
+    return cpu_training_arguments(
+        output,
+        batch_size=args.batch_size,
+        lr=lr,
+        steps=steps,
+        scheduler="cosine",
         warmup_steps=max(1, steps // 20),
         weight_decay=0.0,
         logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
         seed=0,
-        dataloader_num_workers=0,
     )
 
 
@@ -125,12 +121,12 @@ def losses(trainer: Trainer) -> list[dict]:
 
 
 def run_dense(args, tokenizer, test_text) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    model = load_causal_lm(dtype=torch.float32)
     return {"perplexity": perplexity(model, tokenizer, test_text, args), "kept": 1.0}
 
 
 def run_oneshot(args, tokenizer, test_text, output: Path) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    model = load_causal_lm(dtype=torch.float32)
     config = OATSConfig(
         compression_rate=args.rate,
         rank_ratio=args.rank_ratio,
@@ -188,9 +184,8 @@ def run_recovery(args, tokenizer, test_text, valid_text, output: Path) -> dict:
 def run_dense_finetune(args, tokenizer, test_text, valid_text, output: Path) -> dict:
     """Control: the *dense* model fine-tuned on the same text and steps (lr `--losparse-lr`), to separate what
     recovery wins back from what any in-domain training on WikiText-2 gains."""
-    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
-    recovery = output / "recovery.json"
-    steps = json.loads(recovery.read_text())["steps"] if recovery.is_file() else args.max_steps
+    model = load_causal_lm(dtype=torch.float32)
+    steps = recovery_steps(args, output)
     train = token_windows(tokenizer, valid_text, args.train_seqlen)
     trainer = Trainer(
         model=model,
@@ -213,12 +208,11 @@ def run_dense_finetune(args, tokenizer, test_text, valid_text, output: Path) -> 
 def run_losparse(args, tokenizer, test_text, valid_text, output: Path) -> dict:
     from optimum_oats.training.losparse import LoSparseCallback, LoSparseConfig, apply_losparse, export_losparse
 
-    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    model = load_causal_lm(dtype=torch.float32)
     kept = 1 - args.rate
-    recovery = output / "recovery.json"  # default: as many optimizer steps as the recovery run actually made
     steps = args.losparse_steps
-    if steps is None:
-        steps = json.loads(recovery.read_text())["steps"] if recovery.is_file() else args.max_steps
+    if steps is None:  # default: as many optimizer steps as the recovery run actually made
+        steps = recovery_steps(args, output)
     config = LoSparseConfig(
         low_rank_ratio=args.rank_ratio * kept,
         final_remaining_ratio=(1 - args.rank_ratio) * kept,
@@ -254,10 +248,12 @@ def run_losparse(args, tokenizer, test_text, valid_text, output: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
+    provenance = Provenance.start()
     torch.manual_seed(0)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    data_root(export=True)  # compress() calibrates on C4 from there
+    tokenizer = load_tokenizer()
     test_text, valid_text = wikitext2_text(split="test"), wikitext2_text(split="valid")
     runs = {
         "dense": lambda: run_dense(args, tokenizer, test_text),
@@ -270,15 +266,13 @@ def main() -> None:
         stage(name, output, runs[name])
     print(
         f"\nSmolLM2-135M-Instruct, rho={args.rate}, kappa={args.rank_ratio}; WikiText-2 test token perplexity, "
-        f"first {args.windows} windows of {args.eval_seqlen}; torch threads {torch.get_num_threads()}, "
-        f"{platform.processor() or platform.machine()}"
+        f"first {args.windows} windows of {args.eval_seqlen}\n{provenance.line()}"
     )
     print("| model | kept | steps | train tokens | train s | perplexity |")
     print("|---|---|---|---|---|---|")
     for name in STAGES:
-        file = output / f"{name}.json"
-        if file.is_file():
-            r = json.loads(file.read_text())
+        r = read_cell(output / f"{name}.json")
+        if r is not None:
             print(
                 f"| {name} | {r['kept']:.3f} | {r.get('steps', '-')} | {r.get('train_tokens', '-')} | "
                 f"{r.get('train_seconds', '-')} | {r['perplexity']:.2f} |"

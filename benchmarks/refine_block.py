@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import time
-from datetime import date
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from toolkit.data import data_root
+from toolkit.models import load_causal_lm, load_tokenizer
+from toolkit.provenance import Provenance
 
 from optimum_oats import OATSConfig
 from optimum_oats.algorithms import ALGORITHMS
@@ -32,7 +31,6 @@ from optimum_oats.engine.capture import block_forward, capture_block_inputs, sam
 from optimum_oats.engine.layers import compress_block, statistics_needed
 from optimum_oats.engine.refine import block_loss, refine_block
 from optimum_oats.engine.statistics import collect_statistics
-from optimum_oats.integrations.default_model import default_model_path
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,10 +79,11 @@ def compressed_copy(block, prefix: str, method: str, hidden, kwargs, args) -> tu
 
 def main() -> None:
     args = parse_args()
+    provenance = Provenance.start()
     torch.manual_seed(0)
-    folder = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data_root(export=True)  # the calibration windows come from C4 there
+    model = load_causal_lm(dtype=torch.float32).eval()
+    tokenizer = load_tokenizer()
     total = args.num_samples + args.held_out
     windows = OATSConfig(dataset="c4", num_samples=total, seqlen=args.seqlen, seed=args.seed)
     ids = calibration_inputs(model, windows, CalibrationData.from_config(windows, tokenizer=tokenizer))
@@ -93,9 +92,8 @@ def main() -> None:
         inputs = capture_block_inputs(model, blocks, ids, progress=False)
     print(
         f"# SmolLM2-135M-Instruct, rate {args.rate}, κ {args.rank_ratio}, {args.steps} Adam steps, "
-        f"{args.num_samples} calibration + {args.held_out} held-out C4 windows of {args.seqlen} (seed {args.seed}); "
-        f"{date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}"
+        f"{args.num_samples} calibration + {args.held_out} held-out C4 windows of {args.seqlen} (seed {args.seed})\n"
+        f"{provenance.line()}"
     )
     print("| block | method | lr | U, V lr | calibration loss | held-out loss | held-out / start | seconds |")
     print("|---|---|---|---|---|---|---|---|")

@@ -11,22 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+
+from toolkit.models import load_causal_lm, smollm2_path
+from toolkit.provenance import Provenance
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-
-    from transformers import AutoModelForCausalLM
+    provenance = Provenance.start()
 
     from optimum_oats.engine.resume import weights_fingerprint
-    from optimum_oats.integrations.default_model import default_model_path
 
-    path = default_model_path()
+    path = smollm2_path()
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_causal_lm(path)
     load_s = time.perf_counter() - started
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -50,6 +52,7 @@ def main() -> None:
             }
         )
     )
+    print(provenance.line(), file=sys.stderr)  # stdout stays one JSON line
 
 
 if __name__ == "__main__":

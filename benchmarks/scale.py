@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from toolkit.data import data_root
+from toolkit.provenance import Provenance
+
 HERE = Path(__file__).resolve()
 
 
@@ -58,19 +61,19 @@ def job(args: argparse.Namespace) -> None:
     """One compression in this process; prints a JSON line."""
     import torch
     import torch.distributed as dist
+    from toolkit.models import smollm2_path
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_oats import OATSConfig, compress
     from optimum_oats.engine.blocks import find_main_block_stack, set_module
     from optimum_oats.engine.offload import _offload_hook, offloading_device_map
-    from optimum_oats.integrations.default_model import default_model_path
     from optimum_oats.nn import LinearSparseLowRank
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         dist.init_process_group("gloo")
-    path = default_model_path()
+    path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     baseline = _current_rss_mb()
     with tempfile.TemporaryDirectory() as offload_folder:
@@ -161,6 +164,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "_job":
         return job(args)
+    provenance = Provenance.start()
+    data_root(export=True)  # the jobs calibrate on `--dataset` from there
     common = [
         f"--method={args.method}",
         f"--svd={args.svd}",
@@ -174,7 +179,7 @@ def main() -> None:
     print(
         f"# {args.what}: SmolLM2-135M fp32, rho=0.5, {args.method} svd={args.svd} iterations={args.num_iterations}, "
         f"{args.num_samples}x{args.seqlen} {args.dataset}, blocks={args.blocks or 'all'}, "
-        f"OMP_NUM_THREADS=1, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+        f"OMP_NUM_THREADS=1"
     )
     if args.what == "memory":
         rows = [_spawn([*common, "--mode=memory"], 1), _spawn([*common, "--mode=disk"], 1)]
@@ -199,7 +204,7 @@ def main() -> None:
                 f"| {row['processes']} | {row['seconds']} s | {rows[0]['seconds'] / row['seconds']:.2f}x | "
                 f"{row['weights_sha256']} |"
             )
-    print(f"# load average after: {os.getloadavg()[0]:.1f}")
+    print(provenance.line())
 
 
 if __name__ == "__main__":

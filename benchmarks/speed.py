@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -35,11 +34,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from toolkit.data import data_root
+from toolkit.models import llama_block_shapes, smollm2_path
+from toolkit.provenance import Provenance
 from torch import nn
 
 from optimum_oats.algorithms.budget import layer_budget
 from optimum_oats.algorithms.pruning import wanda_prune
-from optimum_oats.integrations.default_model import default_model_path
 from optimum_oats.kernels import kernel_available
 from optimum_oats.nn import LinearSparseLowRank
 
@@ -50,10 +51,7 @@ COLD_BYTES = 96e6  # > 2x a 32 MB L3: every pass reads the weights from DRAM
 
 def smollm2_shapes(model_path: Path) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each distinct linear layer of a Llama-style block, from config.json."""
-    config = json.loads((model_path / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    kv = config["num_key_value_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
-    return {"q/o": (hidden, hidden), "k/v": (kv, hidden), "gate/up": (inter, hidden), "down": (hidden, inter)}
+    return llama_block_shapes(json.loads((model_path / "config.json").read_text()))
 
 
 # ---------------------------------------------------------------- floor
@@ -202,7 +200,7 @@ def compressed_checkpoint(args: argparse.Namespace, value_bits: int = 16) -> Pat
 
     from optimum_oats import OATSConfig, compress
 
-    data_dir = Path(os.environ.get("OATS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    data_dir = data_root()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     config = OATSConfig(
@@ -307,7 +305,7 @@ def _measure_memory(path: str, dtype_name: str, mode: str, new_tokens: int, prom
     from transformers import AutoTokenizer
 
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     prompt = _prompt(tokenizer, prompt_tokens)  # before `base`: reading WikiText-2 is not the model's memory
     gc.collect()
     base = psutil.Process().memory_info().rss
@@ -439,25 +437,13 @@ def main() -> None:
         "--value-bits", type=int, nargs="+", default=[16], help="compressed checkpoints to compare (16: float values)"
     )
     args = parser.parse_args()
-    args.model = Path(args.model or default_model_path())
+    args.model = Path(args.model or smollm2_path())
     torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, threads={args.threads}, compiled kernel available: {kernel_available()}, "
-        f"CPU: {_cpu_name()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"load average {os.getloadavg()[0]:.1f}"
-    )
+    provenance = Provenance.start()
+    print(f"threads={args.threads}, compiled kernel available: {kernel_available()}")
     for section in args.section:
         SECTIONS[section](args)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs"
+    print(f"\n{provenance.line()}")
 
 
 if __name__ == "__main__":

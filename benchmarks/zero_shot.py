@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import re
 import subprocess
 import sys
-from datetime import date
 from pathlib import Path
+
+from toolkit.provenance import Provenance
 
 from optimum_oats.evaluation import ZERO_SHOT_TASKS
 
@@ -154,16 +153,15 @@ def table(args: argparse.Namespace) -> str:
 
 def main() -> None:
     args = parse_args()
+    provenance = Provenance.start()
     if not args.table_only:
         args.output.mkdir(parents=True, exist_ok=True)
         for spec in args.methods:
             run_one(spec, args)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"\nSmolLM2-135M-Instruct, rho = {args.rate}, kappa = {args.rank_ratio} (oats, hassle), calibration "
         f"{args.num_samples} x {args.seqlen} C4 seed {args.seed}, svd fast; lm-eval, first {args.limit} documents "
-        f"per task, batch {args.batch_size}, fp32 ({date.today()}, {platform.processor() or platform.machine()}, "
-        f"load {load})\n"
+        f"per task, batch {args.batch_size}, fp32\n{provenance.line()}\n"
     )
     print(table(args))
 

@@ -10,7 +10,7 @@
 #
 # From a session with a device lent (the `run` tool), once, leaving time for one rerun:
 #     run(command="bash scripts/gpu_check.sh", timeout_s=540)
-# CPU rehearsal (tiny shapes, Triton interpreter; tests/nn/test_gpu_benchmark.py runs it):
+# CPU rehearsal (tiny shapes, Triton interpreter; tests/benchmarks/test_gpu.py runs it):
 #     GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh
 # Extra arguments go to benchmarks/gpu.py (e.g. `--sections env layers`). SKIP_TESTS=1 skips steps 2-3.
 set -uo pipefail

@@ -1,4 +1,4 @@
-"""Labelled text-classification rows for the fine-tuning benchmarks: read, tokenize, score.
+"""Labelled text-classification rows for the fine-tuning benchmarks: read, tokenize, train, score.
 
 Shared by `losparse_glue.py` (SST-2) and `losparse_boolq.py` (BoolQ). A row is a dict with the task's text
 fields and an integer `label`; `fields` names the one (single sentence) or two (pair) text fields to read.
@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+
+from optimum_oats.training.losparse import losparse_layers
+
+from .training import cpu_training_arguments
 
 SST2_FIELDS = ("sentence",)
 BOOLQ_FIELDS = ("question", "passage")
@@ -79,3 +83,37 @@ def accuracy(model, tokenizer, rows: list[dict], fields: tuple[str, ...], max_le
 def binomial_se(accuracy_value: float, n: int) -> float:
     """Standard error of an accuracy measured on `n` independent examples."""
     return math.sqrt(accuracy_value * (1 - accuracy_value) / n)
+
+
+def summarize(records: list[dict], n: int) -> tuple[float, float]:
+    """Mean accuracy over seeds and its standard error: the test-set binomial term plus the seed spread."""
+    accs = [r["test_accuracy"] for r in records]
+    mean = sum(accs) / len(accs)
+    spread = sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) if len(accs) > 1 else 0.0
+    return mean, math.sqrt(binomial_se(mean, n) ** 2 / len(accs) + spread / len(accs))
+
+
+def lowrank_share(model) -> float:
+    """The fraction of the LoSparse layers' dense parameters held by U V."""
+    layers = losparse_layers(model).values()
+    dense = sum(m.in_features * m.out_features for m in layers)
+    return sum(m.rank * (m.in_features + m.out_features) for m in layers) / dense
+
+
+def finetune_arguments(output_dir: Path, args, steps: int, seed: int, logs: int, **extra):
+    """Every cell's `Trainer` settings: AdamW at `args.lr`, linear decay after a 10% warm-up, batch `args.batch_size`,
+    about `logs` loss records, `seed` for the head, dropout and data order."""
+    return cpu_training_arguments(
+        output_dir,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        steps=steps,
+        scheduler="linear",
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.01,
+        logging_steps=max(1, steps // logs),
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        **extra,
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,21 +26,14 @@ FIELDS |= {"train_seconds", "train_cpu_seconds", "loadavg_before_after", "machin
 
 @pytest.fixture(scope="module")
 def glue():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("losparse_glue")
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    return importlib.import_module("losparse_glue")  # benchmarks/ is on sys.path (tests/benchmarks/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, data_dir):
+    from toolkit.glue import read_sst2
     from transformers import BertForSequenceClassification
 
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    from glue_tasks import read_sst2
-
-    sys.path.remove(str(REPO_ROOT / "benchmarks"))
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = build_wordpiece_tokenizer([r["sentence"] for r in read_sst2(data_dir, "dev")])
     config = text_configs(len(tokenizer))["bert"]
