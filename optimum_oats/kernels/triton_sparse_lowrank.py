@@ -75,21 +75,9 @@ def add(a, b):
 
 @triton.jit
 def expand_block(
-    mask_ptr,
-    values_ptr,
-    scales_ptr,
-    rows,
-    row_ok,
-    base,
-    k0,
-    k_end,
-    mask_stride,
-    scale_stride,
-    BLOCK_K: tl.constexpr,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    OFFSET: tl.constexpr,
-):
+    mask_ptr, values_ptr, scales_ptr, rows, row_ok, base, k0, k_end, mask_stride, scale_stride,
+    BLOCK_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
+):  # fmt: skip
     """Dense `(BLOCK_N, BLOCK_K)` tile of S at columns `k0 + [0, BLOCK_K)` (those below `k_end`); `base` is each
     row's index of its first kept value at or after column `k0` (from the offset tables: no carried state).
 
@@ -280,15 +268,12 @@ def _code_args(values: torch.Tensor, codes: Codes | None) -> tuple[torch.Tensor,
     scales pointer unused)."""
     if codes is None:
         return values, 0, {"BITS": 0, "GROUP": 1, "OFFSET": 0.0}
-    if values.dtype != torch.uint8 or codes.scales.dtype != torch.float16 or not codes.scales.is_contiguous():
+    scales = codes.scales
+    if values.dtype != torch.uint8 or scales.dtype != torch.float16 or not 2 <= codes.bits <= 8:
         raise ValueError(
-            f"quantized storage must be uint8 codes and contiguous fp16 scales, got {values.dtype} and "
-            f"{codes.scales.dtype}."
+            f"expected uint8 codes of 2-8 bits, fp16 scales; got {values.dtype}, {scales.dtype}, {codes.bits}."
         )
-    if not 2 <= codes.bits <= 8 or codes.group_size < 1:
-        raise ValueError(f"codes must be 2 to 8 bits with a group size >= 1, got {codes.bits} and {codes.group_size}.")
-    meta = {"BITS": codes.bits, "GROUP": codes.group_size, "OFFSET": float(codes.offset)}
-    return codes.scales, codes.scales.stride(0), meta
+    return scales, scales.stride(0), {"BITS": codes.bits, "GROUP": codes.group_size, "OFFSET": float(codes.offset)}
 
 
 def _block_m(tokens: int) -> int:
