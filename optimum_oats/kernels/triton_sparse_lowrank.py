@@ -95,18 +95,20 @@ def expand_block(
         tile = tl.load(values_ptr + base[:, None] + before, mask=kept, other=0.0)
     else:
         # Code k is bits [k * BITS, (k + 1) * BITS) of the stream: its first byte, and the next one when it spans two
-        # (never for 2, 4 or 8 bits). Loads past the stream cannot happen: a spanning code's bits are all stored.
-        first = (base[:, None] + before) * BITS  # int64, >= 0: shifts and masks instead of signed // and %
-        byte = first >> 3
-        shift = (first & 7).to(tl.int32)
+        # (never for 2, 4 or 8 bits; a spanning code's bits are all stored). 64-bit math per row, 32-bit per value.
+        start = base * BITS
+        bit = (start & 7).to(tl.int32)[:, None] + before * BITS
+        byte = (start >> 3)[:, None] + (bit >> 3)
+        shift = bit & 7
         word = tl.load(values_ptr + byte, mask=kept, other=0).to(tl.int32)
         if 8 % BITS != 0:
-            spans = kept & (shift + BITS > 8)
-            word = word | (tl.load(values_ptr + byte + 1, mask=spans, other=0).to(tl.int32) << 8)
+            word = word | (tl.load(values_ptr + byte + 1, mask=kept & (shift + BITS > 8), other=0).to(tl.int32) << 8)
         code = (word >> shift) & ((1 << BITS) - 1)
-        scale = tl.load(
-            scales_ptr + rows[:, None].to(tl.int64) * scale_stride + (cols // GROUP)[None, :], mask=kept, other=0.0
-        )
+        scale_row = scales_ptr + rows.to(tl.int64) * scale_stride
+        if GROUP % BLOCK_K == 0:  # blocks start at multiples of BLOCK_K: the block is in one group, a scale per row
+            scale = tl.load(scale_row + k0 // GROUP, mask=row_ok, other=0.0)[:, None]
+        else:
+            scale = tl.load(scale_row[:, None] + (cols // GROUP)[None, :], mask=kept, other=0.0)
         tile = tl.where(kept, (code.to(tl.float32) - OFFSET) * scale.to(tl.float32), 0.0)
     return tile
 
@@ -252,10 +254,8 @@ def decompress_kernel(
 
 
 class Codes(NamedTuple):
-    """How quantized values are stored, for the kernels: `values` then holds `bits`-bit codes (uint8 little-endian
-    bit stream, one code per kept value in row-major order) and `scales` the scale of each `group_size` columns of a
-    row, `(out_features, ceil(in_features / group_size))` fp16 (the stored int16 bit patterns viewed as fp16);
-    value = `(code - offset) * scale` in float32."""
+    """Quantized values: `values` holds `bits`-bit codes (module docstring), `scales` the fp16 scale of each
+    `group_size` columns of a row `(out, ceil(in / group_size))`; value = `(code - offset) * scale` in float32."""
 
     scales: torch.Tensor
     bits: int
