@@ -7,22 +7,25 @@
 Nothing is downloaded: models are built from a `LlamaConfig` with random weights, which is fine for speed and
 memory. Compressed layers for the speed parts are built directly at the budget of rho = 0.5 and the default
 kappa (`OATSConfig().rank_ratio`): a random row-wise mask of `keep_per_row` entries, random values and random
-U, V of the budget's rank. Compression time is measured separately, on a few real blocks, with each method.
+U, V of the budget's rank. The quantized column is the shipped point (`--quant-rho` 0.3, 4-bit values, 8-bit U V,
+groups of 128): random codes, the values kept as codes and decoded where they are read (the Triton kernels on
+CUDA). Compression time is measured separately, on a few real blocks, with each method.
 
 Sections, each timed against the `--budget-s` wall-clock limit and written to the JSON as soon as it ends (the
 per-layer rows and each compress method's row as soon as they end):
 
 - `env`: GPU, clocks, versions, cuSPARSELt, and the measured device-to-device copy bandwidth (the roofline);
-- `check`: the library's dispatch against `x (S + U V)^T` (decode, prefill, a 2:4 layer) with the path each call
-  took; fails if a CUDA call did not take a Triton path;
+- `check`: the library's dispatch against `x (S + U V)^T` (decode, prefill, a quantized layer, a 2:4 layer) with
+  the path each call took; fails if a CUDA call did not take a Triton path;
 - `layers`: per layer (Llama-3-8B shapes) x tokens {1, 4, 16, 32, 64, 128, 512, 2048}: eager and CUDA-graph us for
   dense and compressed, the path "auto" takes, the Triton decode and workspace paths forced (the crossover that
   sets `GPU_MAX_DECODE_TOKENS`), the decode kernel's autotuned configuration, compressed GB/s against the copy
-  bandwidth, decompress-only us, and 2:4 + low rank at prefill; every timed pass walks over enough copies of the
+  bandwidth, decompress-only us, 2:4 + low rank at prefill, and the quantized layer through the library's
+  dispatch (us, speedup over dense, bytes); every timed pass walks over enough copies of the
   layer to exceed the L2 cache (`--cold-bytes`), as in a model where a layer's weights are evicted before the next
   token needs them;
 - `model`: a randomly initialised Llama-3-8B-shaped model in bf16: GPU memory, prefill of a 512-token prompt and
-  greedy generation tokens/s, dense vs compressed;
+  greedy generation tokens/s, dense vs compressed vs quantized;
 - `svd`: the SVD timing probe at 4096^2 and 14336x4096 (exact thin SVD and the fast solver's Ritz step);
 - `compress`: wall time to compress `--compress-blocks` blocks per method, cheapest first (Wanda, SparseGPT, OATS,
   hassle), skipping a method whose cheaper predecessor already took longer than the time left.
@@ -59,10 +62,11 @@ from optimum_oats.algorithms.budget import layer_budget
 from optimum_oats.algorithms.masks import sparsity_mask
 from optimum_oats.config import OATSConfig
 from optimum_oats.kernels import dispatch, gpu
-from optimum_oats.kernels.operands import chunk_offsets, row_offsets
+from optimum_oats.kernels.operands import chunk_offsets
 from optimum_oats.kernels.workspaces import release_workspaces, workspace
 from optimum_oats.nn import LinearSparseLowRank, pack_bitmask
 from optimum_oats.nn.kernel_execution import choose_path
+from optimum_oats.utils.quantization import DEFAULT_GROUP_SIZE
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -107,6 +111,32 @@ def random_compressed(
     return layer
 
 
+def random_quantized(args, d_out: int, d_in: int, dtype: torch.dtype, device: torch.device, seed: int):
+    """A quantized layer at the shipped point (`--quant-rho`, `--quant-bits`-bit values, `--quant-lowrank-bits`-bit
+    U V, groups of `--quant-group` columns): random mask, random codes, fixed scales; U V decoded from their codes
+    (as a reloaded checkpoint holds them). Its values stay codes: every path decodes them where it reads them."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    budget = layer_budget(d_out, d_in, args.quant_rho, args.kappa, None)
+    mask = sparsity_mask(torch.rand(d_out, d_in, device=device, generator=generator), budget.keep_per_row, None)
+    storage = {"value_bits": args.quant_bits, "lowrank_bits": args.quant_lowrank_bits, "group_size": args.quant_group}
+    layer = LinearSparseLowRank(
+        d_in, d_out, rank=budget.rank, nnz=budget.keep_per_row * d_out, bias=False, device=device, dtype=dtype,
+        **storage,
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.weight_mask.copy_(pack_bitmask(mask))
+        for name in ("weight", "lowrank_u", "lowrank_v"):
+            codes, scales = getattr(layer, f"{name}_codes", None), getattr(layer, f"{name}_scales", None)
+            if codes is None:  # rank 0, or factors stored as floats
+                continue
+            codes.copy_(torch.randint(0, 256, codes.shape, device=device, generator=generator, dtype=torch.uint8))
+            scales.copy_(torch.full(scales.shape, 0.004, device=device, dtype=torch.float16).view(torch.int16))
+        layer.decode_()
+    layer.requires_grad_(False)
+    layer.set_execution_mode(BENCH_MODE)
+    return layer
+
+
 def random_dense(d_out: int, d_in: int, dtype: torch.dtype, device: torch.device, seed: int) -> nn.Linear:
     linear = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
@@ -130,19 +160,25 @@ def build_model(dims: dict, layers: int, dtype: torch.dtype, device: torch.devic
     return model.eval().requires_grad_(False)
 
 
-def compress_randomly(model: nn.Module, rho: float, kappa: float, seed: int) -> int:
-    """Replace every linear layer of the decoder blocks by a random compressed one at the budget; returns count."""
+def compress_randomly(model: nn.Module, rho: float, kappa: float, seed: int, quantized=None) -> int:
+    """Replace every linear layer of the decoder blocks (dense or already compressed) by a random compressed one at
+    the budget, or with `quantized` (the parsed arguments) by a random quantized one ([`random_quantized`]); returns
+    how many were replaced."""
     count = 0
     for index, block in enumerate(model.model.layers):
         for name, module in list(block.named_modules()):
-            if isinstance(module, nn.Linear):
-                d_out, d_in = module.weight.shape
-                layer = random_compressed(
-                    d_out, d_in, rho, kappa, module.weight.dtype, module.weight.device, seed + 1000 * index + count
-                )
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent) if parent else block, child, layer)
-                count += 1
+            if not isinstance(module, (nn.Linear, LinearSparseLowRank)):
+                continue
+            d_out, d_in = module.out_features, module.in_features
+            reference = module.weight if isinstance(module, nn.Linear) else module.lowrank_u  # floats: the dtype
+            layer_seed = seed + 1000 * index + count
+            if quantized is not None:
+                layer = random_quantized(quantized, d_out, d_in, reference.dtype, reference.device, layer_seed)
+            else:
+                layer = random_compressed(d_out, d_in, rho, kappa, reference.dtype, reference.device, layer_seed)
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, layer)
+            count += 1
     return count
 
 
@@ -241,6 +277,15 @@ def section_check(args, device, dtype, results) -> None:
                 path, out = choose_path(layer, x), layer(x)
             error = _relative_error(out, x.float() @ reference.T)
             rows.append({"shape": name, "tokens": tokens, "path": path, "rel_error": error})
+    # The shipped quantized point (codes decoded by the Triton kernels on CUDA): decode and prefill.
+    quantized = random_quantized(args, *args.shapes["q/o"], dtype, device, seed=3)
+    reference = quantized.to_dense().float()
+    for tokens in (1, 16, args.prefill[0]):  # row reduction, tl.dot on the decoded tile, decompression
+        x = torch.randn(tokens, quantized.in_features, device=device, dtype=dtype)
+        with torch.no_grad():
+            path, out = choose_path(quantized, x), quantized(x)
+        error = _relative_error(out, x.float() @ reference.T)
+        rows.append({"shape": f"q/o {args.quant_bits}-bit", "tokens": tokens, "path": path, "rel_error": error})
     nm_layer = random_compressed(*args.shapes["q/o"], args.rho, args.kappa, dtype, device, seed=2, nm=(2, 4))
     x = torch.randn(args.prefill[0], nm_layer.in_features, device=device, dtype=dtype)
     with torch.no_grad():
@@ -286,9 +331,11 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 def read_bytes(layer: LinearSparseLowRank) -> int:
-    """Bytes a decode call reads from the layer: the stored tensors plus the offset tables cached with the mask."""
-    tables = [row_offsets(layer.weight_mask, layer.sparse_nnz), chunk_offsets(layer.weight_mask)]
-    return storage_bytes(layer, LinearSparseLowRank) + sum(t.numel() * t.element_size() for t in tables)
+    """Bytes a decode call reads from the layer: what the kernels take (values or codes + scales, mask, U, V, bias)
+    plus the offset tables cached with the mask."""
+    w = layer.packed()
+    tensors = [t for t in w if isinstance(t, torch.Tensor)] + [w.value_offsets(), chunk_offsets(w.mask)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _decode_config(tokens: int, d_out: int, d_in: int, device: torch.device) -> str | None:
@@ -328,6 +375,12 @@ def section_layers(args, device, dtype, results) -> None:
         nm = [random_compressed(d_out, d_in, args.rho, args.kappa, dtype, device, s, nm=(2, 4)) for s in range(copies)]
         packed = [layer.packed() for layer in compressed]
         layer_bytes = read_bytes(compressed[0])
+        # The quantized point: as many copies as walk the compressed layers' bytes (it is ~half their size).
+        quantized = [random_quantized(args, d_out, d_in, dtype, device, seed=0)]
+        quant_bytes = read_bytes(quantized[0])
+        quant_copies = max(copies, math.ceil(copies * layer_bytes / quant_bytes))
+        quantized += [random_quantized(args, d_out, d_in, dtype, device, seed) for seed in range(1, quant_copies)]
+        divisor = {"quantized": quant_copies}  # every other variant walks `copies` layers
         decompress_us = None
         if forced:
             buffer = workspace(d_out, d_in, dtype, device)
@@ -341,6 +394,7 @@ def section_layers(args, device, dtype, results) -> None:
             variants = {
                 "dense": over_copies([lambda m=m, x=x: F.linear(x, m.weight) for m in dense]),
                 "compressed": over_copies([lambda m=m, x=x: m(x) for m in compressed]),
+                "quantized": over_copies([lambda m=m, x=x: m(x) for m in quantized]),
             }
             forced_variants = {}
             if forced and tokens <= args.max_forced_decode and tokens in args.forced_tokens:
@@ -354,7 +408,7 @@ def section_layers(args, device, dtype, results) -> None:
             if tokens in args.prefill:
                 variants["2:4+lowrank"] = over_copies([lambda m=m, x=x: m(x) for m in nm])
             with torch.no_grad():
-                path = choose_path(compressed[0], x)
+                path, quant_path = choose_path(compressed[0], x), choose_path(quantized[0], x)
                 config = None
                 if "decode" in forced_variants:
                     forced_variants["decode"]()  # autotunes for this shape; its choice is read right after
@@ -374,23 +428,28 @@ def section_layers(args, device, dtype, results) -> None:
                 "tokens": tokens,
                 "copies": copies,
                 "path": path,
+                "path_quantized": quant_path,
+                "copies_quantized": quant_copies,
                 "decode_config": config,
                 "bytes_ratio": layer_bytes / dense_bytes,
+                "bytes_ratio_quantized": quant_bytes / dense_bytes,
                 "decompress_us": decompress_us,
-                **{f"eager_us_{k}": v / copies * 1e6 for k, v in eager.items()},
-                **{f"graph_us_{k}": v / copies * 1e6 for k, v in replay.items()},
+                **{f"eager_us_{k}": v / divisor.get(k, copies) * 1e6 for k, v in eager.items()},
+                **{f"graph_us_{k}": v / divisor.get(k, copies) * 1e6 for k, v in replay.items()},
             }
-            for kind, times in (("eager", eager), ("graph", replay)):
-                if "dense" in times and "compressed" in times:
-                    row[f"{kind}_speedup"] = times["dense"] / times["compressed"]
-                    if "2:4+lowrank" in times:
-                        row[f"{kind}_speedup_24"] = times["dense"] / times["2:4+lowrank"]
+            for kind in ("eager", "graph"):
+                dense_us = row.get(f"{kind}_us_dense")
+                for variant, suffix in (("compressed", ""), ("2:4+lowrank", "_24"), ("quantized", "_quantized")):
+                    if dense_us is not None and row.get(f"{kind}_us_{variant}"):
+                        row[f"{kind}_speedup{suffix}"] = dense_us / row[f"{kind}_us_{variant}"]
             best = row.get("graph_us_compressed") or row["eager_us_compressed"]
             row["compressed_GBps"] = layer_bytes / (best * 1e-6) / 1e9
             row["pct_of_copy"] = 100 * layer_bytes / (best * 1e-6) / bandwidth
+            best = row.get("graph_us_quantized") or row["eager_us_quantized"]
+            row["quantized_GBps"] = quant_bytes / (best * 1e-6) / 1e9
             rows.append(row)
             write_json(args.out, results)  # a row is kept even if a later one is killed
-        del dense, compressed, nm, packed
+        del dense, compressed, nm, packed, quantized
         release_workspaces()
         _free(device)
     results["crossover"] = crossover(rows)
@@ -426,12 +485,15 @@ def _previous_tokens(rows: list[dict], row: dict) -> int:
 def print_layers(args, rows: list[dict], bandwidth: float, cross: dict) -> None:
     print(
         f"\n### Per-layer time, rho={args.rho}, kappa={args.kappa}, {args.dtype}, cold L2 (us per call; speedup = "
-        'dense / compressed; graph = CUDA-graph replay; path = what "auto" runs)\n'
+        'dense / compressed; graph = CUDA-graph replay; path = what "auto" runs; quantized = rho '
+        f"{args.quant_rho}, {args.quant_bits}-bit values, {args.quant_lowrank_bits}-bit U V, groups of "
+        f"{args.quant_group})\n"
     )
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s\n")
     header = [
         "shape", "tokens", "path", "bytes vs dense", "dense", "compressed", "speedup", "graph dense",
         "graph compressed", "graph speedup", "GB/s (% copy)", "decode", "workspace", "2:4+LR speedup (graph)",
+        "quantized path", "quantized bytes vs dense", "quantized (graph)", "quantized speedup (graph)",
     ]  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -451,6 +513,10 @@ def print_layers(args, rows: list[dict], bandwidth: float, cross: dict) -> None:
             _fmt(r.get("graph_us_decode", r.get("eager_us_decode"))),
             _fmt(r.get("graph_us_workspace", r.get("eager_us_workspace"))),
             _fmt(r.get("graph_speedup_24", r.get("eager_speedup_24")), "x"),
+            r.get("path_quantized", "-"),
+            f"{r['bytes_ratio_quantized']:.3f}" if "bytes_ratio_quantized" in r else "-",
+            _fmt(r.get("graph_us_quantized", r.get("eager_us_quantized"))),
+            _fmt(r.get("graph_speedup_quantized", r.get("eager_speedup_quantized")), "x"),
         ]
         assert len(cells) == len(header)
         print("| " + " | ".join(cells) + " |")
@@ -527,20 +593,42 @@ def section_model(args, device, dtype, results) -> None:
     }
     compressed.update(_generate_rate(model, args, device))
     compressed["allocated_after_prefill"] = _allocated(device)  # + one workspace per shape, no dense cache
+    point = f"rho {args.quant_rho}, {args.quant_bits}-bit values, {args.quant_lowrank_bits}-bit U V"
+    results["model"] = {
+        "dense": dense, "compressed": compressed, "layers_replaced": replaced, "build_s": built_s,
+        "quantized_point": point,
+    }  # fmt: skip
+    entries = [("dense", dense), ("compressed", compressed)]
+    if time.perf_counter() - args.start < args.budget_s:  # the quantized model: the same blocks, codes as values
+        release_workspaces()
+        start = time.perf_counter()
+        compress_randomly(model, args.rho, args.kappa, seed=0, quantized=args)
+        _free(device)
+        quantized = {
+            "allocated": _allocated(device),
+            "linear_bytes": storage_bytes(model.model.layers, LinearSparseLowRank),
+            "replace_s": time.perf_counter() - start,
+        }
+        quantized.update(_generate_rate(model, args, device))
+        quantized["allocated_after_prefill"] = _allocated(device)
+        results["model"]["quantized"] = quantized
+        entries.append(("quantized", quantized))
+    else:
+        results["model"]["quantized"] = None
+        results["errors"]["model_quantized"] = "skipped: time budget"
     del model
     release_workspaces()
     _free(device)
-    for entry in (dense, compressed):
+    for _, entry in entries:
         for key in ("allocated", "allocated_after_prefill"):
             if entry.get(key) is not None:
                 entry[key] -= base
-    results["model"] = {"dense": dense, "compressed": compressed, "layers_replaced": replaced, "build_s": built_s}
     mb, unit = (1e3, "kB") if args.tiny else (1e6, "MB")
     layers = args.dims["num_hidden_layers"]
     print(f"\n### Whole model ({layers} layers, {args.dtype}, rho={args.rho}): memory and speed\n")
     print(f"| model | linear layers {unit} | GPU allocated {unit} | prefill ms | generate tokens/s |")
     print("|---|---|---|---|---|")
-    for name, entry in (("dense", dense), ("compressed", compressed)):
+    for name, entry in entries:
         allocated = "-" if entry["allocated"] is None else f"{entry['allocated'] / mb:.0f}"
         print(
             f"| {name} | {entry['linear_bytes'] / mb:.0f} | {allocated} | {entry['prefill_s'] * 1e3:.1f} | "
@@ -551,6 +639,14 @@ def section_model(args, device, dtype, results) -> None:
         f"{compressed['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense; prefill of {args.prefill_model} tokens "
         f"{dense['prefill_s'] / compressed['prefill_s']:.2f}x dense speed"
     )
+    if results["model"]["quantized"]:
+        quantized = results["model"]["quantized"]
+        print(
+            f"quantized ({point}; resident bytes: codes, scales and the decoded U V): "
+            f"{quantized['linear_bytes'] / dense['linear_bytes']:.3f}x dense bytes; generation "
+            f"{quantized['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense; prefill "
+            f"{dense['prefill_s'] / quantized['prefill_s']:.2f}x dense speed"
+        )
 
 
 COMPRESS_ORDER = ("wanda", "sparsegpt", "oats", "hassle")  # cheapest first: a budget cut drops the slowest
@@ -725,6 +821,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--kappa", type=float, default=OATSConfig().rank_ratio)
+    # The quantized column: the shipped point (README: hassle rho 0.3, 4-bit values, 8-bit U V, groups of 128).
+    parser.add_argument("--quant-rho", type=float, default=0.3)
+    parser.add_argument("--quant-bits", type=int, default=4, choices=[3, 4, 6, 8])
+    parser.add_argument("--quant-lowrank-bits", type=int, default=8, choices=[4, 8, 16])
+    parser.add_argument("--quant-group", type=int, default=DEFAULT_GROUP_SIZE)
     parser.add_argument("--out", type=Path, default=Path("gpu_results.json"))
     parser.add_argument("--budget-s", type=float, default=240.0, help="skip what would start after this many seconds")
     parser.add_argument("--cold-bytes", type=float, default=256e6, help="bytes walked per timed pass (> 2x L2)")
@@ -801,14 +902,21 @@ def summary(results: dict) -> str:
     layers = results.get("layers") or []
     if layers:
         lines.append("layers (us; speedup = dense/compressed, graph where captured):")
-        lines.append("shape tokens path | dense comp speedup | decode workspace | GB/s %copy | decomp | config")
+        lines.append(
+            "shape tokens path | dense comp speedup | decode workspace | GB/s %copy | decomp | quantized: us speedup "
+            "bytes | config"
+        )
         for r in layers:
             kind = "graph" if "graph_us_compressed" in r else "eager"
+            quant = (
+                f"{_fmt(r.get(kind + '_us_quantized'))} {_fmt(r.get(kind + '_speedup_quantized'), 'x')} "
+                f"{r.get('bytes_ratio_quantized', 0):.2f}"
+            )
             lines.append(
                 f"{r['shape']} {r['tokens']} {r['path']} | {_fmt(r.get(kind + '_us_dense'))} "
                 f"{_fmt(r.get(kind + '_us_compressed'))} {_fmt(r.get(kind + '_speedup'), 'x')} | "
                 f"{_fmt(r.get(kind + '_us_decode'))} {_fmt(r.get(kind + '_us_workspace'))} | "
-                f"{r['compressed_GBps']:.3g} {r['pct_of_copy']:.2g}% | {_fmt(r.get('decompress_us'))} | "
+                f"{r['compressed_GBps']:.3g} {r['pct_of_copy']:.2g}% | {_fmt(r.get('decompress_us'))} | {quant} | "
                 f"{(r.get('decode_config') or '-')[:60]}"
             )
     if "crossover" in results:
@@ -827,6 +935,19 @@ def summary(results: dict) -> str:
             f"({comp['tokens_per_s'] / dense['tokens_per_s']:.2f}x), "
             f"prefill {dense['prefill_s'] / comp['prefill_s']:.2f}x"
         )
+        quant = model.get("quantized")
+        if quant:
+            memory = (
+                f"{quant['allocated'] / dense['allocated']:.3f}x"
+                if dense.get("allocated") and quant.get("allocated")
+                else "-"
+            )
+            lines.append(
+                f"model quantized ({model.get('quantized_point')}): linear bytes "
+                f"{quant['linear_bytes'] / dense['linear_bytes']:.3f}x, GPU memory {memory}, decode "
+                f"{quant['tokens_per_s']:.1f} tokens/s ({quant['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense), "
+                f"prefill {dense['prefill_s'] / quant['prefill_s']:.2f}x"
+            )
     for row in results.get("svd") or []:
         lines.append(
             f"svd {row['shape']} rank {row['rank']}: exact {row['exact_s']:.3f} s, ritz {row['ritz_s']:.4f} s"

@@ -27,6 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..utils.quantization import SCALE_DTYPE
 from . import kernels_disabled
 from .operands import PackedWeights, chunk_offsets
 from .workspaces import workspace
@@ -68,8 +69,9 @@ def _kernels():
 
 
 def takes(w: PackedWeights) -> bool:
-    """Whether the Triton kernels read this storage (float values; quantized codes go to the PyTorch paths)."""
-    return not w.quantized
+    """Whether the Triton kernels read this storage: float values, or quantized codes of 2 to 8 bits (any group
+    size: the kernels index each value's scale by its column)."""
+    return not w.quantized or (2 <= w.value_bits <= 8 and w.group_size >= 1)
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -90,6 +92,20 @@ def _tables(w: PackedWeights) -> tuple[torch.Tensor, torch.Tensor]:
     return w.value_offsets(), chunk_offsets(w.mask)
 
 
+def _codes(w: PackedWeights):
+    """The kernels' description of quantized values (codes, fp16 scales, bits, group, offset), None for floats."""
+    if not w.quantized:
+        return None
+    groups = -(-w.in_features // w.group_size)
+    scales = w.value_scales
+    if scales.dtype != torch.int16 or tuple(scales.shape) != (w.out_features, groups) or not scales.is_contiguous():
+        raise ValueError(
+            f"`weight_scales` must be contiguous int16 of shape {(w.out_features, groups)}, got {scales.dtype} "
+            f"{tuple(scales.shape)}."
+        )
+    return _kernels().Codes(scales.view(SCALE_DTYPE), w.value_bits, w.group_size, w.value_spec.offset)
+
+
 def triton_forward(x: torch.Tensor, w: PackedWeights, *, split_k: int | None = None) -> torch.Tensor:
     """`y = x (S + U V)ᵀ + b` with the Triton decode kernel; S is read from the compact storage as stored.
 
@@ -108,7 +124,7 @@ def triton_forward(x: torch.Tensor, w: PackedWeights, *, split_k: int | None = N
     with on_device(x.device):
         y = _kernels().decode(
             flat, w.values, w.mask, offsets, chunks, w.lowrank_u.contiguous(), w.lowrank_v.contiguous(), w.bias,
-            split_k=split_k,
+            split_k=split_k, codes=_codes(w),
         )  # fmt: skip
     return y.view(*x.shape[:-1], w.out_features)
 
@@ -122,7 +138,7 @@ def triton_decompress(w: PackedWeights, out: torch.Tensor) -> torch.Tensor:
         )
     offsets, chunks = _tables(w)
     with on_device(out.device):
-        return _kernels().decompress(w.values, w.mask, offsets, chunks, out)
+        return _kernels().decompress(w.values, w.mask, offsets, chunks, out, _codes(w))
 
 
 def _add_low_rank(y: torch.Tensor, x: torch.Tensor, w: PackedWeights) -> torch.Tensor:
@@ -133,7 +149,7 @@ def _add_low_rank(y: torch.Tensor, x: torch.Tensor, w: PackedWeights) -> torch.T
 
 def triton_prefill(x: torch.Tensor, w: PackedWeights) -> torch.Tensor:
     """`y = x (S + U V)ᵀ + b` for many tokens: S decompressed into the shared workspace, then dense GEMMs."""
-    dense = triton_decompress(w, workspace(w.out_features, w.in_features, w.values.dtype, w.values.device))
+    dense = triton_decompress(w, workspace(w.out_features, w.in_features, w.dtype, w.values.device))
     flat = x.reshape(-1, w.in_features)
     y = _add_low_rank(F.linear(flat, dense, w.bias), flat, w)
     return y.view(*x.shape[:-1], w.out_features)
@@ -146,7 +162,7 @@ def semi_structured_prefill(x: torch.Tensor, w: PackedWeights) -> torch.Tensor:
     beyond the compact storage stays resident. A failure (e.g. cuSPARSELt missing from this torch build) is
     warned once per device and the workspace path is used from then on (`semi_structured_failed`).
     """
-    dense = triton_decompress(w, workspace(w.out_features, w.in_features, w.values.dtype, w.values.device))
+    dense = triton_decompress(w, workspace(w.out_features, w.in_features, w.dtype, w.values.device))
     flat = x.reshape(-1, w.in_features)
     try:
         y = F.linear(flat, torch.sparse.to_sparse_semi_structured(dense), w.bias)

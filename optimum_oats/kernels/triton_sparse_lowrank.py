@@ -4,7 +4,11 @@ Imported only through [`optimum_oats.kernels.gpu`] (lazily, on a CUDA call), so 
 The kernels read the layer's storage exactly as saved: the kept values of S (1-D, row-major), the packed bitmask
 (uint8 `(out, ceil(in / 8))`, little-endian within a byte), plus two tables derived from the mask and cached with it
 (`operands.py`): the row offsets (int64 `(out + 1,)`) and each row's kept count before every `OFFSET_CHUNK`-column
-chunk (int32 `(out, ceil(in / OFFSET_CHUNK))`).
+chunk (int32 `(out, ceil(in / OFFSET_CHUNK))`). Quantized values are read as stored too ([`Codes`]): `BITS`-bit codes
+(a uint8 little-endian bit stream, in the same order as float values) and fp16 scales per `GROUP` columns of a row;
+a kept value's code is found from the same index as a float value's (its bits start at `index * BITS`: one byte,
+or two when the code spans a byte boundary), and decoded to `(code - offset) * scale` in float32, the one formula of
+`utils.quantization.dequantize_codes`. `BITS` is a `constexpr` (0: float values, the path compiled as before).
 
 Per program: a block of `BLOCK_N` output rows and a range of columns (all of them, or one split of split-K), in
 blocks of `BLOCK_K` (a multiple of `OFFSET_CHUNK`). A block's first value index comes from the tables, not from the
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -69,16 +74,43 @@ def add(a, b):
 
 
 @triton.jit
-def expand_block(mask_ptr, values_ptr, rows, row_ok, base, k0, k_end, mask_stride, BLOCK_K: tl.constexpr):
+def expand_block(
+    mask_ptr, values_ptr, scales_ptr, rows, row_ok, base, k0, k_end, mask_stride, scale_stride,
+    BLOCK_K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, OFFSET: tl.constexpr,
+):  # fmt: skip
     """Dense `(BLOCK_N, BLOCK_K)` tile of S at columns `k0 + [0, BLOCK_K)` (those below `k_end`); `base` is each
-    row's index of its first kept value at or after column `k0` (from the offset tables: no carried state)."""
+    row's index of its first kept value at or after column `k0` (from the offset tables: no carried state).
+
+    `BITS == 0`: the values are floats, returned in their dtype. Else `values_ptr` holds `BITS`-bit codes (uint8
+    little-endian bit stream) and `scales_ptr` the fp16 scale of each `GROUP` columns of a row: kept value `k` is
+    `(code_k - OFFSET) * scale` in float32 (`utils.quantization.dequantize_codes`), the tile is float32."""
     cols = k0 + tl.arange(0, BLOCK_K)
     ok = row_ok[:, None] & (cols < k_end)[None, :]
     # Each byte is read for its 8 columns: the repeats hit L1; the mask is 1/16 of the dense bf16 bytes.
     packed = tl.load(mask_ptr + rows[:, None].to(tl.int64) * mask_stride + (cols // 8)[None, :], mask=ok, other=0)
     bits = (packed.to(tl.int32) >> (cols % 8)[None, :]) & 1
     before = tl.associative_scan(bits, 1, add) - bits  # kept weights of the row earlier in this block
-    return tl.load(values_ptr + base[:, None] + before, mask=bits != 0, other=0.0)
+    kept = bits != 0
+    if BITS == 0:
+        tile = tl.load(values_ptr + base[:, None] + before, mask=kept, other=0.0)
+    else:
+        # Code k is bits [k * BITS, (k + 1) * BITS) of the stream: its first byte, and the next one when it spans two
+        # (never for 2, 4 or 8 bits; a spanning code's bits are all stored). 64-bit math per row, 32-bit per value.
+        start = base * BITS
+        bit = (start & 7).to(tl.int32)[:, None] + before * BITS
+        byte = (start >> 3)[:, None] + (bit >> 3)
+        shift = bit & 7
+        word = tl.load(values_ptr + byte, mask=kept, other=0).to(tl.int32)
+        if 8 % BITS != 0:
+            word = word | (tl.load(values_ptr + byte + 1, mask=kept & (shift + BITS > 8), other=0).to(tl.int32) << 8)
+        code = (word >> shift) & ((1 << BITS) - 1)
+        scale_row = scales_ptr + rows.to(tl.int64) * scale_stride
+        if GROUP % BLOCK_K == 0:  # blocks start at multiples of BLOCK_K: the block is in one group, a scale per row
+            scale = tl.load(scale_row + k0 // GROUP, mask=row_ok, other=0.0)[:, None]
+        else:
+            scale = tl.load(scale_row[:, None] + (cols // GROUP)[None, :], mask=kept, other=0.0)
+        tile = tl.where(kept, (code.to(tl.float32) - OFFSET) * scale.to(tl.float32), 0.0)
+    return tile
 
 
 @triton.jit
@@ -91,13 +123,14 @@ def block_base(offsets_ptr, chunks_ptr, rows, row_ok, k0, chunk_stride, CHUNK: t
 
 @triton.autotune(
     configs=_configs(_DECODE_CONFIGS, _INTERPRET_DECODE),
-    key=["N", "K", "R", "BLOCK_M", "SPLIT_K"],
+    key=["N", "K", "R", "BLOCK_M", "SPLIT_K", "BITS"],
     reset_to_zero=["y_ptr"],
 )
 @triton.jit
 def decode_kernel(
     x_ptr,
     values_ptr,
+    scales_ptr,
     mask_ptr,
     offsets_ptr,
     chunks_ptr,
@@ -111,6 +144,7 @@ def decode_kernel(
     R,
     mask_stride,
     chunk_stride,
+    scale_stride,
     k_per_split,
     HAS_LOWRANK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -119,6 +153,9 @@ def decode_kernel(
     BLOCK_R: tl.constexpr,
     SPLIT_K: tl.constexpr,
     CHUNK: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -135,7 +172,10 @@ def decode_kernel(
     acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         base = block_base(offsets_ptr, chunks_ptr, rows, row_ok, k0, chunk_stride, CHUNK)
-        tile = expand_block(mask_ptr, values_ptr, rows, row_ok, base, k0, k_end, mask_stride, BLOCK_K)
+        tile = expand_block(
+            mask_ptr, values_ptr, scales_ptr, rows, row_ok, base, k0, k_end, mask_stride, scale_stride,
+            BLOCK_K, BITS, GROUP, OFFSET,
+        )  # fmt: skip
         cols = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(
             x_ptr + toks[None, :].to(tl.int64) * K + cols[:, None],
@@ -146,8 +186,8 @@ def decode_kernel(
             acc += tl.reduce(tile.to(tl.float32) * tl.reshape(xt.to(tl.float32), (1, BLOCK_K)), 1, add)[:, None]
         elif DOT_FP32:  # the interpreter's bf16 dot is wrong; a GPU never takes this branch for bf16/fp16
             acc += tl.dot(tile.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(tile, xt)
+        else:  # quantized: the fp32 tile rounded to the dtype of x, as the PyTorch path rounds S
+            acc += tl.dot(tile.to(xt.dtype), xt)
     if split == 0:
         if HAS_LOWRANK:
             for r0 in range(0, R, BLOCK_R):
@@ -176,10 +216,11 @@ def decode_kernel(
         tl.atomic_add(out, acc, mask=row_ok[:, None] & tok_ok[None, :])
 
 
-@triton.autotune(configs=_configs(_DECOMPRESS_CONFIGS, _INTERPRET_DECOMPRESS), key=["N", "K"])
+@triton.autotune(configs=_configs(_DECOMPRESS_CONFIGS, _INTERPRET_DECOMPRESS), key=["N", "K", "BITS"])
 @triton.jit
 def decompress_kernel(
     values_ptr,
+    scales_ptr,
     mask_ptr,
     offsets_ptr,
     chunks_ptr,
@@ -188,8 +229,12 @@ def decompress_kernel(
     K,
     mask_stride,
     chunk_stride,
+    scale_stride,
     out_stride,
     CHUNK: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -199,10 +244,36 @@ def decompress_kernel(
     row_ok = rows < N
     k0 = tl.program_id(1) * BLOCK_K
     base = block_base(offsets_ptr, chunks_ptr, rows, row_ok, k0, chunk_stride, CHUNK)
-    tile = expand_block(mask_ptr, values_ptr, rows, row_ok, base, k0, K, mask_stride, BLOCK_K)
+    tile = expand_block(
+        mask_ptr, values_ptr, scales_ptr, rows, row_ok, base, k0, K, mask_stride, scale_stride, BLOCK_K, BITS, GROUP,
+        OFFSET,
+    )  # fmt: skip
     cols = k0 + tl.arange(0, BLOCK_K)
     out = out_ptr + rows[:, None].to(tl.int64) * out_stride + cols[None, :]
     tl.store(out, tile.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+class Codes(NamedTuple):
+    """Quantized values: `values` holds `bits`-bit codes (module docstring), `scales` the fp16 scale of each
+    `group_size` columns of a row `(out, ceil(in / group_size))`; value = `(code - offset) * scale` in float32."""
+
+    scales: torch.Tensor
+    bits: int
+    group_size: int
+    offset: float
+
+
+def _code_args(values: torch.Tensor, codes: Codes | None) -> tuple[torch.Tensor, int, dict]:
+    """The scales pointer, its row stride and the constexprs `BITS`, `GROUP`, `OFFSET` (`BITS=0`: float values, the
+    scales pointer unused)."""
+    if codes is None:
+        return values, 0, {"BITS": 0, "GROUP": 1, "OFFSET": 0.0}
+    scales = codes.scales
+    if values.dtype != torch.uint8 or scales.dtype != torch.float16 or not 2 <= codes.bits <= 8:
+        raise ValueError(
+            f"expected uint8 codes of 2-8 bits, fp16 scales; got {values.dtype}, {scales.dtype}, {codes.bits}."
+        )
+    return scales, scales.stride(0), {"BITS": codes.bits, "GROUP": codes.group_size, "OFFSET": float(codes.offset)}
 
 
 def _block_m(tokens: int) -> int:
@@ -239,11 +310,12 @@ def decode(
     lowrank_v: torch.Tensor,
     bias: torch.Tensor | None,
     split_k: int | None = None,
+    codes: Codes | None = None,
 ) -> torch.Tensor:
     """`x (S + U V)^T + b` for `x` `(M, K)` contiguous, S read from values + bitmask (see module docstring).
 
     `split_k` programs share each row block's columns ([`split_k_for`] when None); their float32 partial sums are
-    added atomically, then rounded to the dtype of `x`.
+    added atomically, then rounded to the dtype of `x`. With `codes`, `values` holds quantized codes (see [`Codes`]).
     """
     tokens, in_features = x.shape
     out_features, rank = lowrank_u.shape
@@ -261,9 +333,11 @@ def decode(
     t = torch.mm(x, lowrank_v.t()) if rank else y
     block_m = _block_m(tokens)
     grid = lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(tokens, block_m), split)  # noqa: E731
+    scales, scale_stride, meta = _code_args(values, codes)
     decode_kernel[grid](
         x,
         values,
+        scales,
         bitmask,
         row_offsets,
         chunk_offsets,
@@ -277,6 +351,7 @@ def decode(
         rank,
         bitmask.shape[1],
         chunk_offsets.shape[1],
+        scale_stride,
         per_split,
         HAS_LOWRANK=rank > 0,
         HAS_BIAS=bias is not None,
@@ -285,6 +360,7 @@ def decode(
         BLOCK_R=max(DOT_MIN, min(triton.next_power_of_2(max(rank, 1)), 64)),
         SPLIT_K=split,
         CHUNK=OFFSET_CHUNK,
+        **meta,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -295,14 +371,18 @@ def decompress(
     row_offsets: torch.Tensor,
     chunk_offsets: torch.Tensor,
     out: torch.Tensor,
+    codes: Codes | None = None,
 ) -> torch.Tensor:
-    """Write S densely into `out` `(N, K)` (row stride may exceed K; column stride must be 1); returns `out`."""
+    """Write S densely into `out` `(N, K)` (row stride may exceed K; column stride must be 1); returns `out`.
+    With `codes`, `values` holds quantized codes (see [`Codes`]), decoded in float32 then rounded to `out`'s dtype."""
     out_features, in_features = out.shape
     if out_features == 0 or in_features == 0:
         return out
     grid = lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(in_features, meta["BLOCK_K"]))  # noqa: E731
+    scales, scale_stride, meta = _code_args(values, codes)
     decompress_kernel[grid](
         values,
+        scales,
         bitmask,
         row_offsets,
         chunk_offsets,
@@ -311,7 +391,9 @@ def decompress(
         in_features,
         bitmask.shape[1],
         chunk_offsets.shape[1],
+        scale_stride,
         out.stride(0),
         CHUNK=OFFSET_CHUNK,
+        **meta,
     )
     return out

@@ -51,11 +51,15 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert data["errors"] == {}
     assert data["env"]["copy_bytes_per_s"] > 0 and data["env"]["triton_interpret"] == "1"
-    assert data["check"]["all_ok"] and len(data["check"]["rows"]) == 4 * 3 + 1
+    assert data["check"]["all_ok"] and len(data["check"]["rows"]) == 4 * 3 + 3 + 1  # + the quantized q/o, 2:4
+    assert [row["tokens"] for row in data["check"]["rows"] if row["shape"] == "q/o 4-bit"] == [1, 16, 32]
     layers = data["layers"]
     assert {row["tokens"] for row in layers} == {1, 4, 16, 32, 64}
     assert all(row["eager_us_dense"] > 0 and row["eager_us_compressed"] > 0 for row in layers)
     assert all(0.5 < row["bytes_ratio"] < 0.7 for row in layers)  # rho 0.5: values + bitmask + factors + tables
+    # The quantized column (rho 0.3, 4-bit values, 8-bit U V): timed through the dispatch, smaller than the float one.
+    assert all(row["eager_us_quantized"] > 0 and row["path_quantized"] == row["path"] for row in layers)
+    assert all(0.2 < row["bytes_ratio_quantized"] < row["bytes_ratio"] for row in layers)
     assert {row["path"] for row in layers} == {"cpu_kernel", "workspace"}
     forced = [row for row in layers if "eager_us_decode" in row]  # the Triton paths, through the interpreter
     assert forced and all(row["eager_us_workspace"] > 0 and row["decode_config"] for row in forced)
@@ -63,7 +67,8 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path):
     model = data["model"]
     assert model["layers_replaced"] == 2 * 7
     assert model["compressed"]["linear_bytes"] < 0.6 * model["dense"]["linear_bytes"]
-    assert model["dense"]["new_tokens"] == model["compressed"]["new_tokens"] == 8
+    assert model["dense"]["new_tokens"] == model["compressed"]["new_tokens"] == model["quantized"]["new_tokens"] == 8
+    assert model["quantized"]["linear_bytes"] < model["compressed"]["linear_bytes"]
     assert len(data["svd"]) == 2 and all(row["exact_s"] > 0 for row in data["svd"])
     methods = [row["method"] for row in data["compress"]["rows"]]
     assert methods == ["wanda", "sparsegpt", "oats", "hassle"]  # cheapest first

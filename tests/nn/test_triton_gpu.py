@@ -126,3 +126,23 @@ def test_training_call_warns_once_and_stays_right():
     out.sum().backward()
     assert layer.weight.grad is not None
     dispatch._GRAD_WARNED.clear()
+
+
+# Quantized values decoded by the compiled kernels (3-bit: codes spanning two bytes; the 4-bit point is in
+# benchmarks/gpu.py's check). A few cases only: each (bits, tokens tile) autotunes its own compiled configurations.
+@pytest.mark.parametrize("tokens", [1, 8, 100])  # row reduction, tl.dot on the decoded bf16 tile, decompression
+def test_quantized_values_on_the_triton_paths(tokens):
+    from tests.helpers.compressed import quantized_layer
+
+    layer = quantized_layer(301, 777, value_bits=3, group_size=128, rank=16, dtype=torch.bfloat16).cuda()
+    x = torch.randn(tokens, 777, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert choose_path(layer, x) == (
+            "triton_decode" if tokens <= dispatch.GPU_MAX_DECODE_TOKENS else "triton_workspace"
+        )
+        out = layer(x)
+        exact = dispatch.dense_sparse(layer.packed()._replace(lowrank_u=layer.lowrank_u.float()))
+        dense = torch.empty(301, 777, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(gpu.triton_decompress(layer.packed(), dense), exact.to(torch.bfloat16))  # RTNE on a GPU
+    assert _error(layer, x, out) < 2e-2
+    release_workspaces()

@@ -23,6 +23,7 @@ from optimum_oats.kernels import dispatch, gpu
 from optimum_oats.kernels.operands import OFFSET_CHUNK, PackedWeights, chunk_offsets, is_two_four
 from optimum_oats.kernels.workspaces import release_workspaces, workspaces
 from optimum_oats.nn import LinearSparseLowRank
+from tests.helpers.compressed import quantized_layer
 
 if sys.platform == "linux" and platform.machine() == "x86_64":
     import triton  # noqa: F401  (the `test` extra installs it here: missing is a broken set-up, so fail, not skip)
@@ -354,3 +355,98 @@ def test_compiled_model_on_the_triton_paths_has_no_graph_break_and_matches_eager
             torch.testing.assert_close(compiled(x), reference[tokens], rtol=1e-4, atol=1e-4)
             assert len(taken) == 7 and set(taken) == {"triton_decode" if tokens == 1 else "triton_workspace"}
     release_workspaces()
+
+
+# ---------------------------------------------------------------------------------------------- quantized values
+# The kernels read the codes and fp16 group scales as stored (`PackedWeights.values` uint8 bit stream): code widths
+# 3 (codes spanning two bytes), 4 and 8, groups of 8 (several per column block) and 128 (wider than a block), odd
+# widths (a partial mask byte, a partial group, a partial column block).
+def _quantized(out_features, in_features, bits, group_size, rank, dtype, seed=0):
+    layer = quantized_layer(
+        out_features, in_features, value_bits=bits, group_size=group_size, rank=rank, dtype=dtype, seed=seed
+    )
+    w = _packed(layer)
+    assert w.quantized and w.values.dtype == torch.uint8 and gpu.takes(w)
+    return w
+
+
+def _exact_decode(w):
+    """S decoded in float32 by the one PyTorch formula (`dense_sparse` before its rounding to the layer's dtype)."""
+    return dispatch.dense_sparse(w._replace(lowrank_u=w.lowrank_u.float()))
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "shape", "dtype"),
+    [
+        (3, 8, (37, 77), torch.float32),
+        (4, 128, (19, 130), torch.bfloat16),
+        (8, 8, (37, 77), torch.float16),
+        (3, 128, (8, 64), torch.float16),
+        (4, 12, (16, 77), torch.float32),  # a group size the C++ kernel does not take (splits a mask byte)
+        (8, 128, (9, 200), torch.bfloat16),
+    ],
+)
+def test_decompress_decodes_quantized_values(bits, group_size, shape, dtype):
+    out_features, in_features = shape
+    w = _quantized(out_features, in_features, bits, group_size, 0, dtype, seed=bits + group_size)
+    buffer = torch.full((out_features, in_features + 3), 7.0, dtype=dtype)
+    out = gpu.triton_decompress(w, buffer[:, :in_features])
+    exact = _exact_decode(w)
+    if dtype == torch.bfloat16:
+        # The interpreter's fp32 -> bf16 cast truncates (a GPU rounds to nearest, as torch does): within one bf16 ulp.
+        torch.testing.assert_close(out.float(), exact, rtol=2**-7, atol=0)
+        assert torch.equal(out == 0, exact == 0)
+    else:
+        assert torch.equal(out, dispatch.dense_sparse(w))  # fp32 and fp16: bit for bit the PyTorch decode
+    assert (buffer[:, in_features:] == 7.0).all()
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "shape", "rank", "dtype", "tokens", "split_k"),
+    [
+        (3, 8, (37, 77), 3, torch.float32, 1, None),
+        (4, 128, (19, 130), 0, torch.bfloat16, 4, None),
+        (8, 8, (24, 77), 20, torch.float16, 16, None),
+        (4, 8, (21, 200), 2, torch.float32, 2, 2),  # split-K: each split starts mid-stream of codes
+        (3, 128, (16, 70), 0, torch.bfloat16, 1, None),
+    ],
+)
+def test_decode_reads_quantized_values(bits, group_size, shape, rank, dtype, tokens, split_k):
+    out_features, in_features = shape
+    w = _quantized(out_features, in_features, bits, group_size, rank, dtype, seed=bits * tokens)
+    x = torch.randn(2, tokens, in_features, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    out = gpu.triton_forward(x, w, split_k=split_k)
+    weight = _exact_decode(w).double() + w.lowrank_u.double() @ w.lowrank_v.double()
+    expected = x.double() @ weight.t() + w.bias.double()
+    assert out.shape == (2, tokens, out_features)
+    _assert_close(out, expected, dtype)
+    reference = dispatch.decompress_linear(w, x)  # the PyTorch path the CUDA calls used to fall back to
+    _assert_close(reference, expected, dtype)
+
+
+def test_quantized_prefill_and_semi_structured_fallback_decompress_with_triton(monkeypatch):
+    kernels = gpu._kernels()
+    calls = []
+    real = kernels.decompress
+    monkeypatch.setattr(kernels, "decompress", lambda *args: calls.append(args[5].bits) or real(*args))
+    w = _quantized(32, 64, 4, 8, 3, torch.float32)
+    x = torch.randn(20, 64)
+    expected = dispatch.decompress_linear(w, x)
+    release_workspaces()
+    _assert_close(gpu.triton_prefill(x, w), expected.double(), torch.float32)
+    assert [key[1] for key in workspaces()] == [torch.float32]  # the layer's dtype, not the codes' uint8
+    gpu.semi_structured_failed.clear()
+    with pytest.warns(RuntimeWarning, match="semi-structured"):  # the CPU has no 2:4 GEMM: falls back, still right
+        _assert_close(gpu.semi_structured_prefill(x, w), expected.double(), torch.float32)
+    assert calls == [4, 4]
+    gpu.semi_structured_failed.clear()
+    release_workspaces()
+
+
+def test_quantized_storage_is_checked():
+    w = _quantized(16, 64, 4, 8, 0, torch.float32)
+    with pytest.raises(ValueError, match="weight_codes"):  # the offsets are checked against the stored code bytes
+        gpu.triton_forward(torch.randn(1, 64), w._replace(values=w.values[1:]))
+    with pytest.raises(ValueError, match="weight_scales"):
+        gpu.triton_forward(torch.randn(1, 64), w._replace(value_scales=w.value_scales[:, :1].contiguous()))
+    assert not gpu.takes(w._replace(value_bits=1))
