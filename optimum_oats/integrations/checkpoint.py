@@ -182,24 +182,30 @@ def validate_checkpoint(
                     f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but config.json's "
                     f"`layer_map` implies {list(shape)}. The checkpoint and its config disagree."
                 )
-    # quantized values have no float tensor on disk: nothing of theirs is converted on load
-    return {name: stored[f"{name}.weight"] for name in layer_map if f"{name}.weight" in stored}
+    # Quantized values have no float tensor on disk; their codes share the file's mapping with the float tensors
+    # around them (embeddings, norms), so such a layer reports the file's float dtype.
+    floats = [dtype for dtype in stored.values() if dtype in STORED_DTYPES]
+    common = max(set(floats), key=floats.count) if floats else None
+    dtypes = {name: stored.get(f"{name}.weight", common) for name in layer_map}
+    return {name: dtype for name, dtype in dtypes.items() if dtype is not None}
 
 
-# safetensors' dtype names, for the values of compressed layers.
+# safetensors' float dtype names, for the values of compressed layers.
 STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 def release_checkpoint_mapping(model: Any, stored_dtypes: dict[str, str]) -> int:
-    """Copy out the bitmask of every layer whose values were converted on load (an fp32 checkpoint loaded in bf16).
+    """Copy out the bitmask (and the value codes and scales of a quantized layer) of every layer whose checkpoint
+    floats were converted on load (an fp32 checkpoint loaded in bf16).
 
     safetensors memory-maps the file and a tensor loaded without conversion stays a view of the mapping; the
     uint8 masks are never converted, so a few MB of mask views kept the whole mapping alive, and with it every page
     of fp32 values read during the conversion: +487 MB resident for SmolLM2-135M in bf16, more than the model.
-    When the values themselves are views of the file (no conversion), the mapping is the storage and stays.
+    Quantized codes and scales are integers too, and did the same. When the floats themselves are views of the file
+    (no conversion), the mapping is the storage and stays.
 
     Returns:
-        The number of masks copied.
+        The number of layers whose integer tensors were copied.
     """
     copied = 0
     for name, module in model.named_modules():
@@ -208,7 +214,9 @@ def release_checkpoint_mapping(model: Any, stored_dtypes: dict[str, str]) -> int
             continue
         if str(module.weight.dtype).removeprefix("torch.") != stored:
             # A new tensor, not `.data =`: a view keeps its base (the mapped file) alive through its view metadata.
-            module.weight_mask = module.weight_mask.detach().clone()
+            for key, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None and not buffer.is_floating_point() and buffer.numel():
+                    setattr(module, key, buffer.detach().clone())
             copied += 1
     return copied
 

@@ -759,6 +759,88 @@ inline void decode_row(const CodeStream& s, int64_t first, const uint8_t* mask, 
   }
 }
 
+#if OATS_AVX512
+// The fused decode of AVX-512 builds for bf16 layers with codes of at most 4 bits and groups of whole 32-column steps:
+// each row's codes are unpacked to bytes (stage 1a), and the 32-column bf16 tile maps them through the group's
+// 16-entry bf16 table (VPERMW) before expanding them with the mask bits, so no decoded values are stored at all.
+template <int R, int T, bool FULL>
+__attribute__((always_inline)) inline void step_codes(const uint8_t** qp, const uint8_t* const* mask, int64_t c,
+                                                      int64_t in_features, const uint16_t* x, int64_t ldx,
+                                                      const __m512i (&table)[R], __m512 (&acc)[R][T]) {
+  const __mmask32 tail =
+      FULL ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << (in_features - c)) - 1u);
+  __m512i wv[R];
+  for (int r = 0; r < R; ++r) {
+    const __mmask32 m = chunk_bits<uint32_t, FULL>(mask[r], c, in_features);
+    const __m512i codes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp[r])));
+    wv[r] = _mm512_maskz_expand_epi16(m, _mm512_permutexvar_epi16(codes, table[r]));
+    qp[r] += __builtin_popcount(m);
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m512i xv = FULL ? _mm512_loadu_si512(x + t * ldx + c) : _mm512_maskz_loadu_epi16(tail, x + t * ldx + c);
+    for (int r = 0; r < R; ++r)
+      acc[r][t] = _mm512_dpbf16_ps(acc[r][t], reinterpret_cast<__m512bh>(wv[r]), reinterpret_cast<__m512bh>(xv));
+  }
+}
+
+template <int R, int T>
+inline void tile_codes(const uint8_t* const* q, const uint8_t* const* mask, const uint16_t* const* scales,
+                       int64_t group, float offset, int64_t in_features, const uint16_t* x, int64_t ldx, Prefetch& pf,
+                       float out[kRows][kTokens]) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const uint8_t* qp[R];
+  for (int r = 0; r < R; ++r) qp[r] = q[r];
+  const __m512 levels = _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_ps(offset));
+  __m512i table[R];
+  int64_t c = 0;
+  for (; c < in_features; c += 32) {
+    if (c % group == 0) {  // (q - z) s for q = 0..15 in fp32, rounded to bf16 like every other decode
+      for (int r = 0; r < R; ++r) {
+        const __m512 v = _mm512_mul_ps(levels, _mm512_set1_ps(half_to_float(scales[r][c / group])));
+        table[r] = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      }
+    }
+    if (c + 32 > in_features) break;
+    pf.step();
+    step_codes<R, T, true>(qp, mask, c, in_features, x, ldx, table, acc);
+  }
+  if (c < in_features) step_codes<R, T, false>(qp, mask, c, in_features, x, ldx, table, acc);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r][t] = hsum(acc[r][t]);
+}
+
+inline void tile_codes(const uint8_t* const* q, const uint8_t* const* mask, const uint16_t* const* scales,
+                       int64_t group, float offset, int rows, int64_t in_features, const uint16_t* x, int64_t ldx,
+                       int tokens, Prefetch& pf, float out[kRows][kTokens]) {
+#define OATS_DISPATCH(R, T)                                                                 \
+  if (rows == R && tokens == T) {                                                           \
+    tile_codes<R, T>(q, mask, scales, group, offset, in_features, x, ldx, pf, out);         \
+    return;                                                                                 \
+  }
+  OATS_DISPATCH(4, 1)
+  OATS_DISPATCH(4, 2)
+  OATS_DISPATCH(4, 3)
+  OATS_DISPATCH(4, 4)
+  OATS_DISPATCH(1, 1)
+  OATS_DISPATCH(1, 2)
+  OATS_DISPATCH(1, 3)
+  OATS_DISPATCH(1, 4)
+#undef OATS_DISPATCH
+  for (int r = 0; r < rows; ++r) {
+    tile_codes(q + r, mask + r, scales + r, group, offset, 1, in_features, x, ldx, tokens, pf, out + r);
+  }
+}
+#endif  // OATS_AVX512
+
+// Whether the fused decode above computes this call (else stage 1 writes decoded values for the float tiles).
+template <typename scalar_t>
+constexpr bool fused_codes_build() {
+  return OATS_AVX512 && std::is_same_v<scalar_t, uint16_t>;
+}
+
 // The output stage on quantized values: rows [row_begin, row_end) times every token, plus U t and the bias.
 template <typename scalar_t>
 void quantized_rows_times_tokens(const CodeStream& s, const uint16_t* scales, int64_t groups, int64_t group,
@@ -771,19 +853,28 @@ void quantized_rows_times_tokens(const CodeStream& s, const uint16_t* scales, in
   std::vector<float> scratch;
   float out[kRows][kTokens];
   const bool many = tokens > kTokens;  // decode each row tile once to dense rows, then the dense tile per 4 tokens
+  const bool fused = fused_codes_build<scalar_t>() && !many && s.bits <= 4 && group % 32 == 0;
   for (int64_t row = row_begin; row < row_end; row += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, row_end - row));
     const scalar_t* w[kRows];
     const uint8_t* m[kRows];
+    const uint8_t* q[kRows];
+    const uint16_t* sc[kRows];
     int64_t width = 0;
     for (int r = 0; r < rows; ++r) width = std::max(width, offsets[row + r + 1] - offsets[row + r] + 32);
     values.resize(static_cast<size_t>(kRows * width));
-    codes.resize(static_cast<size_t>(width + 2));
+    codes.resize(static_cast<size_t>(kRows * (width + 2)));
     for (int r = 0; r < rows; ++r) {
       m[r] = mask + (row + r) * mask_stride;
       w[r] = values.data() + r * width;
-      decode_row(s, offsets[row + r], m[r], scales + (row + r) * groups, group, in_features, codes.data(),
-                 values.data() + r * width);
+      sc[r] = scales + (row + r) * groups;
+      uint8_t* row_codes = codes.data() + r * (width + 2);
+      if (fused) {
+        unpack_codes(s, offsets[row + r], offsets[row + r + 1] - offsets[row + r], row_codes + 1);
+        q[r] = row_codes + 1;
+      } else {
+        decode_row(s, offsets[row + r], m[r], sc[r], group, in_features, row_codes, values.data() + r * width);
+      }
     }
     // The next tile's codes, spread over this tile's column steps (its stage 1 reads them next).
     Prefetch pf;
@@ -805,6 +896,12 @@ void quantized_rows_times_tokens(const CodeStream& s, const uint16_t* scales, in
       const scalar_t* xn = x + n * in_features;
       if (many) {
         tile<scalar_t, false>(w, m, rows, in_features, xn, in_features, tk, true, pf, out, scratch);
+      } else if (fused) {
+#if OATS_AVX512
+        if constexpr (std::is_same_v<scalar_t, uint16_t>) {
+          tile_codes(q, m, sc, group, s.offset, rows, in_features, xn, in_features, tk, pf, out);
+        }
+#endif
       } else {
         tile<scalar_t, true>(w, m, rows, in_features, xn, in_features, tk, true, pf, out, scratch);
       }

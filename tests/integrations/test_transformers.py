@@ -281,3 +281,29 @@ def test_loading_in_another_dtype_releases_the_file_mapping(compressed_dir):
     same = AutoModelForCausalLM.from_pretrained(compressed_dir, dtype=torch.float32)
     assert _mapped(file)  # no conversion: the values are the mapping, and stay lazily paged
     assert torch.allclose(same(IDS).logits, expected, atol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see memory maps")
+def test_quantized_layers_loaded_in_another_dtype_release_the_file_mapping(tmp_path, dense_dir, calibration_texts):
+    """4-bit values have no float tensor on disk: their codes and scales were views of the file, which kept every
+    fp32 page read during the conversion of the embeddings resident (+~170 MB on SmolLM2-135M in bf16)."""
+    import gc
+
+    cfg = OATSConfig(
+        dataset=calibration_texts[:200],
+        num_samples=2,
+        seqlen=32,
+        method_settings={"num_iterations": 2},
+        value_bits=4,
+        group_size=32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=cfg)
+    model.save_pretrained(tmp_path)
+    expected = model(IDS).logits
+    del model
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    gc.collect()
+    assert not _mapped(tmp_path / "model.safetensors")
+    layer = again.get_submodule(_compressed(again)[0])
+    assert layer.value_spec is not None and layer.weight_codes._base is None and layer.weight_scales._base is None
+    assert torch.allclose(again(IDS).logits.float(), expected, atol=0.2, rtol=0.05)
