@@ -336,8 +336,8 @@ def table(results: dict[str, list[dict]], n: int) -> list[str]:
     """The markdown rows of the result table (mean over the seeds present)."""
     lines = [
         "| cell | seeds | kept (encoder linears) | acc per seed (%) | mean ± s.e. (%) | drop vs dense (points) "
-        "| paper drop | checkpoint MB | train s (mean) | load avg (train start/end) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| paper drop | checkpoint MB | train s (mean) | train CPU s (mean) | load avg (train start/end) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     dense = summarize(results["dense"], n) if "dense" in results else None
     for cell, records in results.items():
@@ -352,11 +352,12 @@ def table(results: dict[str, list[dict]], n: int) -> list[str]:
         kept_mean = sum(r["kept_fraction"] for r in records) / len(records)
         size = sum(r["checkpoint_bytes"] for r in records) / len(records) / 1e6
         seconds = sum(r["train_seconds"] for r in records) / len(records)
+        cpu = sum(r["train_cpu_seconds"] for r in records) / len(records)
         loads = ", ".join("/".join(f"{x:.1f}" for x in r["loadavg_before_after"]) for r in records)
         per_seed = " / ".join(f"{100 * r['test_accuracy']:.1f}" for r in records)
         lines.append(
             f"| {cell} | {len(records)} | {kept_mean:.3f} | {per_seed} | {100 * mean:.1f} ± {100 * se:.1f} | {drop} "
-            f"| {paper_drop} | {size:.1f} | {seconds:.0f} | {loads} |"
+            f"| {paper_drop} | {size:.1f} | {seconds:.0f} | {cpu:.0f} | {loads} |"
         )
     return lines
 
