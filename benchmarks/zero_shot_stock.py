@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -80,9 +81,11 @@ def run_task(name: str, folder: str, task: str, args: argparse.Namespace) -> dic
             "--output_path", tmp,
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        load, start = os.getloadavg(), time.perf_counter()
+        load, start, cpu = os.getloadavg(), time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(command, check=True, env=env)
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_seconds = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
         (results_file,) = Path(tmp).rglob("results_*.json")
         raw = json.loads(results_file.read_text(encoding="utf-8"))
     data_file = raw["configs"][task]["dataset_path"]
@@ -92,6 +95,7 @@ def run_task(name: str, folder: str, task: str, args: argparse.Namespace) -> dic
         **summarize_results(raw)[task],
         "dataset_path": data_file,
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),  # on a shared machine, wall seconds mostly measure the neighbours
         "loadavg_before": [round(x, 2) for x in load],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "lm_eval_version": raw.get("lm_eval_version"),
@@ -157,8 +161,12 @@ def table(args: argparse.Namespace) -> str:
         mean = sum(values[name]) / len(values[name])
         cells.append(f"**{mean:.4f}** ± {math.sqrt(sum(e * e for e in errors[name])) / len(errors[name]):.4f}")
     lines.append("| mean | | | " + " | ".join(cells) + " |")
-    seconds = [f"{sum(t['seconds'] for t in results[n].values()):.0f}" for n in names]
-    lines.append("| seconds (all tasks) | | | " + " | ".join(seconds) + " |")
+    for key in ("seconds", "cpu_seconds"):
+        cells = [
+            f"{sum(t[key] for t in results[n].values()):.0f}" if all(key in t for t in results[n].values()) else "-"
+            for n in names
+        ]
+        lines.append(f"| {key.replace('_', ' ')} (all tasks) | | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
