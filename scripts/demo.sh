@@ -20,8 +20,9 @@ if [ "$QUICK" = 1 ]; then
     GENERATIONS=1
 else
     CALIBRATION=(--num-samples 16 --seqlen 1024)
-    # piqa, arc_easy and hellaswag: tasks a 135M model does well above chance; 400 documents each (±0.025).
-    EVALUATION=(--seqlen 2048 --max-windows 8 --tasks piqa arc_easy hellaswag --limit 400 --batch-size 8)
+    # piqa and arc_easy: tasks a 135M model does well above chance; 400 documents each (±0.025). hellaswag's long
+    # contexts doubled the scoring time for the same noise, past the 15 minutes the demo aims for.
+    EVALUATION=(--seqlen 2048 --max-windows 4 --tasks piqa arc_easy --limit 400 --batch-size 16)
     GENERATIONS=3
 fi
 # The best setting measured (BENCHMARKS.md, "Size and quality"): hassle at rho 0.3 with 4-bit kept values and 8-bit
