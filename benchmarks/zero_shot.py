@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from toolkit.provenance import Provenance
+from toolkit.zero_shot import score_rows
 
 from optimum_oats.evaluation import ZERO_SHOT_TASKS
 
@@ -96,12 +96,6 @@ def run_one(spec: str, args: argparse.Namespace) -> None:
     subprocess.run(command, check=True)
 
 
-def headline(task_metrics: dict) -> tuple[str, float, float]:
-    """The metric that enters `zero_shot_mean`, its value and its standard error."""
-    metric = "acc_norm" if "acc_norm" in task_metrics else "acc"
-    return metric, task_metrics[metric], task_metrics.get(f"{metric}_stderr", math.nan)
-
-
 def table(args: argparse.Namespace) -> str:
     results = {}
     for spec in args.methods:
@@ -111,36 +105,10 @@ def table(args: argparse.Namespace) -> str:
     if not results:
         return "(no results yet)"
     specs = list(results)
-    lines = [
-        "| task | metric | n | " + " | ".join(specs) + " |",
-        "|---|---|---:|" + "---:|" * len(specs),
-    ]
-    errors: dict[str, list[float]] = {s: [] for s in specs}
-    values: dict[str, list[float]] = {s: [] for s in specs}
-    for task in ZERO_SHOT_TASKS:
-        cells, metric, n = [], "", ""
-        for spec in specs:
-            if task not in results[spec]:
-                cells.append("-")
-                continue
-            metric, value, stderr = headline(results[spec][task])
-            n = results[spec][task].get("n_samples", "")
-            values[spec].append(value)
-            errors[spec].append(stderr)
-            cells.append(f"{value:.3f} ± {stderr:.3f}")
-        lines.append(f"| {task} | {metric} | {n} | " + " | ".join(cells) + " |")
     every_task = range(len(ZERO_SHOT_TASKS))
     multiple_choice = [i for i, task in enumerate(ZERO_SHOT_TASKS) if task not in BINARY_TASKS]
-    for label, picked in (("mean", every_task), (f"mean without {', '.join(BINARY_TASKS)}", multiple_choice)):
-        cells = []
-        for spec in specs:
-            if len(values[spec]) < len(ZERO_SHOT_TASKS):
-                cells.append("-")
-                continue
-            mean = sum(values[spec][i] for i in picked) / len(picked)
-            error = math.sqrt(sum(errors[spec][i] ** 2 for i in picked)) / len(picked)
-            cells.append(f"**{mean:.4f}** ± {error:.4f}" if label == "mean" else f"{mean:.4f} ± {error:.4f}")
-        lines.append(f"| {label} | | | " + " | ".join(cells) + " |")
+    means = {"mean": every_task, f"mean without {', '.join(BINARY_TASKS)}": multiple_choice}
+    lines, values = score_rows(results, ZERO_SHOT_TASKS, means)
     if "dense" in specs and len(values["dense"]) == len(ZERO_SHOT_TASKS):
         dense_mean = sum(values["dense"]) / len(values["dense"])
         deltas = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -32,6 +31,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from toolkit.zero_shot import headline, score_rows
 
 from optimum_oats.evaluation import ZERO_SHOT_TASKS, lm_eval_tasks_dir, summarize_results
 
@@ -125,11 +126,6 @@ def run_model(spec: str, args: argparse.Namespace) -> None:
         print(f"{name} {task}: {headline(tasks[task])} in {tasks[task]['seconds']} s", flush=True)
 
 
-def headline(metrics: dict) -> tuple[str, float, float]:
-    metric = "acc_norm" if "acc_norm" in metrics else "acc"
-    return metric, metrics[metric], metrics.get(f"{metric}_stderr", math.nan)
-
-
 def table(args: argparse.Namespace) -> str:
     names = [spec.partition("=")[0] for spec in args.model]
     results = {}
@@ -137,34 +133,11 @@ def table(args: argparse.Namespace) -> str:
         path = args.output / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text(encoding="utf-8"))["tasks"]
-    names = list(results)
-    lines = ["| task | metric | n | " + " | ".join(names) + " |", "|---|---|---:|" + "---:|" * len(names)]
-    values: dict[str, list[float]] = {n: [] for n in names}
-    errors: dict[str, list[float]] = {n: [] for n in names}
-    for task in args.tasks:
-        cells, metric, n = [], "", ""
-        for name in names:
-            if task not in results[name]:
-                cells.append("-")
-                continue
-            metric, value, stderr = headline(results[name][task])
-            n = results[name][task].get("n_samples", "")
-            values[name].append(value)
-            errors[name].append(stderr)
-            cells.append(f"{value:.3f} ± {stderr:.3f}")
-        lines.append(f"| {task} | {metric} | {n} | " + " | ".join(cells) + " |")
-    cells = []
-    for name in names:
-        if len(values[name]) < len(args.tasks):
-            cells.append("-")
-            continue
-        mean = sum(values[name]) / len(values[name])
-        cells.append(f"**{mean:.4f}** ± {math.sqrt(sum(e * e for e in errors[name])) / len(errors[name]):.4f}")
-    lines.append("| mean | | | " + " | ".join(cells) + " |")
+    lines, _ = score_rows(results, args.tasks, {"mean": range(len(args.tasks))})
     for key in ("seconds", "cpu_seconds"):
         cells = [
             f"{sum(t[key] for t in results[n].values()):.0f}" if all(key in t for t in results[n].values()) else "-"
-            for n in names
+            for n in results
         ]
         lines.append(f"| {key.replace('_', ' ')} (all tasks) | | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
