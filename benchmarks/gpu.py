@@ -885,6 +885,18 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if results["errors"] or not results.get("check", {}).get("all_ok", True) else 0
 
 
+def _model_line(label: str, comp: dict, dense: dict) -> str:
+    """One summary line of a compressed model's run against the dense one's: bytes, memory, decode, prefill."""
+    both = dense.get("allocated") and comp.get("allocated")
+    memory = f"{comp['allocated'] / dense['allocated']:.3f}x" if both else "-"
+    return (
+        f"{label}: linear bytes {comp['linear_bytes'] / dense['linear_bytes']:.3f}x, GPU memory {memory}, "
+        f"decode {comp['tokens_per_s']:.1f} vs {dense['tokens_per_s']:.1f} tokens/s "
+        f"({comp['tokens_per_s'] / dense['tokens_per_s']:.2f}x), "
+        f"prefill {dense['prefill_s'] / comp['prefill_s']:.2f}x"
+    )
+
+
 def summary(results: dict) -> str:
     """Every decisive number in under `SUMMARY_LIMIT` characters, ending with an END line."""
     env = results.get("env", {})
@@ -923,31 +935,10 @@ def summary(results: dict) -> str:
         lines.append("crossover: " + json.dumps(results["crossover"]))
     model = results.get("model")
     if model:
-        dense, comp = model["dense"], model["compressed"]
-        memory = (
-            f"{comp['allocated'] / dense['allocated']:.3f}x"
-            if dense.get("allocated") and comp.get("allocated")
-            else "-"
-        )
-        lines.append(
-            f"model: linear bytes {comp['linear_bytes'] / dense['linear_bytes']:.3f}x, GPU memory {memory}, "
-            f"decode {comp['tokens_per_s']:.1f} vs {dense['tokens_per_s']:.1f} tokens/s "
-            f"({comp['tokens_per_s'] / dense['tokens_per_s']:.2f}x), "
-            f"prefill {dense['prefill_s'] / comp['prefill_s']:.2f}x"
-        )
-        quant = model.get("quantized")
-        if quant:
-            memory = (
-                f"{quant['allocated'] / dense['allocated']:.3f}x"
-                if dense.get("allocated") and quant.get("allocated")
-                else "-"
-            )
-            lines.append(
-                f"model quantized ({model.get('quantized_point')}): linear bytes "
-                f"{quant['linear_bytes'] / dense['linear_bytes']:.3f}x, GPU memory {memory}, decode "
-                f"{quant['tokens_per_s']:.1f} tokens/s ({quant['tokens_per_s'] / dense['tokens_per_s']:.2f}x dense), "
-                f"prefill {dense['prefill_s'] / quant['prefill_s']:.2f}x"
-            )
+        lines.append(_model_line("model", model["compressed"], model["dense"]))
+        if model.get("quantized"):
+            label = f"model quantized ({model.get('quantized_point')})"
+            lines.append(_model_line(label, model["quantized"], model["dense"]))
     for row in results.get("svd") or []:
         lines.append(
             f"svd {row['shape']} rank {row['rank']}: exact {row['exact_s']:.3f} s, ritz {row['ritz_s']:.4f} s"
