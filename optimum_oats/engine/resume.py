@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils.files import atomic_save_tensors, atomic_write_json
+from ..utils.files import atomic_save_tensors, atomic_write_json, file_sha256
 from .offload import named_resident_tensors
 
 logger = logging.getLogger(__name__)
@@ -70,11 +70,6 @@ class ResumeState:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _update_with_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
@@ -222,7 +217,7 @@ class ResumeFolder:
         if expected is None:
             raise self._corrupted(path, "not recorded in the manifest")
         try:
-            found = _file_sha256(path)
+            found = file_sha256(path)
         except FileNotFoundError as err:
             raise self._corrupted(path, "missing") from err
         if found != expected:
@@ -301,7 +296,7 @@ class ResumeFolder:
 
     def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         atomic_save_tensors(path, tensors)
-        self.files[path.name] = _file_sha256(path)
+        self.files[path.name] = file_sha256(path)
 
     def save_block(
         self,

@@ -44,7 +44,7 @@ from types import ModuleType
 
 import torch
 
-from ..utils.files import atomic_write_json
+from ..utils.files import atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,6 @@ def _library(name: str, cache: Path) -> Path:
     return cache / f"{name}{LIB_EXT}"
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _cache_problem(name: str, cache: Path) -> str | None:
     """Why the cached library cannot be loaded as it is (None: it matches the record written when it was built).
 
@@ -130,7 +125,7 @@ def _cache_problem(name: str, cache: Path) -> str | None:
     found = library.stat().st_size
     if found != size:
         return f"the cached {library.name} is damaged ({found} bytes, {size} when built)"
-    if _file_sha256(library) != digest:
+    if file_sha256(library) != digest:
         return f"the cached {library.name} is damaged (its sha256 differs from the one recorded at build)"
     return None
 
@@ -246,7 +241,7 @@ def _build() -> tuple[ModuleType, str | None]:
         with ExitStack() as stack:
             paths = [str(stack.enter_context(resources.as_file(source))) for source in sources]
             module = _compile(name, cache, paths)
-        record = {"size": library.stat().st_size, "sha256": _file_sha256(library), "torch": torch.__version__}
+        record = {"size": library.stat().st_size, "sha256": file_sha256(library), "torch": torch.__version__}
         atomic_write_json(cache / RECORD, record, indent=1)
         os.chmod(cache / RECORD, 0o644)  # like the library: readable by whoever shares the cache
         return module, reason

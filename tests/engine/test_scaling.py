@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from optimum_oats import LinearSparseLowRank, OATSConfig, compress
-from optimum_oats.engine.resume import MANIFEST, ResumeMismatchError, _checksum, _file_sha256
+from optimum_oats.engine.resume import MANIFEST, ResumeMismatchError, _checksum
+from optimum_oats.utils.files import file_sha256
 from tests.helpers.tiny_models import build_tiny_model
 
 WORKER = Path(__file__).resolve().parent / "scaling_worker.py"
@@ -197,7 +198,7 @@ def test_interrupted_write_leaves_the_last_complete_state(tmp_path, tiny_configs
     hidden = tmp_path / "hidden-00001.safetensors"
     save_file({str(i): h for i, h in enumerate(_block1_inputs(reference, cfg, tokenizer))}, hidden)
     block0 = {k: v for k, v in manifest["layer_map"].items() if k.startswith("model.layers.0.")}
-    files = {name: _file_sha256(tmp_path / name) for name in ("block-00000.safetensors", hidden.name)}
+    files = {name: file_sha256(tmp_path / name) for name in ("block-00000.safetensors", hidden.name)}
     manifest.update(completed_blocks=1, layer_map=block0, hidden_file=hidden.name, files=files)
     manifest["checksum"] = _checksum(manifest)  # as the writer sealed it after block 0
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
