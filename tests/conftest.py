@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import optimum_oats  # noqa: F401  (registers the "oats" method)
+from tests.helpers.compressed import tiny_oats_config
 from tests.helpers.tiny_models import _tiny_configs, build_tiny_model
 from tests.helpers.tiny_tokenizer import build_bpe_tokenizer
 
@@ -92,4 +93,18 @@ def dense_dir(tmp_path_factory, tiny_configs, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("dense")
     build_tiny_model(tiny_configs["llama"]).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_configs, tokenizer, calibration_texts) -> Path:
+    """A compressed tiny Llama saved by `save_pretrained`, shared by the tests of messages and guarantees (never
+    modified: tests copy it)."""
+    from optimum_oats import compress
+
+    model = compress(
+        build_tiny_model(tiny_configs["llama"]), tiny_oats_config(calibration_texts[:100]), tokenizer, progress=False
+    )
+    path = tmp_path_factory.mktemp("tiny-checkpoint") / "checkpoint"
+    model.save_pretrained(path)
     return path

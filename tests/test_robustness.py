@@ -17,18 +17,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import optimum_oats
-from optimum_oats import LinearSparseLowRank, OATSConfig, compress
+from optimum_oats import LinearSparseLowRank, compress
 from optimum_oats.data.text import CalibrationDataError
 from optimum_oats.engine.guards import SharedWeightError
 from optimum_oats.integrations.checkpoint import CheckpointError, read_safetensors_header
+from tests.helpers.compressed import tiny_oats_config
 from tests.helpers.tiny_models import build_tiny_model
 
 IDS = torch.tensor([[1, 5, 99, 300, 7, 42, 1000, 3]])
 PACKAGE = Path(optimum_oats.__file__).parent
-
-
-def _cfg(texts, **kwargs) -> OATSConfig:
-    return OATSConfig(**{"dataset": texts, "num_samples": 2, "seqlen": 32, "num_iterations": 2, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +34,8 @@ def texts(calibration_texts) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_configs, tokenizer, texts) -> Path:
-    """A compressed tiny Llama saved by `save_pretrained` (never modified: tests copy it)."""
-    model = compress(build_tiny_model(tiny_configs["llama"]), _cfg(texts), tokenizer, progress=False)
-    path = tmp_path_factory.mktemp("robust") / "checkpoint"
-    model.save_pretrained(path)
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -78,13 +71,13 @@ def test_bad_calibration_files_are_named(name, content, message, tiny_llama, tok
     path = tmp_path / name
     path.write_bytes(content.encode("latin-1" if name == "latin1.txt" else "utf-8"))
     with pytest.raises(CalibrationDataError, match=message):
-        compress(tiny_llama, _cfg(str(path)), tokenizer, progress=False)
+        compress(tiny_llama, tiny_oats_config(str(path)), tokenizer, progress=False)
     assert isinstance(tiny_llama.model.layers[0].mlp.up_proj, nn.Linear)  # refused before anything changed
 
 
 def test_too_little_text_for_all_windows_warns_and_uses_what_there_is(tiny_llama, tokenizer, caplog):
     text = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)  # ~120 tokens: 3 windows of 32
-    compress(tiny_llama, _cfg([text], num_samples=50, method="wanda"), tokenizer, progress=False)
+    compress(tiny_llama, tiny_oats_config([text], num_samples=50, method="wanda"), tokenizer, progress=False)
     assert "windows of 32 instead of the 50 requested" in caplog.text
 
 
@@ -93,7 +86,7 @@ def test_non_finite_weight_is_refused_naming_the_layer(tiny_llama, tokenizer, te
     with torch.no_grad():
         tiny_llama.model.layers[1].mlp.down_proj.weight[3, 5] = float("inf")
     with pytest.raises(ValueError, match=r"`model\.layers\.1\.mlp\.down_proj\.weight` holds 1 NaN/Inf values"):
-        compress(tiny_llama, _cfg(texts), tokenizer, progress=False)
+        compress(tiny_llama, tiny_oats_config(texts), tokenizer, progress=False)
 
 
 @pytest.mark.parametrize("poison", ["embedding", "norm"])
@@ -104,7 +97,7 @@ def test_non_finite_activations_are_refused_naming_the_layer(poison, tiny_llama,
         else:  # a broken norm (e.g. float16 overflow) feeds Inf/NaN to the attention projections
             tiny_llama.model.layers[0].input_layernorm.weight.fill_(float("inf"))
     with pytest.raises(ValueError, match=r"of `model\.layers\.0\.self_attn\.q_proj` is not finite \(NaN/Inf"):
-        compress(tiny_llama, _cfg(texts), tokenizer, progress=False)
+        compress(tiny_llama, tiny_oats_config(texts), tokenizer, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- tied and shared
@@ -112,7 +105,7 @@ def test_tied_embeddings_stay_tied_and_lm_head_is_never_compressed(tiny_configs,
     config = tiny_configs["llama"].__class__(**{**tiny_configs["llama"].to_dict(), "tie_word_embeddings": True})
     model = build_tiny_model(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    compress(model, _cfg(texts, method="wanda"), tokenizer, progress=False)
+    compress(model, tiny_oats_config(texts, method="wanda"), tokenizer, progress=False)
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert not any("lm_head" in name or "embed" in name for name in model.config.quantization_config.layer_map)
     expected = model(IDS).logits
@@ -130,10 +123,12 @@ def test_linears_sharing_one_weight_are_refused_with_the_fix(tiny_llama, tokeniz
     shared = ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
     for skip in (None, shared[:1]):  # keeping only one of them dense would still untie them
         with pytest.raises(SharedWeightError, match=r"shared by 2 modules.*modules_to_not_convert=") as excinfo:
-            compress(tiny_llama, _cfg(texts, modules_to_not_convert=skip), tokenizer, progress=False)
+            compress(tiny_llama, tiny_oats_config(texts, modules_to_not_convert=skip), tokenizer, progress=False)
         assert all(f"`{name}`" in str(excinfo.value) for name in shared)
         assert isinstance(tiny_llama.model.layers[0].mlp.up_proj, nn.Linear)  # refused before any change
-    compress(tiny_llama, _cfg(texts, modules_to_not_convert=shared, method="wanda"), tokenizer, progress=False)
+    compress(
+        tiny_llama, tiny_oats_config(texts, modules_to_not_convert=shared, method="wanda"), tokenizer, progress=False
+    )
     assert attention.v_proj.weight is attention.k_proj.weight  # the fix given in the message works: still tied
     assert isinstance(attention.q_proj, LinearSparseLowRank)
 
@@ -141,7 +136,7 @@ def test_linears_sharing_one_weight_are_refused_with_the_fix(tiny_llama, tokeniz
 def test_a_block_used_twice_is_refused(tiny_llama, tokenizer, texts):
     tiny_llama.model.layers[1] = tiny_llama.model.layers[0]
     with pytest.raises(SharedWeightError, match=r"`model\.layers\.0\.self_attn\.q_proj`, `model\.layers\.1\."):
-        compress(tiny_llama, _cfg(texts), tokenizer, progress=False)
+        compress(tiny_llama, tiny_oats_config(texts), tokenizer, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- failed saves

@@ -15,18 +15,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optimum_oats import LinearSparseLowRank, OATSConfig, compress
+from optimum_oats import LinearSparseLowRank, compress
 from optimum_oats.data.text import CalibrationDataError
 from optimum_oats.engine.preflight import FORCE_SEQLEN_ENV
 from optimum_oats.engine.report import REPORT_FILE
 from tests.commands.test_cli import last_json, run_cli
+from tests.helpers.compressed import tiny_oats_config
 from tests.helpers.tiny_models import build_tiny_model
 
 IDS = torch.tensor([[1, 5, 99, 300, 7, 42, 1000, 3]])
-
-
-def _cfg(texts, **kwargs) -> OATSConfig:
-    return OATSConfig(**{"dataset": texts, "num_samples": 2, "seqlen": 32, "num_iterations": 2, **kwargs})
 
 
 def _compressed(model) -> list[str]:
@@ -39,12 +36,8 @@ def texts(calibration_texts) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_configs, tokenizer, texts) -> Path:
-    """A compressed tiny Llama saved by `save_pretrained` (never modified: tests copy it)."""
-    model = compress(build_tiny_model(tiny_configs["llama"]), _cfg(texts), tokenizer, progress=False)
-    path = tmp_path_factory.mktemp("messages") / "checkpoint"
-    model.save_pretrained(path)
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------- oats_report.json
@@ -146,7 +139,7 @@ def test_cli_seqlen_beyond_the_positions_is_checked_before_the_model_loads(dense
 # ----------------------------------------------------------------------------------------------- settings vs shapes
 @pytest.mark.parametrize("method", ["oats", "wanda"])
 def test_a_rate_that_keeps_nothing_is_an_error_naming_the_setting_and_layer(method, tiny_llama, tokenizer, texts):
-    config = _cfg(texts, compression_rate=0.999999, method=method)
+    config = tiny_oats_config(texts, compression_rate=0.999999, method=method)
     pattern = r"`model\.layers\.0\.[a-z_.]+`: `compression_rate=0\.999999` keeps nothing of a \d+x\d+ layer"
     with pytest.raises(ValueError, match=pattern):
         compress(tiny_llama, config, tokenizer, progress=False)
@@ -163,7 +156,7 @@ def test_layer_budget_refuses_to_keep_nothing_and_says_the_largest_rate():
 
 def test_nm_width_is_checked_before_any_data_is_read(tiny_llama, tokenizer, tmp_path):
     """The dataset does not exist: the N:M error comes first, so no calibration was attempted."""
-    config = _cfg(str(tmp_path / "never-read.txt"), sparsity_pattern="1:3")
+    config = tiny_oats_config(str(tmp_path / "never-read.txt"), sparsity_pattern="1:3")
     with pytest.raises(ValueError, match=r"`sparsity_pattern='1:3'`.*`model\.layers\.0\.self_attn\.q_proj` \(64\)"):
         compress(tiny_llama, config, tokenizer, progress=False)
 
@@ -176,7 +169,7 @@ def test_compress_on_load_checks_the_settings_before_the_weights_load(dense_dir,
         raise AssertionError("the weights were loaded before the settings were checked")
 
     monkeypatch.setattr(OATSHfQuantizer, "_process_model_after_weight_loading", refuse)
-    config = _cfg(str(tmp_path / "never-read.txt"), sparsity_pattern="1:3")
+    config = tiny_oats_config(str(tmp_path / "never-read.txt"), sparsity_pattern="1:3")
     with pytest.raises(ValueError, match=r"`sparsity_pattern='1:3'` needs every compressed layer's input width"):
         AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config)
 
@@ -185,10 +178,10 @@ def test_seqlen_beyond_the_positions_is_an_error_unless_forced(tiny_configs, tok
     short = copy.deepcopy(tiny_configs["llama"])
     short.max_position_embeddings = 16
     with pytest.raises(ValueError, match=r"`seqlen=32` is above the model's `max_position_embeddings=16`"):
-        compress(build_tiny_model(short), _cfg(texts), tokenizer, progress=False)
+        compress(build_tiny_model(short), tiny_oats_config(texts), tokenizer, progress=False)
     monkeypatch.setenv(FORCE_SEQLEN_ENV, "1")
     with caplog.at_level(logging.WARNING, logger="optimum_oats"):
-        model = compress(build_tiny_model(short), _cfg(texts), tokenizer, progress=False)
+        model = compress(build_tiny_model(short), tiny_oats_config(texts), tokenizer, progress=False)
     assert _compressed(model) and f"Going on because {FORCE_SEQLEN_ENV} is set" in caplog.text
 
 
@@ -200,7 +193,7 @@ def test_encoders_cap_their_length_instead(tokenizer, texts):
         hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
         max_position_embeddings=64, vocab_size=len(tokenizer),
     )  # fmt: skip
-    model = compress(BertModel(config).eval(), _cfg(texts, seqlen=4096), tokenizer, progress=False)
+    model = compress(BertModel(config).eval(), tiny_oats_config(texts, seqlen=4096), tokenizer, progress=False)
     assert _compressed(model)
 
 
@@ -209,10 +202,10 @@ def test_an_empty_dataset_folder_is_named(tiny_llama, tokenizer, tmp_path):
     folder = tmp_path / "calibration"
     folder.mkdir()
     with pytest.raises(CalibrationDataError, match=f"Calibration folder {re.escape(str(folder))} is empty"):
-        compress(tiny_llama, _cfg(str(folder)), tokenizer, progress=False)
+        compress(tiny_llama, tiny_oats_config(str(folder)), tokenizer, progress=False)
     (folder / "notes.txt").write_text("some text")
     with pytest.raises(CalibrationDataError, match=f"{re.escape(str(folder))} is not a dataset saved by"):
-        compress(tiny_llama, _cfg(str(folder)), tokenizer, progress=False)
+        compress(tiny_llama, tiny_oats_config(str(folder)), tokenizer, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +215,7 @@ def test_calibration_text_of_control_characters_is_an_error(content, tiny_llama,
     path = tmp_path / "calibration.txt"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(CalibrationDataError, match=f"'{re.escape(str(path))}' holds no real text, only control"):
-        compress(tiny_llama, _cfg(str(path)), tokenizer, progress=False)
+        compress(tiny_llama, tiny_oats_config(str(path)), tokenizer, progress=False)
     assert not _compressed(tiny_llama)
 
 

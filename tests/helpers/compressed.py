@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from optimum_oats import OATSConfig
 from optimum_oats.algorithms.quantize import quantize_rtn
 from optimum_oats.nn import LinearSparseLowRank
 from optimum_oats.utils.quantization import NOT_QUANTIZED, GroupSpec
@@ -69,3 +70,8 @@ def tiny_compressed_llama(
     model = AutoModelForCausalLM.from_config(config).eval()
     assert compress_randomly(model, seed=seed) == layers * 7
     return model.to(dtype).requires_grad_(False)
+
+
+def tiny_oats_config(texts: list[str], **kwargs) -> OATSConfig:
+    """The fastest config that still runs every stage on a tiny model: 2 windows of 32 tokens, 2 OATS iterations."""
+    return OATSConfig(**{"dataset": texts, "num_samples": 2, "seqlen": 32, "num_iterations": 2, **kwargs})
