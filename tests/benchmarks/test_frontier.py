@@ -7,25 +7,15 @@ benchmarks/quality.py; what is checked is the bits of unquantized cells, the see
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from scipy.stats import t as student_t
 
 pytestmark = pytest.mark.slow  # reads benchmarks/ scripts (tests/test_markers.py)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_frontier():
-    spec = importlib.util.spec_from_file_location("frontier", REPO_ROOT / "benchmarks" / "frontier.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["frontier"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-frontier = load_frontier()
+frontier = importlib.import_module("frontier")  # benchmarks/ is on sys.path (tests/benchmarks/conftest.py)
 
 
 def write(folder: Path, name: str, record: dict) -> None:
@@ -143,9 +133,7 @@ def test_the_peer_checkpoint_is_weighed_by_every_tensor_of_its_target_layers(tmp
     import torch
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("peer", REPO_ROOT / "benchmarks" / "peer_llmcompressor.py")
-    peer_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer_module)
+    peer_module = importlib.import_module("peer_llmcompressor")
 
     model = torch.nn.Module()
     model.proj = torch.nn.Linear(128, 64)

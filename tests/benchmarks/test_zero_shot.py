@@ -14,15 +14,10 @@ from optimum_oats.evaluation import ZERO_SHOT_TASKS
 
 pytestmark = pytest.mark.slow  # runs a benchmark script (tests/test_markers.py)
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "zero_shot.py"
-
 
 @pytest.fixture(scope="module")
 def zero_shot():
-    spec = importlib.util.spec_from_file_location("zero_shot_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("zero_shot")  # benchmarks/ is on sys.path (tests/benchmarks/conftest.py)
 
 
 def _store(folder: Path, name: str, value: float, stderr: float, tasks=ZERO_SHOT_TASKS) -> None:

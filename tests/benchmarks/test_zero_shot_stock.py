@@ -15,7 +15,6 @@ import pytest
 
 pytestmark = pytest.mark.slow  # runs a benchmark script (tests/test_markers.py)
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "zero_shot_stock.py"
 PATHS = {"boolq": "boolq/val.jsonl", "arc_easy": "arc/ARC-Easy-Test.jsonl"}
 
 FAKE_LM_EVAL = """#!{python}
@@ -45,10 +44,7 @@ out.mkdir(parents=True)
 
 @pytest.fixture(scope="module")
 def stock():
-    spec = importlib.util.spec_from_file_location("zero_shot_stock_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("zero_shot_stock")  # benchmarks/ is on sys.path (tests/benchmarks/conftest.py)
 
 
 @pytest.fixture
