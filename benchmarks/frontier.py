@@ -174,10 +174,11 @@ def markdown_table(rows: list[Setting], reference_label: str = REFERENCE) -> str
     return "\n".join(lines)
 
 
-def plot(rows: list[Setting], path: Path, title: str) -> Path:
+def plot(rows: list[Setting], path: Path, title: str, ceiling: float = 500.0) -> Path:
     """Perplexity (log) against bits per weight: peer points as squares, each project method as a line over rho.
 
-    A point is the geometric mean over its seeds, its bar their range."""
+    A point is the geometric mean over its seeds, its bar their range. Points above `ceiling` (a collapsed model)
+    are drawn as a triangle on the top edge with their value, so that they do not squash the region that matters."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
@@ -202,9 +203,19 @@ def plot(rows: list[Setting], path: Path, title: str) -> Path:
     for index, (name, group) in enumerate(sorted(lines.items())):
         group.sort(key=lambda r: r.bits_per_weight)
         xs, ys, err = bars(group)
-        ax.errorbar(xs, ys, yerr=err, marker="o", color=f"C{index % 10}", capsize=3, label=name)
+        shown = [min(y, ceiling) for y in ys]
+        ax.errorbar(xs, shown, yerr=err, marker="o", color=f"C{index % 10}", capsize=3, label=name)
         for row, x, y in zip(group, xs, ys, strict=True):
-            ax.annotate(f"{row.rate:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            note = f"{row.rate:g}" if y <= ceiling else f"{row.rate:g}: {y:.3g} (off scale)"
+            ax.annotate(
+                note,
+                (x, min(y, ceiling)),
+                fontsize=6,
+                xytext=(3, 3 if y <= ceiling else -10),
+                textcoords="offset points",
+            )
+            if y > ceiling:
+                ax.plot([x], [ceiling], marker="^", color=f"C{index % 10}", markersize=9)
     for row in rows:
         if row.source == "peer":
             xs, ys, err = bars([row])
@@ -220,6 +231,7 @@ def plot(rows: list[Setting], path: Path, title: str) -> Path:
             ax.axhline(row.mean, color="grey", linewidth=0.8, linestyle=":", label=f"dense bf16 ({row.mean:.2f})")
     ax.plot([], [], marker="s", color="black", linestyle="none", label="llm-compressor (peer)")
     ax.set_yscale("log")
+    ax.set_ylim(top=ceiling * 1.05)
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("bits per weight of the compressed linear layers (all bytes x 8 / dense weights)")
@@ -256,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project", nargs="*", type=Path, default=[])
     parser.add_argument("--reference", default=REFERENCE, help="the row the paired interval divides by")
     parser.add_argument("--plot", type=Path, default=None, help="write the frontier plot to this PNG")
+    parser.add_argument("--ceiling", type=float, default=500.0, help="perplexities above this sit on the top edge")
     parser.add_argument("--title", default="SmolLM2-135M: calib 16x1024 C4, WikiText-2 16x1024")
     args = parser.parse_args(argv)
     rows = collect(args.peer, args.project)
@@ -263,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("No results found: give `--peer` and/or `--project` folders that hold result JSONs.")
     print(markdown_table(rows, args.reference))
     if args.plot:
-        print(f"\nplot: {plot(rows, args.plot, args.title)}")
+        print(f"\nplot: {plot(rows, args.plot, args.title, args.ceiling)}")
 
 
 if __name__ == "__main__":
