@@ -67,6 +67,7 @@ __all__ = [
     "pack_codes",
     "packed_bytes",
     "quantize_codes",
+    "quantize_rows_int8",
     "quantize_rtn",
     "round_to_grid",
     "to_scale",
@@ -120,3 +121,12 @@ def quantize_rtn(values: torch.Tensor, spec: GroupSpec) -> tuple[torch.Tensor, t
 def codes_of(values: torch.Tensor, scales: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
     """The uint8 codes `(rows, cols)` of on-grid values (as [`quantize_rtn`] or a quantizing pass returns them)."""
     return quantize_codes(values, expand_scales(scales.float(), values.shape[1], spec), spec)
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed int8 codes `(rows, cols)` and fp16-exact float32 scales `(rows,)` of a dense table, one scale per row
+    (the grid with a zero level, its scale by the same clip search): for the token embedding and tied LM head."""
+    spec = GroupSpec(8, max(1, weight.shape[1]), zero_level=True)
+    scales = group_scales(weight.float(), spec)
+    codes = quantize_codes(weight.float(), expand_scales(scales, weight.shape[1], spec), spec)
+    return (codes.to(torch.int16) - int(spec.offset)).to(torch.int8), scales[:, 0]

@@ -20,9 +20,11 @@ from ..algorithms import ALGORITHMS, INPUT_NORMS, outlier_ratios, owl_block_rate
 from ..config import OATSConfig
 from ..data.inputs import CalibrationData, calibration_inputs, describe_dataset, describe_inputs
 from ..nn import LinearSparseLowRank
+from ..utils.quantization import NOT_QUANTIZED
 from .blocks import find_block_stacks, find_linear_layers
 from .capture import BlockInputs, block_forward, capture_block_inputs, inputs_digest_tensor
 from .distributed import agree, world
+from .embeddings import quantize_embeddings
 from .guards import refuse_shared_weights
 from .layers import LayerEntry, compress_block, statistics_needed
 from .offload import onload_block
@@ -77,6 +79,8 @@ def calibrate_and_compress(
     input_ids = calibration_inputs(model, config, data)
     logger.info("Calibrating on %s", describe_inputs(input_ids))
     entries = compress_with_inputs(model, config, input_ids, progress=progress, checkpoint_dir=checkpoint_dir)
+    if config.embedding_bits != NOT_QUANTIZED:  # after the blocks: their calibration reads the dense embedding
+        quantize_embeddings(model)
     return CompressionOutcome.from_entries(entries, dataset=describe_dataset(data.dataset))
 
 

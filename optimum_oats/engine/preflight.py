@@ -17,6 +17,7 @@ from ..algorithms import layer_budget
 from ..config import OATSConfig
 from ..data.inputs import WINDOWS, calibration_kind
 from .blocks import find_block_stacks, find_linear_layers
+from .embeddings import check_embedding_plan
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ _SHOWN = 3  # offending layers named in a message
 def check_plan(model: nn.Module, config: OATSConfig) -> None:
     """Raise `ValueError` for a `seqlen`, N:M pattern or rate that cannot work on `model` (weights not needed)."""
     check_seqlen(model, config)
+    check_embedding_plan(model, config)
     shapes = {
         name: (linear.out_features, linear.in_features)
         for blocks_name, blocks in find_block_stacks(model)

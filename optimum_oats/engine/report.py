@@ -236,6 +236,12 @@ def render_report(report: CompressionReport) -> str:
         f"  kept parameters {report.kept_parameters:,} of {report.dense_parameters:,} "
         f"({report.kept_fraction:.2%}), mean relative error {_fmt(report.mean_relative_error)}",
     ]
+    if report.bits_per_weight is not None:
+        lines.append(
+            f"  stored bits per weight of the compressed layers {report.bits_per_weight:.3f} (dense bf16: 16)"
+        )
+    if config.get("embedding_bits") == 8:
+        lines.append("  token embedding (and the LM head tied to it): int8 rows, one fp16 scale per row")
     if not report.layers:
         return "\n".join(lines)
     by_kind: dict[str, list[LayerReport]] = defaultdict(list)

@@ -149,12 +149,13 @@ def _summary(report: CompressionReport) -> dict[str, str]:
 def _storage(config: dict[str, Any]) -> str:
     """How values and factors are stored, in words (the bits `layer_map` records per layer)."""
     values, factors = config.get("value_bits", 16), config.get("lowrank_bits", 16)
+    embedding = "; token embedding and tied LM head as int8 rows" if config.get("embedding_bits") == 8 else ""
     if values >= 16 and factors >= 16:
-        return "values and factors in the checkpoint's float dtype; 1-bit mask"
+        return "values and factors in the checkpoint's float dtype; 1-bit mask" + embedding
     group = config.get("group_size")
     parts = [f"{values}-bit values" if values < 16 else "float values", "1-bit mask"]
     parts.append(f"{factors}-bit U, V" if factors < 16 else "float U, V")
-    return ", ".join(parts) + f"; one fp16 scale per {group} input columns of each row"
+    return ", ".join(parts) + f"; one fp16 scale per {group} input columns of each row" + embedding
 
 
 def _layer_row(layer) -> dict[str, str]:

@@ -143,6 +143,7 @@ def validate_checkpoint(
     layer_map: dict[str, dict[str, Any]],
     layer_shapes: dict[str, tuple[int, int]],
     rename: Callable[[str], str] | None = None,
+    other_tensors: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, str]:
     """Check every file's integrity and that each compressed tensor has the shape `layer_map` promises.
 
@@ -155,6 +156,7 @@ def validate_checkpoint(
         layer_shapes: `{module: (in_features, out_features)}` from the model skeleton.
         rename: maps a key as stored on disk to the model's parameter name (transformers renames the keys of
             some architectures on load, e.g. ViT's `attention.attention.key` to `attention.k_proj`).
+        other_tensors: `{key: shape}` of further tensors the config promises (the int8 embedding's codes, scales).
     """
     found: dict[str, tuple[tuple, str]] = {}
     stored: dict[str, str] = {}
@@ -182,6 +184,17 @@ def validate_checkpoint(
                     f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but config.json's "
                     f"`layer_map` implies {list(shape)}. The checkpoint and its config disagree."
                 )
+    for key, shape in (other_tensors or {}).items():
+        if key not in found:
+            raise CheckpointError(
+                f"Tensor `{key}` is missing from the checkpoint but config.json's `embedding_bits` promises it. "
+                "The checkpoint is incomplete or does not belong to this config."
+            )
+        if found[key][0] != shape:
+            raise CheckpointError(
+                f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but the model's embedding implies "
+                f"{list(shape)}. The checkpoint and its config disagree."
+            )
     # Quantized values have no float tensor on disk; their codes share the file's mapping with the float tensors
     # around them (embeddings, norms), so such a layer reports the file's float dtype.
     floats = [dtype for dtype in stored.values() if dtype in STORED_DTYPES]

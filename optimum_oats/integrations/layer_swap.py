@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import OATSConfig
 from ..engine.blocks import set_module
+from ..engine.embeddings import dequantize_embeddings
 from ..nn import LinearSparseLowRank
 
 if TYPE_CHECKING:
@@ -63,8 +64,10 @@ def checkpoint_key_renamer(model: PreTrainedModel):
 
 
 def replace_with_dense(model: PreTrainedModel) -> PreTrainedModel:
-    """Merge every `LinearSparseLowRank` back to a dense `nn.Linear` (`S + U V`)."""
+    """Merge every `LinearSparseLowRank` back to a dense `nn.Linear` (`S + U V`), and an int8 embedding (with its
+    tied head) back to floats."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LinearSparseLowRank):
             set_module(model, name, module.to_linear())
+    dequantize_embeddings(model)
     return model

@@ -10,10 +10,12 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..config import OATSConfig
 from ..data.inputs import CalibrationData
+from ..engine.embeddings import embedding_skeletons
 from ..engine.loop import LAYER_MAP_KEYS, CompressionOutcome, calibrate_and_compress
 from ..engine.preflight import check_plan
 from ..engine.report import LAYER_STATS_ATTR, REPORT_FILE, read_layer_stats
 from ..nn import decode_quantized_layers
+from ..utils.quantization import NOT_QUANTIZED
 from .checkpoint import check_loaded_masks, mask_rules, release_checkpoint_mapping, validate_checkpoint
 from .integrity import MASK_SUFFIX, CheckpointIntegrityError, recorded_row_counts, start_verification
 from .layer_swap import checkpoint_key_renamer, replace_with_dense, replace_with_skeletons
@@ -45,9 +47,12 @@ class OATSHfQuantizer(HfQuantizer):
             return
         stats = split_legacy_layer_map(self.quantization_config)
         shapes = replace_with_skeletons(model, self.quantization_config)
+        tables = embedding_skeletons(model) if self.quantization_config.embedding_bits != NOT_QUANTIZED else {}
         if checkpoint_files:
             config, rename = self.quantization_config, checkpoint_key_renamer(model)
-            self._stored_dtypes = validate_checkpoint(checkpoint_files, config.layer_map, shapes, rename=rename)
+            self._stored_dtypes = validate_checkpoint(
+                checkpoint_files, config.layer_map, shapes, rename=rename, other_tensors=tables
+            )
             self._join_verification = start_verification(checkpoint_files)
             try:
                 rows = recorded_row_counts(checkpoint_files)

@@ -15,6 +15,8 @@ import torch
 # Bit widths a value or factor may be stored with; 16 means "not quantized" (the model's float dtype).
 VALUE_BITS = (3, 4, 6, 8, 16)
 LOWRANK_BITS = (4, 8, 16)
+# The token embedding (and a head tied to it): int8 rows or not quantized (optimum_oats/nn/quantized_embedding.py).
+EMBEDDING_BITS = (8, 16)
 NOT_QUANTIZED = 16
 # Input columns per scale: 0.125 bits per weight for the fp16 scales; fits the rho = 0.3, 4-bit point under 4.25 bits.
 DEFAULT_GROUP_SIZE = 128
