@@ -21,6 +21,7 @@ from toolkit.provenance import Provenance
 
 import optimum_oats  # noqa: F401  (registers the "oats" quantization method for the checkpoints)
 from optimum_oats.nn import LinearSparseLowRank
+from optimum_oats.nn.quantized_embedding import TiedQuantizedHead
 
 PARTS = ("attention linears", "MLP linears", "LM head")
 
@@ -49,7 +50,7 @@ def breakdown(model: torch.nn.Module, prompt_tokens: int, steps: int, seed: int 
     spent = dict.fromkeys(PARTS, 0.0)
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, LinearSparseLowRank)):
+        if isinstance(module, (torch.nn.Linear, LinearSparseLowRank, TiedQuantizedHead)):
             handles += _timed(module, spent, _part(name))
     ids = torch.randint(0, 1000, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     try:

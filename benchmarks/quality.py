@@ -134,6 +134,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--group-size", type=int, default=128, help="columns per scale (OATSConfig.group_size)")
     parser.add_argument("--lowrank-bits", type=int, default=16, help="bits of U and V (OATSConfig.lowrank_bits)")
+    parser.add_argument(
+        "--embedding-bits", type=int, default=16, help="bits of the tied embedding and LM head (OATSConfig)"
+    )
     parser.add_argument("--svd", nargs="+", default=["exact"], choices=["exact", "fast"], help="OATS's rank-r step")
     parser.add_argument(
         "--patterns",
@@ -216,6 +219,7 @@ def main() -> None:
                 value_bits=entry.value_bits,
                 group_size=args.group_size,
                 lowrank_bits=args.lowrank_bits,
+                embedding_bits=args.embedding_bits,
                 **(owl if entry.layerwise == "owl" else {}),
             )
             cuda = args.device.type == "cuda"
@@ -239,6 +243,7 @@ def main() -> None:
                 "value_bits": entry.value_bits,
                 "group_size": args.group_size if config.quantized else None,
                 "lowrank_bits": args.lowrank_bits if config.uses_low_rank else None,
+                "embedding_bits": args.embedding_bits,
                 "method": entry.method,
                 "compression_rate": entry.rate,
                 "rank_ratio": config.effective_rank_ratio,
@@ -424,6 +429,8 @@ def entry_key(entry: Entry, args: argparse.Namespace) -> str:
         key += f"-v{entry.value_bits}-g{args.group_size}"
         if ALGORITHMS[method].uses_low_rank:
             key += f"-uv{args.lowrank_bits}"
+    if args.embedding_bits != 16:
+        key += f"-e{args.embedding_bits}"
     if entry.seed != 0:
         key += f"-s{entry.seed}"
     if args.sampling != "joined":

@@ -188,12 +188,12 @@ def _estimate(fn: Callable[[], None]) -> float:
 # ---------------------------------------------------------------- generate / memory
 
 
-def compressed_checkpoint(args: argparse.Namespace, value_bits: int = 16) -> Path:
+def compressed_checkpoint(args: argparse.Namespace, value_bits: int = 16, embedding_bits: int = 16) -> Path:
     """A compressed SmolLM2 saved once (fast OATS solver, tiny calibration: speed does not depend on quality); with
-    `value_bits` below 16, its values quantized to that many bits and U, V to 8 (the ≈ 4-bit checkpoint's storage)."""
-    folder = (
-        args.checkpoint if value_bits >= 16 else args.checkpoint.with_name(f"{args.checkpoint.name}-v{value_bits}")
-    )
+    `value_bits` below 16, its values quantized to that many bits and U, V to 8 (the ≈ 4-bit checkpoint's storage);
+    with `embedding_bits=8`, the tied embedding / LM head as int8 rows."""
+    suffix = (f"-v{value_bits}" if value_bits < 16 else "") + (f"-e{embedding_bits}" if embedding_bits < 16 else "")
+    folder = args.checkpoint.with_name(f"{args.checkpoint.name}{suffix}")
     if (folder / "config.json").exists():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -213,6 +213,7 @@ def compressed_checkpoint(args: argparse.Namespace, value_bits: int = 16) -> Pat
         seqlen=256,
         dataset=str(data_dir / "c4" / "c4_sample.jsonl"),
         **({"value_bits": value_bits, "lowrank_bits": 8} if value_bits < 16 else {}),
+        embedding_bits=embedding_bits,
     )
     start = time.perf_counter()
     compress(model, config, tokenizer)
@@ -247,7 +248,7 @@ def _prompt(tokenizer, tokens: int | None):
 def section_generate(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    checkpoints = {bits: compressed_checkpoint(args, bits) for bits in args.value_bits}
+    checkpoints = _checkpoints(args)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt = _prompt(tokenizer, args.prompt_tokens)
     print(
@@ -264,7 +265,7 @@ def section_generate(args: argparse.Namespace) -> None:
         models = {"dense": _load(args.model, dtype, None)}
         for mode in args.generate_modes:
             for bits, checkpoint in checkpoints.items():
-                models[f"{_label(bits)} ({mode})"] = _load(checkpoint, dtype, mode)
+                models[f"{_label(*bits)} ({mode})"] = _load(checkpoint, dtype, mode)
 
         def runner(model, new_tokens: int):
             def run() -> None:
@@ -351,12 +352,22 @@ def _proc_status() -> dict[str, int]:
     return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines) if v.strip().endswith("kB")}
 
 
-def _label(value_bits: int) -> str:
-    return "compressed" if value_bits >= 16 else f"compressed, {value_bits}-bit values"
+def _label(value_bits: int, embedding_bits: int = 16) -> str:
+    label = "compressed" if value_bits >= 16 else f"compressed, {value_bits}-bit values"
+    return label + (", int8 embedding" if embedding_bits < 16 else "")
+
+
+def _checkpoints(args: argparse.Namespace) -> dict[tuple[int, int], Path]:
+    """`{(value_bits, embedding_bits): folder}` for every combination asked for."""
+    return {
+        (bits, ebits): compressed_checkpoint(args, bits, ebits)
+        for bits in args.value_bits
+        for ebits in args.embedding_bits
+    }
 
 
 def section_memory(args: argparse.Namespace) -> None:
-    checkpoints = {bits: compressed_checkpoint(args, bits) for bits in args.value_bits}
+    checkpoints = _checkpoints(args)
     print(
         f"\n### Resident memory (MB) while generating {args.new_tokens} tokens after a prompt of "
         f"{args.prompt_tokens or 5} tokens, one fresh process per row\n"
@@ -368,7 +379,7 @@ def section_memory(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         rows = [("dense", str(args.model), "none")] + [
-            (f"{_label(bits)} ({mode})", str(checkpoint), mode)
+            (f"{_label(*bits)} ({mode})", str(checkpoint), mode)
             for mode in args.generate_modes
             for bits, checkpoint in checkpoints.items()
         ]
@@ -435,6 +446,9 @@ def main() -> None:
     parser.add_argument("--generate-modes", nargs="+", choices=MODES, default=["auto"])
     parser.add_argument(
         "--value-bits", type=int, nargs="+", default=[16], help="compressed checkpoints to compare (16: float values)"
+    )
+    parser.add_argument(
+        "--embedding-bits", type=int, nargs="+", default=[16], help="and of each, 16: bf16 embedding, 8: int8 rows"
     )
     args = parser.parse_args()
     args.model = Path(args.model or smollm2_path())
