@@ -140,3 +140,18 @@ def test_report_and_card_state_the_int8_embedding(int8_dir):
     text = str(compression_report(model))
     assert "int8 rows" in text and "stored bits per weight of the compressed layers" in text
     assert "token embedding and tied LM head as int8 rows" in (int8_dir / "README.md").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see memory maps")
+def test_loading_in_another_dtype_releases_the_file_mapping(int8_dir):
+    """fp32 file loaded in bf16: the int8 codes must not stay views of the file (they kept every fp32 page read
+    during the conversion resident: +85 MB on SmolLM2-135M, more than the codes saved)."""
+    import gc
+
+    model = AutoModelForCausalLM.from_pretrained(int8_dir, dtype=torch.bfloat16)
+    gc.collect()
+    assert str((int8_dir / "model.safetensors").resolve()) not in Path("/proc/self/maps").read_text()
+    embedding = model.get_input_embeddings()
+    assert embedding.weight_codes._base is None and embedding.weight_scales._base is None
+    expected = torch.load(int8_dir / "expected_logits.pt")
+    assert torch.allclose(model(IDS).logits.float(), expected, atol=0.2, rtol=0.05)

@@ -51,3 +51,26 @@ def test_inductor_fullgraph_compile_of_the_model_matches_eager(model):
     with torch.no_grad():
         expected = model(input_ids=ids, use_cache=False).logits
         torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_embedding_and_tied_head_trace_with_no_graph_break():
+    """`embedding_bits=8`: the lookup and the head's int8 GEMM (decode) or decode + GEMM (prefill) trace whole."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from optimum_oats.engine.embeddings import quantize_embeddings
+    from tests.helpers.compressed import compress_randomly
+    from tests.helpers.tiny_models import TINY
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY, vocab_size=128, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    compress_randomly(model, seed=0)
+    quantize_embeddings(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(_logits, fullgraph=True, backend="aot_eager", dynamic=False)
+    with torch.no_grad():
+        for tokens in (1, 40):
+            ids = (torch.arange(tokens).view(1, tokens) * 7) % 128
+            explanation = torch._dynamo.explain(_logits)(model, ids)
+            assert explanation.graph_break_count == 0, explanation.break_reasons
+            torch.testing.assert_close(compiled(model, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
