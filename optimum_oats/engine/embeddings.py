@@ -34,9 +34,11 @@ def check_embedding_plan(model: nn.Module, config: OATSConfig) -> None:
     if config.embedding_bits == 16:
         return
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(embedding, nn.Embedding):
+    # Exactly `nn.Embedding`: a subclass may change the lookup (Gemma 3 scales it by sqrt(hidden) in its forward),
+    # which a swapped-in table would silently drop.
+    if type(embedding) is not nn.Embedding:
         raise ValueError(
-            f"`embedding_bits={config.embedding_bits}` needs a model whose `get_input_embeddings()` is an "
+            f"`embedding_bits={config.embedding_bits}` needs a model whose `get_input_embeddings()` is a plain "
             f"`nn.Embedding`; {type(model).__name__} has {type(embedding).__name__}. Leave `embedding_bits=16`."
         )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -155,3 +155,12 @@ def test_loading_in_another_dtype_releases_the_file_mapping(int8_dir):
     assert embedding.weight_codes._base is None and embedding.weight_scales._base is None
     expected = torch.load(int8_dir / "expected_logits.pt")
     assert torch.allclose(model(IDS).logits.float(), expected, atol=0.2, rtol=0.05)
+
+
+def test_an_embedding_with_its_own_forward_is_refused(calibration_texts):
+    """Gemma 3 scales its lookup inside its embedding class: a plain int8 table would drop the scale."""
+    model = build_tiny_model(_tiny_configs()["gemma3"])
+    embedding = type(model.get_input_embeddings())
+    assert embedding is not nn.Embedding and issubclass(embedding, nn.Embedding)
+    with pytest.raises(ValueError, match=f"has {embedding.__name__}. Leave `embedding_bits=16`"):
+        compress(model, _config(calibration_texts), progress=False)
