@@ -174,33 +174,30 @@ def validate_checkpoint(
         storage = {key: int(entry[key]) for key in ("value_bits", "lowrank_bits", "group_size") if key in entry}
         shapes = expected_shapes(name, in_features, out_features, int(entry["rank"]), int(entry["nnz"]), **storage)
         for key, shape in shapes.items():
-            if key not in found:
-                raise CheckpointError(
-                    f"Tensor `{key}` is missing from the checkpoint but config.json's `layer_map` lists `{name}`. "
-                    "The checkpoint is incomplete or does not belong to this config."
-                )
-            if found[key][0] != shape:
-                raise CheckpointError(
-                    f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but config.json's "
-                    f"`layer_map` implies {list(shape)}. The checkpoint and its config disagree."
-                )
+            _check_stored(found, key, shape, "`layer_map`", f"lists `{name}`")
     for key, shape in (other_tensors or {}).items():
-        if key not in found:
-            raise CheckpointError(
-                f"Tensor `{key}` is missing from the checkpoint but config.json's `embedding_bits` promises it. "
-                "The checkpoint is incomplete or does not belong to this config."
-            )
-        if found[key][0] != shape:
-            raise CheckpointError(
-                f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but the model's embedding implies "
-                f"{list(shape)}. The checkpoint and its config disagree."
-            )
+        _check_stored(found, key, shape, "`embedding_bits`", "promises it")
     # Quantized values have no float tensor on disk; their codes share the file's mapping with the float tensors
     # around them (embeddings, norms), so such a layer reports the file's float dtype.
     floats = [dtype for dtype in stored.values() if dtype in STORED_DTYPES]
     common = max(set(floats), key=floats.count) if floats else None
     dtypes = {name: stored.get(f"{name}.weight", common) for name in layer_map}
     return {name: dtype for name, dtype in dtypes.items() if dtype is not None}
+
+
+def _check_stored(found: dict[str, tuple[tuple, str]], key: str, shape: tuple, field: str, promise: str) -> None:
+    """Raise `CheckpointError` when `key` is not stored, or stored with another shape than config.json's `field`
+    implies."""
+    if key not in found:
+        raise CheckpointError(
+            f"Tensor `{key}` is missing from the checkpoint but config.json's {field} {promise}. "
+            "The checkpoint is incomplete or does not belong to this config."
+        )
+    if found[key][0] != tuple(shape):
+        raise CheckpointError(
+            f"Tensor `{key}` in {found[key][1]} has shape {list(found[key][0])} but config.json's {field} implies "
+            f"{list(shape)}. The checkpoint and its config disagree."
+        )
 
 
 # safetensors' float dtype names, for the values of compressed layers.
