@@ -80,7 +80,9 @@ class QuantizedEmbedding(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.weight_codes, self.weight_scales))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight_codes[input_ids].float() * self.scales[input_ids].unsqueeze(-1)
+        # Gather first, then convert: only the looked-up rows' scales, not the whole vocabulary's, per call.
+        scales = self.weight_scales[input_ids].view(SCALE_DTYPE).float()
+        rows = self.weight_codes[input_ids].float() * scales.unsqueeze(-1)
         return rows.to(self.weight.dtype)
 
     def to_embedding(self) -> nn.Embedding:
